@@ -1,0 +1,534 @@
+"""Model configuration, presets and parameter counting for tinymoe.
+
+One flat dataclass, :class:`ModelConfig`, describes a whole OpenMoE-style decoder:
+
+    token embedding -> n_layers blocks -> RMSNorm -> LM head (tied by default)
+
+Block ``i`` (0-indexed) is an MoE block when ``(i + 1) % moe_every == 0`` (OpenMoE-Base:
+``moe_every=4`` -> blocks 3, 7, 11); the other blocks use a dense SwiGLU FFN. An MoE block
+also carries a shared dense SwiGLU with its own RMSNorm when ``shared_ffn`` is true.
+
+Parameter counting is done from shapes only (:func:`parameter_shapes`), so the 34B preset
+is counted instantly without allocating anything. ``parameter_shapes`` is the single
+source of truth for parameter names: the model's ``state_dict`` uses the same names.
+
+This module imports no array library: it is plain Python.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Iterable
+
+__all__ = [
+    "ModelConfig", "PRESETS", "DEFAULT_PRESET", "get_preset", "preset_names",
+    "parameter_shapes", "count_parameters", "memory_bytes", "parse_overrides",
+    "format_params_table", "params_command",
+]
+
+CAPACITY_MODES = ("openmoe", "k_scaled")
+SLOT_PRIORITIES = ("position", "probability", "random")
+DTYPES = ("float32", "float64")
+_DTYPE_BYTES = {"float32": 4, "float64": 8}
+
+# Field groups, used by validation and by string parsing of CLI overrides.
+_INT_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "n_experts", "top_k",
+               "moe_every", "max_seq_len", "min_capacity")
+_OPT_INT_FIELDS = ("d_ff_expert", "d_head", "group_size")
+_FLOAT_FIELDS = ("aux_loss_coef", "z_loss_coef", "rope_base", "norm_eps", "init_std")
+_OPT_FLOAT_FIELDS = ("capacity_factor", "eval_capacity_factor")
+_BOOL_FIELDS = ("shared_ffn", "renormalize", "tie_embeddings")
+_STR_FIELDS = ("capacity_mode", "slot_priority", "dtype")
+
+
+def _fmt(v: Any) -> str:
+    """Value as it appears in error messages: repr for strings, str otherwise."""
+    return repr(v) if isinstance(v, str) else str(v)
+
+
+@dataclass
+class ModelConfig:
+    """Every hyper-parameter of a tinymoe decoder, flat.
+
+    Sizes
+        vocab_size, d_model, n_layers, n_heads, max_seq_len.
+        d_head: width of one attention head; None -> d_model // n_heads (then d_model must
+            be divisible by n_heads). Attention inner width = n_heads * d_head, which may
+            differ from d_model (OpenMoE-8B/34B: 24 x 128 = 3072 heads on d_model 2048/3072).
+            Must be even (RoPE rotates pairs).
+        d_ff: hidden width of the dense SwiGLU FFNs and of the shared FFN in MoE blocks.
+        d_ff_expert: hidden width of each expert's SwiGLU; None -> d_ff.
+
+    Mixture of experts
+        n_experts (E), top_k (k), moe_every (MoE on block i when (i+1) % moe_every == 0;
+        moe_every > n_layers gives a dense model), shared_ffn.
+
+    Router (see DESIGN.md "The router")
+        capacity_factor (train) / eval_capacity_factor: C = max(round(cf*G/E), min_capacity)
+            with capacity_mode "openmoe" (flaxformer, no k), or
+            C = max(ceil(k*cf*G/E), min_capacity) with "k_scaled" (DeepSpeed).
+            cf = 0 or None means dropless (no token is ever dropped).
+        group_size: tokens per routing group G; None -> one sequence per group. A group
+            size larger than the number of tokens available N means one group of N
+            (OpenMoE used 4096; with a [1, 512] batch a group is just those 512 tokens).
+        slot_priority: "position" (OpenMoE: first choices in token order, then second
+            choices), "probability" (batch-prioritised routing) or "random".
+        renormalize: renormalise the top-k combine weights to sum 1 (Mixtral) instead of
+            using raw softmax probabilities (OpenMoE).
+
+    Losses
+        aux_loss_coef: load-balance loss weight (L_aux = E * sum_i f_i P_i, Switch eq. 4-6
+            in its top-k form); z_loss_coef: router z-loss weight (ST-MoE,
+            mean logsumexp(z)^2).
+
+    Other
+        tie_embeddings (LM head = embedding^T), rope_base, norm_eps (RMSNorm),
+        init_std (normal init), dtype ("float32" | "float64").
+    """
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_ff: int
+    n_experts: int
+    top_k: int
+    moe_every: int
+    max_seq_len: int
+    d_ff_expert: int | None = None
+    d_head: int | None = None
+    shared_ffn: bool = True
+    capacity_factor: float | None = 1.25
+    eval_capacity_factor: float | None = 2.0
+    min_capacity: int = 4
+    capacity_mode: str = "openmoe"
+    group_size: int | None = None
+    slot_priority: str = "position"
+    renormalize: bool = False
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 1e-4
+    tie_embeddings: bool = True
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Check types and ranges; raise a one-line ``ValueError`` naming field and value.
+
+        Ints given where a float is expected are converted to float.
+        """
+        for name in _INT_FIELDS + _OPT_INT_FIELDS:
+            v = getattr(self, name)
+            if v is None and name in _OPT_INT_FIELDS:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"{name}={_fmt(v)} must be an integer")
+        for name in _FLOAT_FIELDS + _OPT_FLOAT_FIELDS:
+            v = getattr(self, name)
+            if v is None and name in _OPT_FLOAT_FIELDS:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"{name}={_fmt(v)} must be a number")
+            if not math.isfinite(v):
+                raise ValueError(f"{name}={v} must be finite")
+            setattr(self, name, float(v))
+        for name in _BOOL_FIELDS:
+            v = getattr(self, name)
+            if not isinstance(v, bool):
+                raise ValueError(f"{name}={_fmt(v)} must be True or False")
+        for name in _STR_FIELDS:
+            v = getattr(self, name)
+            if not isinstance(v, str):
+                raise ValueError(f"{name}={_fmt(v)} must be a string")
+
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "n_experts",
+                     "max_seq_len"):
+            v = getattr(self, name)
+            if v <= 0:
+                raise ValueError(f"{name}={v} must be positive")
+        for name in ("d_ff_expert", "d_head", "group_size"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ValueError(f"{name}={v} must be positive (or None)")
+        if self.top_k < 1:
+            raise ValueError(f"top_k={self.top_k} < 1")
+        if self.top_k > self.n_experts:
+            raise ValueError(f"top_k={self.top_k} > n_experts={self.n_experts}")
+        if self.moe_every < 1:
+            raise ValueError(f"moe_every={self.moe_every} < 1")
+        if self.d_head is None and self.d_model % self.n_heads != 0:
+            raise ValueError(f"d_model={self.d_model} is not divisible by "
+                             f"n_heads={self.n_heads} (or set d_head)")
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"head_dim={self.head_dim} is odd; RoPE needs an even head "
+                             f"dimension (d_model={self.d_model}, n_heads={self.n_heads}, "
+                             f"d_head={self.d_head})")
+        if self.capacity_factor is not None and self.capacity_factor < 0:
+            raise ValueError(f"capacity_factor={self.capacity_factor} < 0 "
+                             "(use 0 or None for dropless)")
+        if self.eval_capacity_factor is not None and self.eval_capacity_factor < 0:
+            raise ValueError(f"eval_capacity_factor={self.eval_capacity_factor} < 0 "
+                             "(use 0 or None for dropless)")
+        if self.min_capacity < 0:
+            raise ValueError(f"min_capacity={self.min_capacity} < 0")
+        if self.capacity_mode not in CAPACITY_MODES:
+            raise ValueError(f"capacity_mode={self.capacity_mode!r} is not one of "
+                             f"{', '.join(CAPACITY_MODES)}")
+        if self.slot_priority not in SLOT_PRIORITIES:
+            raise ValueError(f"slot_priority={self.slot_priority!r} is not one of "
+                             f"{', '.join(SLOT_PRIORITIES)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
+        for name in ("aux_loss_coef", "z_loss_coef", "init_std"):
+            v = getattr(self, name)
+            if v < 0:
+                raise ValueError(f"{name}={v} < 0")
+        for name in ("rope_base", "norm_eps"):
+            v = getattr(self, name)
+            if v <= 0:
+                raise ValueError(f"{name}={v} must be positive")
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head: d_head, or d_model // n_heads when d_head is None."""
+        return self.d_head if self.d_head is not None else self.d_model // self.n_heads
+
+    @property
+    def attn_dim(self) -> int:
+        """Attention inner width n_heads * head_dim (width of q, k, v)."""
+        return self.n_heads * self.head_dim
+
+    @property
+    def expert_ff(self) -> int:
+        """Hidden width of one expert's SwiGLU (d_ff_expert, or d_ff when None)."""
+        return self.d_ff_expert if self.d_ff_expert is not None else self.d_ff
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """0-indexed blocks that hold an MoE: i with (i + 1) % moe_every == 0."""
+        return [i for i in range(self.n_layers) if (i + 1) % self.moe_every == 0]
+
+    def is_moe_block(self, i: int) -> bool:
+        """True when block ``i`` (0-indexed) is an MoE block."""
+        if not 0 <= i < self.n_layers:
+            raise IndexError(f"block index {i} out of range for n_layers={self.n_layers}")
+        return (i + 1) % self.moe_every == 0
+
+    def capacity(self, group_tokens: int, training: bool = True) -> int | None:
+        """Expert capacity C for a group of ``group_tokens`` tokens; None when dropless.
+
+        "openmoe" (flaxformer): C = max(round(cf * G / E), min_capacity), no factor k;
+        "k_scaled" (DeepSpeed): C = max(ceil(k * cf * G / E), min_capacity).
+        ``round`` is round-half-to-even, as ``jnp.round`` in flaxformer.
+        """
+        if group_tokens < 1:
+            raise ValueError(f"group_tokens={group_tokens} must be positive")
+        cf = self.capacity_factor if training else self.eval_capacity_factor
+        if not cf:  # 0 or None: dropless
+            return None
+        if self.capacity_mode == "openmoe":
+            c = int(round(cf * group_tokens / self.n_experts))
+        else:
+            c = math.ceil(self.top_k * cf * group_tokens / self.n_experts)
+        return max(c, self.min_capacity)
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """All fields as a plain dict (JSON-serialisable)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        """Build a validated config from a dict; unknown or missing keys raise ValueError."""
+        _check_keys(d.keys())
+        missing = [f.name for f in fields(cls)
+                   if f.default is dataclasses.MISSING and f.name not in d]
+        if missing:
+            raise ValueError(f"missing config key(s): {', '.join(missing)}")
+        return cls(**d)
+
+    def replace(self, **overrides: Any) -> "ModelConfig":
+        """A new validated config with some fields changed (self is untouched)."""
+        _check_keys(overrides.keys())
+        return ModelConfig(**{**self.to_dict(), **overrides})
+
+    def describe(self) -> str:
+        """One-line summary, e.g. for a log header."""
+        moe = (f"MoE {self.n_experts}E top-{self.top_k} on blocks "
+               f"{','.join(map(str, self.moe_layers))}"
+               f"{' +shared FFN' if self.shared_ffn else ''}") if self.moe_layers else "dense"
+        heads = f"{self.n_heads}x{self.head_dim} heads"
+        ff = f"ff {self.d_ff}" + (f"/expert {self.expert_ff}" if self.expert_ff != self.d_ff
+                                  else "")
+        cf = "dropless" if not self.capacity_factor else f"cf {self.capacity_factor:g}"
+        c = count_parameters(self)
+        return (f"{self.n_layers}L d{self.d_model} {heads} {ff} | {moe} | {cf} "
+                f"{self.slot_priority} | vocab {self.vocab_size} "
+                f"{'tied' if self.tie_embeddings else 'untied'} | seq {self.max_seq_len} | "
+                f"{_human(c['total'])} params, {_human(c['active'])} active | {self.dtype}")
+
+
+def _field_names() -> list[str]:
+    return [f.name for f in fields(ModelConfig)]
+
+
+def _check_keys(keys: Iterable[str]) -> None:
+    """Raise one ValueError listing every unknown key with its closest field names."""
+    names = _field_names()
+    unknown = [k for k in keys if k not in names]
+    if not unknown:
+        return
+    parts = []
+    for k in unknown:
+        close = difflib.get_close_matches(str(k), names, n=3, cutoff=0.5)
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+        parts.append(f"{k!r}{hint}")
+    raise ValueError(f"unknown config key(s): {', '.join(parts)}")
+
+
+def _human(n: float) -> str:
+    """1234567 -> '1.23M'."""
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+# ---------------------------------------------------------------------- string overrides
+def _parse_value(name: str, text: str) -> Any:
+    """Parse one CLI override value according to the field's type."""
+    low = text.strip().lower()
+    try:
+        if name in _OPT_INT_FIELDS + _OPT_FLOAT_FIELDS and low in ("none", "null", ""):
+            return None
+        if name in _INT_FIELDS + _OPT_INT_FIELDS:
+            return int(text)
+        if name in _FLOAT_FIELDS + _OPT_FLOAT_FIELDS:
+            return float(text)
+    except ValueError:
+        kind = "an integer" if name in _INT_FIELDS + _OPT_INT_FIELDS else "a number"
+        raise ValueError(f"{name}={text!r} must be {kind}") from None
+    if name in _BOOL_FIELDS:
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name}={text!r} must be true or false")
+    return text
+
+
+def parse_overrides(items: Iterable[str] | dict[str, Any]) -> dict[str, Any]:
+    """Turn ``["top_k=1", "capacity_factor=none"]`` (or a dict of strings) into typed values.
+
+    Values that are not strings pass through unchanged. Unknown keys raise ValueError with
+    suggestions; so does an item without '='.
+    """
+    if isinstance(items, dict):
+        pairs = list(items.items())
+    else:
+        pairs = []
+        for item in items:
+            if "=" not in item:
+                raise ValueError(f"override {item!r} is not of the form key=value")
+            k, v = item.split("=", 1)
+            pairs.append((k.strip(), v))
+    _check_keys(k for k, _ in pairs)
+    return {k: _parse_value(k, v) if isinstance(v, str) else v for k, v in pairs}
+
+
+# ---------------------------------------------------------------------- presets
+_BYTE_VOCAB = 258  # 256 bytes + BOS (256) + EOS (257)
+_OPENMOE_VOCAB = 256_384  # umT5 sentencepiece 256,000 + 300 extra ids, padded
+
+PRESETS: dict[str, ModelConfig] = {
+    # Seconds: used by tests.
+    "toy": ModelConfig(vocab_size=_BYTE_VOCAB, d_model=64, n_layers=2, n_heads=4, d_ff=128,
+                       n_experts=4, top_k=2, moe_every=2, max_seq_len=64),
+    # Default of `python -m tinymoe train`: about 2.3M parameters, trains on 2 CPU cores.
+    "mini": ModelConfig(vocab_size=_BYTE_VOCAB, d_model=128, n_layers=4, n_heads=4, d_ff=256,
+                        n_experts=8, top_k=2, moe_every=2, max_seq_len=128),
+    # A laptop in under an hour (with a BPE vocabulary of 4096).
+    "small": ModelConfig(vocab_size=4096, d_model=256, n_layers=8, n_heads=8, d_ff=1024,
+                         n_experts=8, top_k=2, moe_every=2, max_seq_len=256),
+    # OpenMoE-Base/16E with the paper's dimensions (Table 11: FFN 3072). The original has
+    # an untied output head (and FFN width 2048 in code); tied here for one embedding,
+    # which reproduces the paper's 650M.
+    "openmoe-base": ModelConfig(vocab_size=_OPENMOE_VOCAB, d_model=768, n_layers=12,
+                                n_heads=12, d_ff=3072, n_experts=16, top_k=2, moe_every=4,
+                                max_seq_len=2048, group_size=4096),
+    # OpenMoE-8B/32E: 24 heads x 128 on d_model 2048; MoE blocks 5, 11, 17, 23.
+    # The original has an untied output head; tied here for consistency with the family.
+    "openmoe-8b": ModelConfig(vocab_size=_OPENMOE_VOCAB, d_model=2048, n_layers=24,
+                              n_heads=24, d_head=128, d_ff=8192, n_experts=32, top_k=2,
+                              moe_every=6, max_seq_len=2048, group_size=4096),
+    # OpenMoE-34B/32E: 24 heads x 128 on d_model 3072; MoE blocks 3, 7, ..., 31.
+    # Untied head in the original; group size 4096 (the original moved to 8192 later).
+    "openmoe-34b": ModelConfig(vocab_size=_OPENMOE_VOCAB, d_model=3072, n_layers=32,
+                               n_heads=24, d_head=128, d_ff=12288, n_experts=32, top_k=2,
+                               moe_every=4, max_seq_len=2048, group_size=4096),
+}
+
+DEFAULT_PRESET = "mini"
+
+
+def preset_names() -> list[str]:
+    """Names of the built-in presets, smallest first."""
+    return list(PRESETS)
+
+
+def get_preset(name: str, **overrides: Any) -> ModelConfig:
+    """A fresh copy of preset ``name`` with ``overrides`` applied (and validated).
+
+    Underscores are accepted for hyphens ("openmoe_base"). Unknown names raise ValueError
+    listing the presets.
+    """
+    key = name.strip().lower().replace("_", "-")
+    if key not in PRESETS:
+        close = difflib.get_close_matches(key, list(PRESETS), n=1, cutoff=0.5)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown preset {name!r}{hint}; choose one of: "
+                         f"{', '.join(PRESETS)}")
+    return PRESETS[key].replace(**overrides)
+
+
+# ---------------------------------------------------------------------- shapes and counts
+def _swiglu_shapes(prefix: str, d: int, f: int) -> dict[str, tuple[int, ...]]:
+    """SwiGLU FFN: out = W_down (silu(x W_gate) * (x W_up)); Linear weights stored [in, out]."""
+    return {f"{prefix}.w_gate.weight": (d, f), f"{prefix}.w_up.weight": (d, f),
+            f"{prefix}.w_down.weight": (f, d)}
+
+
+def parameter_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter's name and shape, in module order, without allocating anything.
+
+    The model's state_dict uses exactly these names. Linear weights are stored [in, out].
+    Expert weights are stacked over experts: w_gate/w_up [E, d, f], w_down [E, f, d].
+    """
+    d, V, E, A = cfg.d_model, cfg.vocab_size, cfg.n_experts, cfg.attn_dim
+    shapes: dict[str, tuple[int, ...]] = {"tok_emb.weight": (V, d)}
+    for i in range(cfg.n_layers):
+        b = f"blocks.{i}"
+        shapes[f"{b}.attn_norm.weight"] = (d,)
+        shapes[f"{b}.attn.wq.weight"] = (d, A)
+        shapes[f"{b}.attn.wk.weight"] = (d, A)
+        shapes[f"{b}.attn.wv.weight"] = (d, A)
+        shapes[f"{b}.attn.wo.weight"] = (A, d)
+        shapes[f"{b}.ffn_norm.weight"] = (d,)
+        if cfg.is_moe_block(i):
+            f = cfg.expert_ff
+            shapes[f"{b}.moe.router.weight"] = (d, E)
+            shapes[f"{b}.moe.experts.w_gate"] = (E, d, f)
+            shapes[f"{b}.moe.experts.w_up"] = (E, d, f)
+            shapes[f"{b}.moe.experts.w_down"] = (E, f, d)
+            if cfg.shared_ffn:
+                shapes[f"{b}.shared_norm.weight"] = (d,)
+                shapes.update(_swiglu_shapes(f"{b}.shared_ffn", d, cfg.d_ff))
+        else:
+            shapes.update(_swiglu_shapes(f"{b}.ffn", d, cfg.d_ff))
+    shapes["norm_f.weight"] = (d,)
+    if not cfg.tie_embeddings:
+        shapes["lm_head.weight"] = (d, V)
+    return shapes
+
+
+COMPONENTS = ("embedding", "lm_head", "attention", "dense_ffn", "experts", "shared_ffn",
+              "routers", "norms")
+
+
+def component_of(name: str) -> str:
+    """Which component (one of COMPONENTS) a parameter name belongs to."""
+    if name == "tok_emb.weight":
+        return "embedding"
+    if name == "lm_head.weight":
+        return "lm_head"
+    if name.endswith("norm.weight") or name.endswith("norm_f.weight"):
+        return "norms"
+    if ".attn." in name:
+        return "attention"
+    if ".moe.router." in name:
+        return "routers"
+    if ".moe.experts." in name:
+        return "experts"
+    if ".shared_ffn." in name:
+        return "shared_ffn"
+    if ".ffn." in name:
+        return "dense_ffn"
+    raise ValueError(f"parameter name {name!r} belongs to no known component")
+
+
+def count_parameters(cfg: ModelConfig) -> dict[str, int]:
+    """Parameter counts by component, derived from :func:`parameter_shapes`.
+
+    Keys: the COMPONENTS, then
+      total               all parameters (a tied embedding counted once);
+      active              per token: embedding once + LM head if untied + attention +
+                          top_k of the n_experts experts + shared/dense FFNs + routers + norms;
+      experts_active      the top_k/E share of the expert parameters;
+      total_blocks_only   parameters under ``blocks.*`` (no embedding, head, final norm);
+      active_blocks_only  the same, per token (top_k experts).
+    """
+    counts = {c: 0 for c in COMPONENTS}
+    blocks_total = 0
+    for name, shape in parameter_shapes(cfg).items():
+        n = math.prod(shape)
+        counts[component_of(name)] += n
+        if name.startswith("blocks."):
+            blocks_total += n
+    # Each expert tensor has a leading E axis; a token uses top_k of the E slices.
+    experts_active = counts["experts"] // cfg.n_experts * cfg.top_k
+    expert_skip = counts["experts"] - experts_active
+    counts["total"] = sum(counts[c] for c in COMPONENTS)
+    counts["active"] = counts["total"] - expert_skip
+    counts["experts_active"] = experts_active
+    counts["total_blocks_only"] = blocks_total
+    counts["active_blocks_only"] = blocks_total - expert_skip
+    return counts
+
+
+def memory_bytes(cfg: ModelConfig, dtype: str | None = None) -> dict[str, int]:
+    """Bytes for weights, gradients and optimizer state (``dtype`` defaults to cfg.dtype).
+
+    weights, grads: one value per parameter.
+    adamw:          two moments (m, v) per parameter -> 2 x weights.
+    adafactor:      factored second moment (Shazeer & Stern 2018, no momentum as in
+                    OpenMoE): a matrix [r, c] keeps r + c values, each expert matrix of a
+                    stacked [E, r, c] tensor keeps r + c, a vector keeps all its values.
+                    (t5x factors only when both dims >= 128; ignored here.)
+    """
+    dtype = cfg.dtype if dtype is None else dtype
+    if dtype not in _DTYPE_BYTES:
+        raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+    size = _DTYPE_BYTES[dtype]
+    n_params = 0
+    n_adafactor = 0
+    for shape in parameter_shapes(cfg).values():
+        n_params += math.prod(shape)
+        if len(shape) == 1:
+            n_adafactor += shape[0]
+        else:  # [..., r, c]: one row vector and one column vector per matrix
+            n_adafactor += math.prod(shape[:-2]) * (shape[-2] + shape[-1])
+    return {"bytes_per_value": size, "weights": n_params * size, "grads": n_params * size,
+            "adamw": 2 * n_params * size, "adafactor": n_adafactor * size}
+
+
+# ---------------------------------------------------------------------- table (display)
+def format_params_table(cfg: ModelConfig, name: str | None = None) -> str:
+    """Readable parameter / memory table; see :mod:`tinymoe.params_table`."""
+    from tinymoe.params_table import format_params_table as _format  # display code
+
+    return _format(cfg, name)
+
+
+def params_command(config_name: str, overrides: dict[str, Any] | None = None) -> str:
+    """Text printed by ``python -m tinymoe params``; see :mod:`tinymoe.params_table`."""
+    from tinymoe.params_table import params_command as _command
+
+    return _command(config_name, overrides)
