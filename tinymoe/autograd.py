@@ -1,0 +1,405 @@
+"""Reverse-mode automatic differentiation, in one sitting.
+
+A ``Tensor`` wraps an array of the current backend (``backend.xp``). Every differentiable
+operation is a ``Function`` with two static methods:
+
+    forward(ctx, *arrays, **options)  -> array (or tuple of arrays)
+    backward(ctx, *grad_outputs)      -> one gradient per positional input (None = no grad)
+
+``Function.apply`` unwraps the input tensors, runs ``forward`` on plain arrays and, when a
+gradient is wanted, records a ``Node`` that remembers the function, its ``ctx`` (what
+``forward`` saved for ``backward``) and the input tensors. The recorded nodes form a DAG.
+
+``Tensor.backward()`` walks that DAG in reverse topological order, found by an *iterative*
+depth-first search (no recursion limit: a 10,000-op chain is fine). Gradients of a tensor
+used several times are summed. After a node's backward has run, its ``ctx`` and inputs are
+dropped so saved activations are freed as early as possible; a second ``backward()``
+through the same graph then raises a clear error (pass ``retain_graph=True`` to keep it).
+
+Gradients are plain arrays: ``tensor.grad`` is an ``xp`` array, not a Tensor (no
+higher-order derivatives here). Leaf tensors accumulate into ``.grad`` across calls, as in
+PyTorch; call ``zero_grad`` (or set ``.grad = None``) between steps.
+
+dtype policy: float32 by default (Python floats and lists become float32), float64 when
+you pass float64 arrays explicitly; an op never silently mixes float32 and float64 tensors
+(it raises), and Python scalars keep the tensor's dtype.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Sequence
+
+from tinymoe import backend as B
+
+__all__ = ["Tensor", "Function", "Context", "no_grad", "enable_grad", "is_grad_enabled", "tensor"]
+
+_grad_enabled = True
+
+
+@contextlib.contextmanager
+def no_grad() -> Iterator[None]:
+    """Inside this block no graph is recorded (inference, optimizer updates)."""
+    global _grad_enabled
+    prev, _grad_enabled = _grad_enabled, False
+    try:
+        yield
+    finally:
+        _grad_enabled = prev
+
+
+@contextlib.contextmanager
+def enable_grad() -> Iterator[None]:
+    """Re-enable graph recording inside a ``no_grad`` block."""
+    global _grad_enabled
+    prev, _grad_enabled = _grad_enabled, True
+    try:
+        yield
+    finally:
+        _grad_enabled = prev
+
+
+def is_grad_enabled() -> bool:
+    return _grad_enabled
+
+
+def _is_float(dtype: Any) -> bool:
+    return B.np.dtype(dtype).kind == "f"
+
+
+# --------------------------------------------------------------------------------------
+# Tensor
+# --------------------------------------------------------------------------------------
+
+class Tensor:
+    """An array plus what autograd needs: ``requires_grad``, ``grad`` and the node that made it."""
+
+    __slots__ = ("data", "grad", "requires_grad", "_node", "_index", "_retain", "name", "__weakref__")
+    __array_priority__ = 1000  # so ``ndarray * Tensor`` calls Tensor.__rmul__
+
+    def __init__(self, data: Any, requires_grad: bool = False, dtype: Any = None, name: str | None = None):
+        if isinstance(data, Tensor):
+            data = data.data
+        if not (hasattr(data, "__array_namespace__") or hasattr(data, "__cuda_array_interface__")):
+            # Python scalars / lists / numpy arrays of another device: convert, floats -> float32
+            host = B.np.asarray(data)
+            if dtype is None and host.dtype.kind == "f" and not isinstance(data, B.np.ndarray):
+                dtype = B.DEFAULT_DTYPE
+            data = B.to_device(host, dtype)
+        elif dtype is not None and data.dtype != dtype:
+            data = data.astype(dtype)
+        if requires_grad and not _is_float(data.dtype):
+            raise TypeError(f"Tensor: only floating tensors can require grad, got dtype {data.dtype}")
+        self.data = data
+        self.grad: Any = None
+        self.requires_grad = bool(requires_grad)
+        self._node: Node | None = None   # the Node that produced this tensor (None for leaves)
+        self._index = 0                  # which output of that node
+        self._retain = False             # keep .grad on a non-leaf (see retain_grad)
+        self.name = name
+
+    # -- basic properties ---------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.data.shape
+
+    @property
+    def dtype(self) -> Any:
+        return self.data.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.data.ndim
+
+    @property
+    def size(self) -> int:
+        return self.data.size
+
+    @property
+    def is_leaf(self) -> bool:
+        return self._node is None
+
+    @property
+    def device(self) -> str:
+        return "cpu" if B.array_module(self.data) is B.np else "cuda"
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __repr__(self) -> str:
+        grad = ", requires_grad=True" if self.requires_grad else ""
+        return f"Tensor({B.to_numpy(self.data)!r}{grad})"
+
+    def numpy(self) -> Any:
+        """A host NumPy array (a copy when the tensor lives on the GPU)."""
+        return B.to_numpy(self.data)
+
+    def item(self) -> float:
+        return self.data.item()
+
+    def detach(self) -> "Tensor":
+        """The same data, cut from the graph."""
+        return Tensor(self.data)
+
+    def retain_grad(self) -> None:
+        """Keep ``.grad`` on this non-leaf tensor after backward (for inspection)."""
+        self._retain = True
+
+    def zero_grad(self) -> None:
+        self.grad = None
+
+    # -- backward -------------------------------------------------------------------------
+    def backward(self, grad: Any = None, retain_graph: bool = False) -> None:
+        """Accumulate d(self)/d(leaf) into every leaf's ``.grad``.
+
+        ``grad`` defaults to 1 for a scalar; it must be given for a non-scalar tensor.
+        """
+        if not self.requires_grad:
+            raise RuntimeError("backward: this tensor does not require grad (no graph was recorded)")
+        xp = B.array_module(self.data)
+        if grad is None:
+            if self.data.size != 1:
+                raise RuntimeError(f"backward: grad must be given for a non-scalar output of shape {self.shape}")
+            grad = xp.ones_like(self.data)
+        else:
+            grad = grad.data if isinstance(grad, Tensor) else xp.asarray(grad, dtype=self.dtype)
+            if grad.shape != self.shape:
+                raise ValueError(f"backward: grad shape {grad.shape} != tensor shape {self.shape}")
+        _run_backward(self, grad, retain_graph)
+
+    # -- operators (defined in functional.py) --------------------------------------------
+    def __add__(self, o): return F.add(self, o)
+    def __radd__(self, o): return F.add(o, self)
+    def __sub__(self, o): return F.sub(self, o)
+    def __rsub__(self, o): return F.sub(o, self)
+    def __mul__(self, o): return F.mul(self, o)
+    def __rmul__(self, o): return F.mul(o, self)
+    def __truediv__(self, o): return F.div(self, o)
+    def __rtruediv__(self, o): return F.div(o, self)
+    def __neg__(self): return F.neg(self)
+    def __pow__(self, p): return F.pow(self, p)
+    def __matmul__(self, o): return F.matmul(self, o)
+    def __rmatmul__(self, o): return F.matmul(o, self)
+    def __getitem__(self, idx): return F.getitem(self, idx)
+
+    def sum(self, axis=None, keepdims=False): return F.sum(self, axis, keepdims)
+    def mean(self, axis=None, keepdims=False): return F.mean(self, axis, keepdims)
+    def max(self, axis=None, keepdims=False): return F.max(self, axis, keepdims)
+    def reshape(self, *shape): return F.reshape(self, shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape)
+    def transpose(self, *axes): return F.transpose(self, axes[0] if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else (axes or None))
+    def permute(self, *axes): return self.transpose(*axes)
+    def exp(self): return F.exp(self)
+    def log(self): return F.log(self)
+    def sqrt(self): return F.sqrt(self)
+    def tanh(self): return F.tanh(self)
+    def sigmoid(self): return F.sigmoid(self)
+    def relu(self): return F.relu(self)
+
+    @property
+    def T(self) -> "Tensor":
+        return F.transpose(self, None)
+
+
+def tensor(data: Any, requires_grad: bool = False, dtype: Any = None) -> Tensor:
+    """Make a Tensor (float data becomes float32 unless ``dtype`` says otherwise)."""
+    return Tensor(data, requires_grad=requires_grad, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Function and the recorded graph
+# --------------------------------------------------------------------------------------
+
+class Context:
+    """What ``forward`` leaves for ``backward``. Save arrays with ``save_for_backward``;
+    other small values (shapes, axes) may be set as attributes."""
+
+    def __init__(self, needs_input_grad: tuple[bool, ...]):
+        self.needs_input_grad = needs_input_grad
+        self.saved: tuple[Any, ...] = ()
+
+    def save_for_backward(self, *arrays: Any) -> None:
+        self.saved = arrays
+
+
+class Node:
+    """One recorded call of a Function: its ctx, its input tensors and its outputs' grads."""
+
+    __slots__ = ("fn", "ctx", "inputs", "n_outputs", "freed")
+
+    def __init__(self, fn: type, ctx: Context, inputs: tuple, n_outputs: int):
+        self.fn = fn
+        self.ctx = ctx
+        self.inputs = inputs          # tuple of Tensor-or-None, one per positional input
+        self.n_outputs = n_outputs
+        self.freed = False
+
+
+class Function:
+    """Base class of differentiable operations. Subclasses define two static methods:
+
+    ``forward(ctx, *args, **kwargs)``: args are arrays (from Tensors) or plain Python values;
+    return an array or a tuple of arrays. Save what backward needs on ``ctx``.
+
+    ``backward(ctx, *grads)``: one incoming gradient per output (zeros for unused outputs);
+    return one gradient per positional input of forward (None where there is none). A
+    returned gradient must already have the input's shape (see ``unbroadcast``).
+    ``ctx.needs_input_grad[i]`` tells whether input i wants a gradient at all.
+    """
+
+    @staticmethod
+    def forward(ctx: Context, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover
+        raise NotImplementedError
+
+    @staticmethod
+    def backward(ctx: Context, *grads: Any) -> Any:  # pragma: no cover
+        raise NotImplementedError
+
+    @classmethod
+    def apply(cls, *inputs: Any, **kwargs: Any) -> Any:
+        arrays = []
+        needs = []
+        xp_mod = None
+        float_dtype = None
+        for x in inputs:
+            if isinstance(x, Tensor):
+                mod = B.array_module(x.data)
+                if xp_mod is None:
+                    xp_mod = mod
+                elif mod is not xp_mod:
+                    raise ValueError(f"{cls.__name__.lower()}: tensors on different devices "
+                                     f"({'cpu' if xp_mod is B.np else 'cuda'} and {x.device})")
+                if x.data.dtype.kind == "f":
+                    if float_dtype is None:
+                        float_dtype = x.data.dtype
+                    elif x.data.dtype != float_dtype:
+                        raise TypeError(f"{cls.__name__.lower()}: dtype mismatch {float_dtype} vs {x.data.dtype} "
+                                        "(no silent upcasts; convert explicitly)")
+                arrays.append(x.data)
+                needs.append(x.requires_grad and _grad_enabled)
+            else:
+                arrays.append(x)
+                needs.append(False)
+        ctx = Context(tuple(needs))
+        try:
+            out = cls.forward(ctx, *arrays, **kwargs)
+        except (ValueError, IndexError) as e:
+            shapes = ", ".join(str(tuple(a.shape)) for a in arrays if hasattr(a, "shape"))
+            raise type(e)(f"{cls.__name__.lower()}: inputs of shapes {shapes}: {e}") from None
+        multi = isinstance(out, tuple)
+        outs = out if multi else (out,)
+        if multi:                                # backward gets zeros for unused outputs
+            ctx.output_shapes = [o.shape for o in outs]
+            ctx.output_dtypes = [o.dtype for o in outs]
+        requires = any(needs)
+        results = tuple(Tensor(o, requires_grad=requires and o.dtype.kind == "f") for o in outs)
+        if requires:
+            node = Node(cls, ctx, tuple(x if isinstance(x, Tensor) and x.requires_grad else None for x in inputs),
+                        len(outs))
+            for i, r in enumerate(results):
+                if r.requires_grad:
+                    r._node, r._index = node, i
+        return results if multi else results[0]
+
+
+def _topological_order(root: Node) -> list[Node]:
+    """Nodes reachable from ``root``, each after every node that consumes its outputs.
+
+    Iterative post-order DFS (an explicit stack instead of recursion), then reversed.
+    """
+    order: list[Node] = []
+    visited: set[int] = {id(root)}
+    stack: list[tuple[Node, int]] = [(root, 0)]
+    while stack:
+        node, i = stack.pop()
+        if node.freed:
+            raise RuntimeError(
+                "backward: trying to backward through the graph a second time (its saved buffers "
+                "were freed after the first backward); call backward(retain_graph=True) the first time")
+        inputs = node.inputs
+        while i < len(inputs):
+            t = inputs[i]
+            i += 1
+            if t is not None and t._node is not None and id(t._node) not in visited:
+                visited.add(id(t._node))
+                stack.append((node, i))          # come back to this node afterwards
+                stack.append((t._node, 0))       # visit the child first
+                break
+        else:
+            order.append(node)                   # all children done: post-order
+    order.reverse()
+    return order
+
+
+def _accumulate(store: Any, key: int, g: Any, owned: bool) -> None:
+    """Sum gradient ``g`` into ``store[key]`` = [array, owned] (store: a dict or a list of
+    slots). An array we did not allocate (a view, or one also handed to someone else) is
+    never modified in place; the first sum makes a fresh, owned array."""
+    entry = store.get(key) if isinstance(store, dict) else store[key]
+    if entry is None:
+        store[key] = [g, owned]
+    elif entry[1]:
+        entry[0] += g
+    else:
+        store[key] = [entry[0] + g, True]
+
+
+def _run_backward(root: Tensor, grad: Any, retain_graph: bool) -> None:
+    if root._node is None:                       # backward on a leaf: d(self)/d(self) = grad
+        root.grad = grad.copy() if root.grad is None else root.grad + grad
+        return
+    order = _topological_order(root._node)
+    pending: dict[int, list] = {}                # id(node) -> list of [grad, owned] per output
+    leaves: dict[int, list] = {}                 # id(leaf tensor) -> [grad, owned]
+    leaf_tensors: dict[int, Tensor] = {}
+    pending[id(root._node)] = [None] * root._node.n_outputs
+    pending[id(root._node)][root._index] = [grad, False]
+    retained: list[tuple[Tensor, Any]] = []
+
+    for node in order:
+        slots = pending.pop(id(node), None)
+        if slots is None or all(s is None for s in slots):
+            continue                             # nothing flows into this node
+        ctx = node.ctx
+        grads_out = [s[0] if s is not None else None for s in slots]
+        if any(g is None for g in grads_out):    # an unused output of a multi-output op
+            xp = B.array_module(next(g for g in grads_out if g is not None))
+            grads_out = [g if g is not None else xp.zeros(ctx.output_shapes[i], dtype=ctx.output_dtypes[i])
+                         for i, g in enumerate(grads_out)]
+        ctx.retain_graph = retain_graph          # a backward may reuse saved buffers unless retained
+        in_grads = node.fn.backward(ctx, *grads_out)
+        if not isinstance(in_grads, tuple):
+            in_grads = (in_grads,)
+        seen: set[int] = {id(g) for g in grads_out}
+        for t, g in zip(node.inputs, in_grads):
+            if t is None or g is None:
+                continue
+            if g.shape != t.data.shape:
+                raise RuntimeError(f"{node.fn.__name__}.backward returned a grad of shape {g.shape} "
+                                   f"for an input of shape {t.data.shape}")
+            owned = g.base is None and id(g) not in seen
+            seen.add(id(g))
+            if t._node is None:                  # a leaf
+                leaf_tensors[id(t)] = t
+                _accumulate(leaves, id(t), g, owned)
+            else:
+                if t._retain:
+                    retained.append((t, g))
+                slot_list = pending.setdefault(id(t._node), [None] * t._node.n_outputs)
+                _accumulate(slot_list, t._index, g, owned)
+        if not retain_graph:                     # free saved activations right away
+            node.ctx = None
+            node.inputs = ()
+            node.freed = True
+
+    for key, (g, owned) in leaves.items():
+        t = leaf_tensors[key]
+        if t.grad is None:
+            t.grad = g if owned else g.copy()
+        else:
+            t.grad += g
+    for t, g in retained:
+        t.grad = g.copy() if t.grad is None else t.grad + g
+
+
+# functional.py defines the operators used by Tensor's dunder methods; imported last
+# because it needs Tensor and Function from this module.
+from tinymoe import functional as F  # noqa: E402
