@@ -120,7 +120,7 @@ class Tensor:
 
     @property
     def device(self) -> str:
-        return "cpu" if B.array_module(self.data) is B.np else "cuda"
+        return "cuda" if type(self.data).__module__.startswith("cupy") else "cpu"
 
     def __len__(self) -> int:
         return len(self.data)
@@ -254,24 +254,29 @@ class Function:
         raise NotImplementedError
 
     @classmethod
+    def op_name(cls) -> str:
+        """``CrossEntropy`` -> ``cross_entropy`` (used in error messages)."""
+        return "".join("_" + c.lower() if c.isupper() and i else c.lower() for i, c in enumerate(cls.__name__))
+
+    @classmethod
     def apply(cls, *inputs: Any, **kwargs: Any) -> Any:
         arrays = []
         needs = []
-        xp_mod = None
+        device = None
         float_dtype = None
         for x in inputs:
             if isinstance(x, Tensor):
-                mod = B.array_module(x.data)
-                if xp_mod is None:
-                    xp_mod = mod
-                elif mod is not xp_mod:
-                    raise ValueError(f"{cls.__name__.lower()}: tensors on different devices "
-                                     f"({'cpu' if xp_mod is B.np else 'cuda'} and {x.device})")
+                dev = x.device
+                if device is None:
+                    device = dev
+                elif dev != device:
+                    raise ValueError(f"{cls.op_name()}: tensors on different devices ({device} and {dev}); "
+                                     "move them with tinymoe.backend.to_device")
                 if x.data.dtype.kind == "f":
                     if float_dtype is None:
                         float_dtype = x.data.dtype
                     elif x.data.dtype != float_dtype:
-                        raise TypeError(f"{cls.__name__.lower()}: dtype mismatch {float_dtype} vs {x.data.dtype} "
+                        raise TypeError(f"{cls.op_name()}: dtype mismatch {float_dtype} vs {x.data.dtype} "
                                         "(no silent upcasts; convert explicitly)")
                 arrays.append(x.data)
                 needs.append(x.requires_grad and _grad_enabled)
@@ -283,7 +288,7 @@ class Function:
             out = cls.forward(ctx, *arrays, **kwargs)
         except (ValueError, IndexError) as e:
             shapes = ", ".join(str(tuple(a.shape)) for a in arrays if hasattr(a, "shape"))
-            raise type(e)(f"{cls.__name__.lower()}: inputs of shapes {shapes}: {e}") from None
+            raise type(e)(f"{cls.op_name()}: inputs of shapes {shapes}: {e}") from None
         multi = isinstance(out, tuple)
         outs = out if multi else (out,)
         if multi:                                # backward gets zeros for unused outputs
@@ -352,7 +357,7 @@ def _run_backward(root: Tensor, grad: Any, retain_graph: bool) -> None:
     leaf_tensors: dict[int, Tensor] = {}
     pending[id(root._node)] = [None] * root._node.n_outputs
     pending[id(root._node)][root._index] = [grad, False]
-    retained: list[tuple[Tensor, Any]] = []
+    retained: dict[tuple[int, int], Tensor] = {}  # (id(node), output index) -> tensor asking retain_grad
 
     for node in order:
         slots = pending.pop(id(node), None)
@@ -360,6 +365,10 @@ def _run_backward(root: Tensor, grad: Any, retain_graph: bool) -> None:
             continue                             # nothing flows into this node
         ctx = node.ctx
         grads_out = [s[0] if s is not None else None for s in slots]
+        for i, g in enumerate(grads_out):         # totals are final now: hand them to retain_grad()
+            t = retained.pop((id(node), i), None)
+            if t is not None and g is not None:
+                t.grad = g.copy() if t.grad is None else t.grad + g
         if any(g is None for g in grads_out):    # an unused output of a multi-output op
             xp = B.array_module(next(g for g in grads_out if g is not None))
             grads_out = [g if g is not None else xp.zeros(ctx.output_shapes[i], dtype=ctx.output_dtypes[i])
@@ -382,7 +391,7 @@ def _run_backward(root: Tensor, grad: Any, retain_graph: bool) -> None:
                 _accumulate(leaves, id(t), g, owned)
             else:
                 if t._retain:
-                    retained.append((t, g))
+                    retained[(id(t._node), t._index)] = t
                 slot_list = pending.setdefault(id(t._node), [None] * t._node.n_outputs)
                 _accumulate(slot_list, t._index, g, owned)
         if not retain_graph:                     # free saved activations right away
@@ -396,8 +405,6 @@ def _run_backward(root: Tensor, grad: Any, retain_graph: bool) -> None:
             t.grad = g if owned else g.copy()
         else:
             t.grad += g
-    for t, g in retained:
-        t.grad = g.copy() if t.grad is None else t.grad + g
 
 
 # functional.py defines the operators used by Tensor's dunder methods; imported last
