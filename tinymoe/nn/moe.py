@@ -1,0 +1,310 @@
+"""The differentiable Mixture-of-Experts layer: router, dispatch, experts, combine.
+
+One MoE forward on tokens x [N, d] (the batch [B, T] flattened in order):
+
+1. Router logits ``z = x W_r`` [N, E] (no bias, init N(0, 0.02)).
+2. The routing decisions (top-k experts, capacity, slots, kept mask, statistics) are taken
+   on the plain logits array by :func:`tinymoe.routing.route`; they are not differentiable.
+   :class:`RouterFunction` turns them into three differentiable outputs of z: the combine
+   weights [N, k], the load-balance loss and the router z-loss (hand-written backward).
+3. :class:`Dispatch` gathers each kept assignment's token into its row of a zero buffer
+   [E, n_groups * C, d] (one index gather, no Python loop over tokens).
+4. :class:`Experts` runs every expert's SwiGLU as one batched matmul over that buffer:
+   ``swiglu(buf @ W_gate, buf @ W_up) @ W_down`` -> [E, n_groups * C, d]. Empty slots are
+   zero rows and give zero outputs (no biases).
+5. :class:`Combine` adds ``weight * expert_out[row]`` back to each token (a scatter-add
+   of rows). A dropped assignment has no row: it contributes exactly 0 and gets 0 gradient;
+   a token whose every assignment was dropped gets y = 0 (it still flows through the
+   residual and the shared FFN of the block).
+
+Losses (per group, averaged over groups):
+  load balance  L_aux = E * sum_i f_i P_i  (Switch Transformer, Fedus et al. 2021, eq. 4-6,
+                in the top-k form: f_i counts tokens with expert i among their top-k, before
+                capacity; equals k at perfect balance);
+  router z-loss L_z = mean_n logsumexp(z_n)^2  (ST-MoE, Zoph et al. 2022, eq. 5).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from tinymoe import backend as B
+from tinymoe import functional as F
+from tinymoe import routing
+from tinymoe.autograd import Context, Function, Tensor
+from tinymoe.config import ModelConfig
+from tinymoe.nn.module import Module, Parameter
+
+__all__ = ["Router", "Experts", "MoE", "MoEStats", "RouterFunction", "Dispatch", "Combine",
+           "route_differentiable", "dispatch", "combine"]
+
+
+# --------------------------------------------------------------------------------------
+# the routing Function: logits -> combine weights, aux loss, z-loss
+# --------------------------------------------------------------------------------------
+
+class RouterFunction(Function):
+    """Differentiable part of routing, given the decisions ``result`` already taken.
+
+    Forward: ``logits [N, E]`` and a :class:`tinymoe.routing.RoutingResult` computed from
+    the same logits -> (combine weights [N, k], L_aux (0-d), L_z (0-d)).
+
+    Backward, with p = softmax(z) and the decisions held fixed:
+
+    (a) combine weights. Raw: w_{n,j} = kept_{n,j} p_{n,e_j}, so dL/dp_{n,e_j} += g_{n,j}
+        kept_{n,j}. Renormalised (w_j = p_{e_j} / S, S = sum_j p_{e_j}, then zeroed where
+        dropped): with g' = g * kept, dL/dp_{n,e_l} += (g'_l - sum_j g'_j w_j) / S.
+    (b) load balance (Switch eq. 4-6): L_aux = (1/n_groups) sum_g E sum_i f_{g,i} P_{g,i},
+        P_{g,i} = (1/G) sum_{n in g} p_{n,i}, f held constant (it comes from an argmax), so
+        dL_aux/dp_{n,i} = E f_{g(n),i} / (G n_groups).
+    (c) the softmax: dL/dz_n = p_n * (dL/dp_n - <dL/dp_n, p_n>).
+    (d) z-loss (ST-MoE eq. 5): L_z = (1/N) sum_n lse(z_n)^2, d lse/dz = p, so
+        dL_z/dz_n = 2 lse(z_n) p_n / N (added directly on z).
+    """
+
+    @staticmethod
+    def forward(ctx: Context, logits: Any, result: routing.RoutingResult) -> tuple:
+        xp = B.array_module(logits)
+        dt = logits.dtype
+        ctx.result = result
+        weight = result.combine_weight.astype(dt, copy=True)              # [N, k]
+        aux = xp.asarray(result.aux_loss, dtype=dt)                       # []
+        z = xp.asarray(result.z_loss, dtype=dt)                           # []
+        return weight, aux, z
+
+    @staticmethod
+    def backward(ctx: Context, g_weight: Any, g_aux: Any, g_z: Any) -> tuple:
+        r: routing.RoutingResult = ctx.result
+        xp = B.array_module(r.probs)
+        p = r.probs                                                       # [N, E]
+        n, n_experts = p.shape
+        dt = p.dtype
+        # (b) load balance: every token of group g gets E f_g / (G n_groups)
+        coef = g_aux.astype(dt) * (n_experts / (r.group_size * r.n_groups))
+        dp = xp.repeat(coef * r.f.astype(dt), r.group_size, axis=0)      # [n_groups, E] -> [N, E]
+        # (a) combine weights, only through kept assignments
+        gw = g_weight * r.kept                                            # [N, k]
+        if r.renormalize:
+            total = r.topk_prob.sum(axis=1, keepdims=True)               # [N, 1]
+            w = r.topk_prob / total                                       # [N, k]
+            gw = (gw - (gw * w).sum(axis=1, keepdims=True)) / total      # [N, k]
+        rows = xp.arange(n)[:, None]                                      # [N, 1]
+        dp[rows, r.expert_index] += gw.astype(dt, copy=False)             # k distinct experts per row
+        # (c) softmax backward
+        dz = p * (dp - (dp * p).sum(axis=1, keepdims=True))               # [N, E]
+        # (d) z-loss
+        dz += (g_z.astype(dt) * (2.0 / n)) * r.lse[:, None] * p           # [N, E]
+        return dz, None
+
+
+def route_differentiable(logits: Tensor, top_k: int, capacity_factor: float | None = 1.25,
+                         group_size: int | None = None, min_capacity: int = 4,
+                         capacity_mode: str = "openmoe", priority: str = "position",
+                         renormalize: bool = False, rng: Any = None
+                         ) -> tuple[Tensor, Tensor, Tensor, routing.RoutingResult]:
+    """Route ``logits [N, E]``: returns (combine weights [N, k], L_aux, L_z, RoutingResult).
+
+    The decisions come from :func:`tinymoe.routing.route` on ``logits.data``; the three
+    Tensors are differentiable functions of the logits (see :class:`RouterFunction`).
+    """
+    result = routing.route(logits.data, top_k, capacity_factor, group_size, min_capacity,
+                           capacity_mode, priority, renormalize, rng)
+    weight, aux, z = RouterFunction.apply(logits, result)
+    return weight, aux, z, result
+
+
+# --------------------------------------------------------------------------------------
+# dispatch and combine
+# --------------------------------------------------------------------------------------
+
+class Dispatch(Function):
+    """``buf[flat_pos[m]] = x[token[m]]`` into a zero buffer, reshaped to [E, R, d].
+
+    x [N, d]; flat_pos, token [M] (M kept assignments, flat_pos distinct) -> [E, R, d] with
+    R = n_groups * C rows per expert. Backward: the rows of the buffer's gradient go back
+    to their tokens, summed over a token's k assignments (``scatter_add_rows``).
+    """
+
+    @staticmethod
+    def forward(ctx: Context, x: Any, flat_pos: Any, token: Any, n_experts: int, rows_per_expert: int) -> Any:
+        xp = B.array_module(x)
+        n, d = x.shape
+        buf = xp.zeros((n_experts * rows_per_expert, d), dtype=x.dtype)  # [E * R, d]
+        buf[flat_pos] = x[token]                                          # [M, d] gathered rows
+        ctx.save_for_backward(flat_pos, token)
+        ctx.n_tokens = n
+        return buf.reshape(n_experts, rows_per_expert, d)                 # [E, R, d]
+
+    @staticmethod
+    def backward(ctx: Context, g: Any) -> tuple:
+        flat_pos, token = ctx.saved
+        d = g.shape[-1]
+        g_rows = g.reshape(-1, d)[flat_pos]                               # [E, R, d] -> [M, d]
+        return B.scatter_add_rows(ctx.n_tokens, token, g_rows), None, None, None, None
+
+
+class Combine(Function):
+    """``y[token[m]] += weight[token[m], rank[m]] * out[flat_pos[m]]`` for the M kept
+    assignments: expert_out [E, R, d], weight [N, k] -> y [N, d].
+
+    Backward: d expert_out[flat_pos[m]] = w_m * g_y[token[m]] (rows that hold no kept
+    assignment get 0); d weight[token[m], rank[m]] = <g_y[token[m]], out[flat_pos[m]]>
+    (dropped assignments get 0).
+    """
+
+    @staticmethod
+    def forward(ctx: Context, expert_out: Any, weight: Any, flat_pos: Any, token: Any, rank: Any,
+                n_tokens: int) -> Any:
+        d = expert_out.shape[-1]
+        rows = expert_out.reshape(-1, d)[flat_pos]                        # [E, R, d] -> [M, d]
+        w = weight[token, rank]                                           # [M]
+        ctx.save_for_backward(expert_out if ctx.needs_input_grad[1] else None, w, flat_pos, token, rank)
+        ctx.shapes = (expert_out.shape, weight.shape)
+        rows *= w[:, None]                                                # (a fresh gather: safe in place)
+        return B.scatter_add_rows(n_tokens, token, rows)                  # [M, d] -> [N, d]
+
+    @staticmethod
+    def backward(ctx: Context, g: Any) -> tuple:
+        expert_out, w, flat_pos, token, rank = ctx.saved
+        out_shape, weight_shape = ctx.shapes
+        xp = B.array_module(g)
+        d = g.shape[-1]
+        g_rows = g[token]                                                 # [N, d] -> [M, d]
+        g_out = g_weight = None
+        if ctx.needs_input_grad[0]:
+            g_out = xp.zeros((out_shape[0] * out_shape[1], d), dtype=g.dtype)  # [E * R, d]
+            g_out[flat_pos] = g_rows * w[:, None]
+            g_out = g_out.reshape(out_shape)                              # [E, R, d]
+        if ctx.needs_input_grad[1]:
+            rows = expert_out.reshape(-1, d)[flat_pos]                    # [M, d]
+            g_weight = xp.zeros(weight_shape, dtype=g.dtype)              # [N, k]
+            g_weight[token, rank] = (g_rows * rows).sum(axis=1)
+        return g_out, g_weight, None, None, None, None
+
+
+def dispatch(x: Tensor, flat_pos: Any, token: Any, n_experts: int, rows_per_expert: int) -> Tensor:
+    """Gather token rows of ``x [N, d]`` into the dispatch buffer [E, R, d] (see :class:`Dispatch`)."""
+    return Dispatch.apply(x, flat_pos, token, n_experts, rows_per_expert)
+
+
+def combine(expert_out: Tensor, weight: Tensor, flat_pos: Any, token: Any, rank: Any, n_tokens: int) -> Tensor:
+    """Weighted scatter of expert outputs back to tokens -> [N, d] (see :class:`Combine`)."""
+    return Combine.apply(expert_out, weight, flat_pos, token, rank, n_tokens)
+
+
+# --------------------------------------------------------------------------------------
+# modules
+# --------------------------------------------------------------------------------------
+
+def _normal(rng: Any, shape: tuple[int, ...], std: float, dtype: Any) -> Any:
+    """N(0, std^2) values drawn on the host (reproducible on any device), then moved."""
+    rng = B.default_rng(0) if rng is None else rng
+    return B.to_device(rng.normal(0.0, std, size=shape).astype(dtype), dtype)
+
+
+class Router(Module):
+    """Router: logits ``z = x W_r``, weight [d, E], no bias, init N(0, 0.02) (OpenMoE)."""
+
+    def __init__(self, d_model: int, n_experts: int, *, std: float = 0.02, dtype: Any = "float32",
+                 rng: Any = None):
+        super().__init__()
+        self.d_model, self.n_experts = d_model, n_experts
+        self.weight = Parameter(_normal(rng, (d_model, n_experts), std, B.np.dtype(dtype)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x @ self.weight                                            # [N, d] -> [N, E]
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, n_experts={self.n_experts}"
+
+
+def _swiglu(a: Tensor, b: Tensor) -> Tensor:
+    """silu(a) * b, fused when functional provides it."""
+    fused = getattr(F, "swiglu", None)
+    return fused(a, b) if fused is not None else F.silu(a) * b
+
+
+class Experts(Module):
+    """E SwiGLU experts stacked: w_gate, w_up [E, d, f], w_down [E, f, d] (no biases).
+
+    forward(buf [E, R, d]) = swiglu(buf @ w_gate, buf @ w_up) @ w_down -> [E, R, d], one
+    batched matmul per weight over all experts.
+    """
+
+    def __init__(self, n_experts: int, d_model: int, d_ff: int, *, std: float = 0.02,
+                 dtype: Any = "float32", rng: Any = None):
+        super().__init__()
+        dt = B.np.dtype(dtype)
+        self.n_experts, self.d_model, self.d_ff = n_experts, d_model, d_ff
+        self.w_gate = Parameter(_normal(rng, (n_experts, d_model, d_ff), std, dt))
+        self.w_up = Parameter(_normal(rng, (n_experts, d_model, d_ff), std, dt))
+        self.w_down = Parameter(_normal(rng, (n_experts, d_ff, d_model), std, dt))
+
+    def forward(self, buf: Tensor) -> Tensor:
+        h = _swiglu(buf @ self.w_gate, buf @ self.w_up)                   # [E, R, d] -> [E, R, f]
+        return h @ self.w_down                                            # [E, R, f] -> [E, R, d]
+
+    def extra_repr(self) -> str:
+        return f"n_experts={self.n_experts}, d_model={self.d_model}, d_ff={self.d_ff}"
+
+
+@dataclass
+class MoEStats(routing.RoutingResult):
+    """The routing statistics of one MoE forward: every :class:`tinymoe.routing.RoutingResult`
+    field (expert_index [N, k], slot, kept, combine_weight, probs [N, E], load_before/after
+    [E], capacity, n_groups, group_size, dropped_fraction, confidence, aux_loss, z_loss ...)
+    as arrays on the compute device, plus ``layer`` (the block index, None outside a model)
+    and ``batch_shape`` (B, T) so that [N, ...] arrays can be reshaped to [B, T, ...]."""
+
+    layer: int | None = None
+    batch_shape: tuple[int, int] | None = None
+
+    @classmethod
+    def from_result(cls, result: routing.RoutingResult, layer: int | None,
+                    batch_shape: tuple[int, int] | None) -> "MoEStats":
+        values = {f.name: getattr(result, f.name) for f in fields(routing.RoutingResult)}
+        return cls(**values, layer=layer, batch_shape=batch_shape)
+
+
+class MoE(Module):
+    """Token-choice top-k MoE of SwiGLU experts with expert capacity (OpenMoE).
+
+    Parameters: ``router.weight`` [d, E], ``experts.w_gate`` / ``experts.w_up`` [E, d, f],
+    ``experts.w_down`` [E, f, d]. The capacity factor is ``cfg.capacity_factor`` in
+    training mode and ``cfg.eval_capacity_factor`` in eval mode; a group is
+    ``cfg.group_size`` tokens, or one sequence (G = T) when it is None.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int | None = None, rng: Any = None):
+        super().__init__()
+        self.cfg = cfg
+        self.layer_idx = layer_idx
+        self.router = Router(cfg.d_model, cfg.n_experts, std=0.02, dtype=cfg.dtype, rng=rng)
+        self.experts = Experts(cfg.n_experts, cfg.d_model, cfg.expert_ff, std=cfg.init_std,
+                               dtype=cfg.dtype, rng=rng)
+
+    def forward(self, x: Tensor, rng: Any = None) -> tuple[Tensor, Tensor, Tensor, MoEStats]:
+        """x [B, T, d] -> (y [B, T, d], L_aux, L_z, stats). ``rng`` (a host NumPy Generator)
+        is required by slot priority "random" and ignored otherwise."""
+        cfg = self.cfg
+        if x.ndim != 3 or x.shape[-1] != cfg.d_model:
+            raise ValueError(f"MoE expects x of shape [B, T, {cfg.d_model}], got {tuple(x.shape)}")
+        bsz, seq, d = x.shape
+        n = bsz * seq
+        tokens = x.reshape(n, d)                                          # [B, T, d] -> [N, d]
+        logits = self.router(tokens)                                      # [N, d] -> [N, E]
+        cf = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
+        group = seq if cfg.group_size is None else cfg.group_size
+        weight, aux, z, result = route_differentiable(
+            logits, cfg.top_k, cf, group, cfg.min_capacity, cfg.capacity_mode,
+            cfg.slot_priority, cfg.renormalize, rng)                      # [N, k], [], []
+        flat_pos, token, rank = routing.dispatch_indices(result)          # [M] each
+        buf = dispatch(tokens, flat_pos, token, cfg.n_experts, result.rows_per_expert)  # [E, R, d]
+        out = self.experts(buf)                                           # [E, R, d]
+        y = combine(out, weight, flat_pos, token, rank, n)                # [N, d]
+        stats = MoEStats.from_result(result, self.layer_idx, (bsz, seq))
+        return y.reshape(bsz, seq, d), aux, z, stats
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return f"n_experts={c.n_experts}, top_k={c.top_k}, d_ff={c.expert_ff}"
