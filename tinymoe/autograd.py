@@ -129,6 +129,14 @@ class Tensor:
         grad = ", requires_grad=True" if self.requires_grad else ""
         return f"Tensor({B.to_numpy(self.data)!r}{grad})"
 
+    @classmethod
+    def _wrap(cls, data: Any, requires_grad: bool) -> "Tensor":
+        """Fast constructor for arrays an op just produced (no conversion checks)."""
+        t = object.__new__(cls)
+        t.data, t.grad, t.requires_grad = data, None, requires_grad
+        t._node, t._index, t._retain, t.name = None, 0, False, None
+        return t
+
     def numpy(self) -> Any:
         """A host NumPy array (a copy when the tensor lives on the GPU)."""
         return B.to_numpy(self.data)
@@ -295,7 +303,7 @@ class Function:
             ctx.output_shapes = [o.shape for o in outs]
             ctx.output_dtypes = [o.dtype for o in outs]
         requires = any(needs)
-        results = tuple(Tensor(o, requires_grad=requires and o.dtype.kind == "f") for o in outs)
+        results = tuple(Tensor._wrap(o, requires and o.dtype.kind == "f") for o in outs)
         if requires:
             node = Node(cls, ctx, tuple(x if isinstance(x, Tensor) and x.requires_grad else None for x in inputs),
                         len(outs))

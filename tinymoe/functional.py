@@ -376,8 +376,7 @@ def matmul(a: Any, b: Any) -> Tensor:
 def _expand_back(g: Any, shape: tuple[int, ...], axes: tuple[int, ...], keepdims: bool) -> Any:
     """Re-insert reduced axes (as size 1) so ``g`` broadcasts against the input."""
     if not keepdims:
-        for ax in sorted(axes):
-            g = _xp(g).expand_dims(g, ax)
+        g = g.reshape(tuple(1 if i in axes else n for i, n in enumerate(shape)))
     return g
 
 
@@ -779,3 +778,238 @@ def cross_entropy(logits: Any, targets: Any, ignore_index: int = -100, reduction
     if targets.dtype.kind not in "iu":
         raise TypeError(f"cross_entropy: targets must be integer ids, got {targets.dtype}")
     return CrossEntropy.apply(logits, targets, ignore_index=ignore_index, reduction=reduction)
+
+
+# ---- fused hot paths: RMSNorm, SwiGLU, RoPE, attention ----
+# Each op below is one Function with a hand-written backward, so the graph holds one node
+# (and a minimal set of saved arrays) per call instead of a chain of small ops. All work in
+# the dtype of their inputs (float32 by default, float64 for checks); no upcasts.
+
+class RMSNorm(Function):
+    """RMSNorm / T5LayerNorm (Zhang & Sennrich 2019): scale only, no mean, no bias.
+
+        r = 1 / sqrt(mean(x^2) + eps)          over the last axis, one r per row
+        y = x * r * w
+
+    Backward, with xhat = x * r and gh = g * w:
+        dw = sum over rows of g * xhat
+        dx = r * (gh - xhat * mean(gh * xhat))
+    Saves x, w and r ([..., 1]); xhat is recomputed in backward.
+    """
+
+    @staticmethod
+    def forward(ctx: Context, x: Any, weight: Any, eps: float = 1e-6) -> Any:
+        xp = _xp(x)
+        d = x.shape[-1]
+        if tuple(weight.shape) != (d,):
+            raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} != ({d},)")
+        r = 1 / xp.sqrt((x * x).mean(axis=-1, keepdims=True) + eps)   # [..., d] -> [..., 1]
+        y = x * r                                                     # [..., d]
+        y *= weight                                                   # [..., d] * [d]
+        ctx.save_for_backward(x, weight, r)
+        return y
+
+    @staticmethod
+    def backward(ctx: Context, g: Any) -> tuple:
+        x, w, r = ctx.saved
+        d = x.shape[-1]
+        xhat = x * r                                                  # [..., d]
+        gx = gw = None
+        if ctx.needs_input_grad[1]:
+            gw = (g * xhat).reshape(-1, d).sum(axis=0)                # [..., d] -> [d]
+        if ctx.needs_input_grad[0]:
+            gh = g * w                                                # [..., d]
+            dot = (gh * xhat).mean(axis=-1, keepdims=True)            # [..., 1]
+            xhat *= dot                                               # [..., d] (xhat no longer needed)
+            gh -= xhat                                                # [..., d]
+            gh *= r                                                   # [..., d] * [..., 1]
+            gx = gh
+        return gx, gw, None
+
+
+class SwiGLU(Function):
+    """SwiGLU gate (Shazeer 2020, "GLU Variants Improve Transformer"): silu(a) * u.
+
+        y = a * s * u,  s = sigmoid(a)
+        du = g * a * s
+        da = g * u * s * (1 + a * (1 - s))        (d silu / da)
+    Saves a and u only; the sigmoid is recomputed in backward (one exp) to save a buffer.
+    """
+
+    @staticmethod
+    def forward(ctx: Context, gate: Any, up: Any) -> Any:
+        if tuple(gate.shape) != tuple(up.shape):
+            raise ValueError(f"swiglu: gate shape {tuple(gate.shape)} != up shape {tuple(up.shape)}")
+        s = _sigmoid(_xp(gate), gate)                                 # [..., f]
+        s *= gate                                                     # silu(a)
+        s *= up                                                       # [..., f]
+        ctx.save_for_backward(gate, up)
+        return s
+
+    @staticmethod
+    def backward(ctx: Context, g: Any) -> tuple:
+        a, u = ctx.saved
+        s = _sigmoid(_xp(a), a)                                       # [..., f]
+        gu = g * a * s if ctx.needs_input_grad[1] else None           # [..., f]
+        ga = None
+        if ctx.needs_input_grad[0]:
+            ga = 1 - s                                                # [..., f]
+            ga *= a
+            ga += 1
+            ga *= s                                                   # d silu(a) / da
+            ga *= u
+            ga *= g
+        return ga, gu
+
+
+def rope_tables(seq_len: int, head_dim: int, base: float = 10000.0, dtype: Any = B.DEFAULT_DTYPE) -> tuple[Any, Any]:
+    """cos and sin tables [seq_len, head_dim] of rotary position embeddings (Su et al. 2021).
+
+    theta_{p,i} = p * base^(-2i / head_dim) for position p and pair i < head_dim / 2; the
+    tables repeat the half-width angles twice ([theta, theta], the rotate-half layout of
+    GPT-NeoX / LLaMA / OpenMoE). Computed on the host in float64, then cast to ``dtype``
+    and moved to the current device.
+    """
+    if head_dim % 2 != 0:
+        raise ValueError(f"rope: head_dim={head_dim} is odd; RoPE needs an even head dimension")
+    np = B.np
+    inv_freq = base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)    # [dh/2]
+    angles = np.outer(np.arange(seq_len, dtype=np.float64), inv_freq)              # [L, dh/2]
+    angles = np.concatenate([angles, angles], axis=1)                              # [L, dh]
+    return B.to_device(np.cos(angles), dtype), B.to_device(np.sin(angles), dtype)
+
+
+class RoPE(Function):
+    """Rotary position embedding, rotate-half form: y = x * cos + rotate_half(x) * sin,
+    rotate_half([x1, x2]) = [-x2, x1] (x1, x2 the two halves of the last axis).
+
+    Per pair (x1_i, x2_i) this is a rotation by theta: y1 = x1 cos - x2 sin,
+    y2 = x2 cos + x1 sin. The map is linear in x, so its backward is its transpose,
+    dx = g * cos - rotate_half(g * sin): the rotation by -theta. Only the tables are saved.
+    """
+
+    @staticmethod
+    def forward(ctx: Context, x: Any, cos: Any, sin: Any) -> Any:
+        xp = _xp(x)
+        T, dh = x.shape[-2], x.shape[-1]
+        if dh % 2 != 0:
+            raise ValueError(f"rope: head_dim={dh} is odd; RoPE needs an even head dimension")
+        if tuple(cos.shape) != (T, dh) or tuple(sin.shape) != (T, dh):
+            raise ValueError(f"rope: tables {tuple(cos.shape)}, {tuple(sin.shape)} do not match "
+                             f"(T, head_dim) = ({T}, {dh})")
+        if cos.dtype != x.dtype or sin.dtype != x.dtype:
+            raise TypeError(f"rope: table dtype {cos.dtype} != input dtype {x.dtype} (no silent casts)")
+        h = dh // 2
+        x1, x2 = x[..., :h], x[..., h:]                               # [..., T, dh/2] each
+        y = xp.empty(x.shape, dtype=x.dtype)                          # [..., T, dh], contiguous
+        y[..., :h] = x1 * cos[:, :h] - x2 * sin[:, :h]
+        y[..., h:] = x2 * cos[:, h:] + x1 * sin[:, h:]
+        ctx.save_for_backward(cos, sin)
+        return y
+
+    @staticmethod
+    def backward(ctx: Context, g: Any) -> tuple:
+        cos, sin = ctx.saved
+        xp = _xp(g)
+        h = g.shape[-1] // 2
+        g1, g2 = g[..., :h], g[..., h:]                               # [..., T, dh/2] each
+        gx = xp.empty(g.shape, dtype=g.dtype)                         # [..., T, dh]
+        gx[..., :h] = g1 * cos[:, :h] + g2 * sin[:, h:]
+        gx[..., h:] = g2 * cos[:, h:] - g1 * sin[:, :h]
+        return gx, None, None
+
+
+def _causal_bias(xp: Any, T: int, S: int, dtype: Any) -> Any:
+    """[T, S] additive mask: 0 where key j <= i + (S - T), -inf above (future keys)."""
+    i = xp.arange(T)[:, None]                                         # [T, 1]
+    j = xp.arange(S)[None, :]                                         # [1, S]
+    return xp.where(j > i + (S - T), -xp.inf, 0.0).astype(dtype)      # [T, S]
+
+
+class CausalAttention(Function):
+    """Scaled dot-product attention with a causal mask, fused (Vaswani et al. 2017, eq. 1).
+
+        S_ij = scale * q_i . k_j,  masked to -inf where j > i + (S - T)
+        P = softmax(S) over keys,  out = P v
+
+    The offset S - T lets T new queries attend to a KV cache of S >= T keys: query i sits at
+    absolute position i + (S - T). Backward (with dO the incoming gradient):
+        dV = P^T dO,   dP = dO V^T,   dS = P * (dP - rowsum(dP * P)),
+        dQ = scale * dS K,   dK = scale * dS^T Q,
+    where rowsum(dP * P) = rowsum(dO * out) (cheaper: [T, dh] instead of [T, S]).
+    Batched matmuls over all leading axes (batch, heads); no Python loops. Saves q, k, v
+    (alive anyway as graph inputs), P [..., T, S] and out.
+    The scale is explicit (default 1/sqrt(dh)); OpenMoE folds it into the q initialisation
+    instead, which is the same function with scale=1 and wq scaled by 1/sqrt(dh).
+    """
+
+    @staticmethod
+    def forward(ctx: Context, q: Any, k: Any, v: Any, scale: float | None = None, causal: bool = True) -> Any:
+        xp = _xp(q)
+        if q.ndim < 2 or k.ndim != q.ndim or v.ndim != q.ndim:
+            raise ValueError("causal_attention: q, k, v must have the same rank >= 2 ([..., T, dh])")
+        T, dh = q.shape[-2], q.shape[-1]
+        S = k.shape[-2]
+        if k.shape[:-2] != q.shape[:-2] or k.shape[-1] != dh or v.shape[:-1] != k.shape[:-1]:
+            raise ValueError(f"causal_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
+                             "do not fit [..., T, dh], [..., S, dh], [..., S, dv]")
+        if causal and S < T:
+            raise ValueError(f"causal_attention: fewer keys (S={S}) than queries (T={T}) under a causal mask")
+        scale = 1.0 / float(dh) ** 0.5 if scale is None else float(scale)
+        p = q @ xp.swapaxes(k, -1, -2)                                # [..., T, dh] @ [..., dh, S] -> [..., T, S]
+        p *= scale
+        if causal:
+            p += _causal_bias(xp, T, S, p.dtype)                      # [..., T, S] + [T, S]
+        p -= p.max(axis=-1, keepdims=True)                            # stable softmax, in place
+        xp.exp(p, out=p)
+        p /= p.sum(axis=-1, keepdims=True)                            # P [..., T, S]
+        out = p @ v                                                   # [..., T, S] @ [..., S, dv] -> [..., T, dv]
+        ctx.scale = scale
+        if any(ctx.needs_input_grad):
+            ctx.save_for_backward(q, k, v, p, out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Context, g: Any) -> tuple:
+        q, k, v, p, out = ctx.saved
+        xp = _xp(g)
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        gq = gk = gv = None
+        if need_v:
+            gv = xp.swapaxes(p, -1, -2) @ g                           # [..., S, T] @ [..., T, dv] -> [..., S, dv]
+        if need_q or need_k:
+            ds = g @ xp.swapaxes(v, -1, -2)                           # dP: [..., T, dv] @ [..., dv, S] -> [..., T, S]
+            ds -= (g * out).sum(axis=-1, keepdims=True)               # - rowsum(dP * P): [..., T, 1]
+            ds *= p                                                   # dS [..., T, S]
+            if need_q:
+                gq = ds @ k                                           # [..., T, S] @ [..., S, dh] -> [..., T, dh]
+                gq *= ctx.scale
+            if need_k:
+                gk = xp.swapaxes(ds, -1, -2) @ q                      # [..., S, T] @ [..., T, dh] -> [..., S, dh]
+                gk *= ctx.scale
+        return gq, gk, gv
+
+
+def rms_norm(x: Any, weight: Any, eps: float = 1e-6) -> Tensor:
+    """RMSNorm over the last axis: x [..., d], weight [d] -> [..., d] (see ``RMSNorm``)."""
+    return RMSNorm.apply(x, weight, eps=float(eps))
+
+
+def swiglu(gate: Any, up: Any) -> Tensor:
+    """silu(gate) * up, fused: gate [..., f], up [..., f] -> [..., f] (see ``SwiGLU``)."""
+    return SwiGLU.apply(gate, up)
+
+
+def rope(x: Any, cos: Any, sin: Any) -> Tensor:
+    """Rotate x [..., T, dh] by the angles whose cos / sin tables [T, dh] are given
+    (rows = positions of x's T axis; see ``rope_tables`` and ``RoPE``). No grad to the tables."""
+    cos = cos.data if isinstance(cos, Tensor) else cos
+    sin = sin.data if isinstance(sin, Tensor) else sin
+    return RoPE.apply(x, cos, sin)
+
+
+def causal_attention(q: Any, k: Any, v: Any, scale: float | None = None, causal: bool = True) -> Tensor:
+    """softmax(scale * q k^T + causal mask) v: q [..., T, dh], k [..., S, dh], v [..., S, dv]
+    -> [..., T, dv]; query i attends to keys j <= i + (S - T). scale defaults to 1/sqrt(dh).
+    ``causal=False`` drops the mask (every query sees every key)."""
+    return CausalAttention.apply(q, k, v, scale=scale, causal=causal)
