@@ -1,4 +1,6 @@
 """Layers of the OpenMoE decoder, on tinymoe's autograd."""
 from tinymoe.nn.module import Module, ModuleList, Parameter
+from tinymoe.nn.layers import Attention, Embedding, FeedForward, KVCache, Linear, RMSNorm, RotaryEmbedding
 
-__all__ = ["Module", "ModuleList", "Parameter"]
+__all__ = ["Module", "ModuleList", "Parameter",
+           "Linear", "Embedding", "RMSNorm", "RotaryEmbedding", "KVCache", "Attention", "FeedForward"]

@@ -1,0 +1,392 @@
+"""Fused hot-path ops (rms_norm, swiglu, rope, causal_attention) and the layers built on them
+(Linear, Embedding, RMSNorm, RotaryEmbedding, Attention + KVCache, FeedForward) against the
+torch twins of tests/oracle/torch_layers.py: forward and every input and parameter gradient
+in float64 (rel <= 1e-9 ops, 1e-8 layers) and float32 (<= 1e-4); finite differences for
+causal_attention and rms_norm; KV-cache decoding equal to the full forward."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import tinymoe
+from tinymoe import backend as B
+from tinymoe import functional as F
+from tinymoe import nn
+from tinymoe.config import get_preset, parameter_shapes
+from tests.oracle import torch_layers as TL
+from tests.oracle.compare import assert_close, check_against_torch
+
+DTYPES = [np.float64, np.float32]
+TORCH_DTYPE = {np.float64: torch.float64, np.float32: torch.float32}
+OP_TOL = {np.float64: 1e-9, np.float32: 1e-4}
+LAYER_TOL = {np.float64: 1e-8, np.float32: 1e-4}
+
+
+def rnd(*shape, seed=0, mean=0.3, std=1.0):
+    """Non-symmetric, non-zero test data."""
+    return np.random.default_rng(seed).normal(mean, std, size=shape)
+
+
+# ---- fused ops vs torch ------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(7, 16), (2, 3, 8), (1, 1, 4)])
+def test_rms_norm_op(backend, dtype, shape):
+    x, w = rnd(*shape, seed=1), rnd(shape[-1], seed=2, mean=0.3, std=0.5)
+    check_against_torch(lambda a, b: F.rms_norm(a, b, 1e-6), lambda a, b: TL.rms_norm(a, b, 1e-6),
+                        [x, w], dtype=dtype, name="rms_norm")
+
+
+def test_rms_norm_tiny_rows_use_eps():
+    """A zero row gives zeros (not NaN): eps keeps the rsqrt finite."""
+    x = tinymoe.Tensor(np.zeros((2, 4)), requires_grad=True)
+    w = tinymoe.Tensor(np.ones(4), requires_grad=True)
+    y = F.rms_norm(x, w, 1e-6)
+    y.backward(np.ones((2, 4)))
+    assert np.all(y.numpy() == 0) and np.all(np.isfinite(x.grad))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(5, 12), (2, 3, 6)])
+def test_swiglu_op(backend, dtype, shape):
+    gate = rnd(*shape, seed=3, std=2.0)
+    gate.flat[0], gate.flat[1] = 40.0, -40.0                   # saturated sigmoid on both sides
+    up = rnd(*shape, seed=4)
+    check_against_torch(F.swiglu, TL.swiglu, [gate, up], dtype=dtype, name="swiglu")
+
+
+def test_swiglu_no_overflow_warning():
+    with np.errstate(over="raise", invalid="raise", divide="raise"):   # underflow to 0 is fine
+        g = tinymoe.Tensor(np.array([-1000.0, -50.0, 0.0, 50.0, 1000.0]), requires_grad=True)
+        u = tinymoe.Tensor(np.full(5, 0.7), requires_grad=True)
+        F.swiglu(g, u).sum().backward()
+    assert np.all(np.isfinite(g.grad)) and np.all(np.isfinite(u.grad))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", [0, 5])
+def test_rope_op(backend, dtype, offset):
+    Bsz, H, T, dh = 2, 3, 4, 8
+    cos, sin = F.rope_tables(16, dh, 10000.0, dtype)
+    tcos, tsin = TL.rope_tables(16, dh, 10000.0, TORCH_DTYPE[dtype])
+    assert_close("rope cos table", cos, tcos, OP_TOL[dtype])
+    assert_close("rope sin table", sin, tsin, OP_TOL[dtype])
+    sl = slice(offset, offset + T)
+    check_against_torch(lambda x: F.rope(x, cos[sl], sin[sl]), lambda x: TL.rope(x, tcos[sl], tsin[sl]),
+                        [rnd(Bsz, H, T, dh, seed=5)], dtype=dtype, name=f"rope offset {offset}")
+
+
+def test_rope_is_a_rotation():
+    """Position 0 is the identity; every (x1_i, x2_i) pair keeps its length; a dot product of
+    a rotated q and k depends only on the position difference."""
+    dh = 6
+    cos, sin = F.rope_tables(12, dh, 10000.0, np.float64)
+    x = rnd(1, 1, 12, dh, seed=6)
+    y = F.rope(x, cos, sin).numpy()
+    np.testing.assert_allclose(y[..., 0, :], x[..., 0, :], rtol=0, atol=1e-15)
+    pair_norm = lambda a: a[..., :3] ** 2 + a[..., 3:] ** 2   # noqa: E731
+    np.testing.assert_allclose(pair_norm(y), pair_norm(x), rtol=1e-12)
+    q, k = rnd(dh, seed=7), rnd(dh, seed=8)
+    at = lambda v, p: F.rope(v[None, :], cos[p:p + 1], sin[p:p + 1]).numpy()[0]   # noqa: E731
+    np.testing.assert_allclose(at(q, 7) @ at(k, 4), at(q, 3) @ at(k, 0), rtol=1e-12)
+
+
+def test_rope_errors():
+    cos, sin = F.rope_tables(8, 4, dtype=np.float64)
+    with pytest.raises(ValueError, match="do not match"):
+        F.rope(tinymoe.Tensor(np.ones((2, 5, 4))), cos[:4], sin[:4])
+    with pytest.raises(TypeError, match="table dtype float64 != input dtype float32"):
+        F.rope(tinymoe.Tensor(np.ones((2, 4, 4), np.float32)), cos[:4], sin[:4])
+    with pytest.raises(ValueError, match="odd"):
+        F.rope_tables(8, 5)
+
+
+ATTN_SHAPES = [  # (B, H, T, S, dh)
+    (2, 3, 5, 5, 4),      # T == S (training)
+    (2, 2, 3, 7, 4),      # S > T: 3 new queries over a cache of 4 + 3 keys
+    (1, 2, 1, 6, 8),      # T == 1: one decoding step
+    (1, 1, 1, 1, 2),      # a single position
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("Bsz,H,T,S,dh", ATTN_SHAPES)
+def test_causal_attention_op(backend, dtype, Bsz, H, T, S, dh):
+    q, k, v = rnd(Bsz, H, T, dh, seed=10), rnd(Bsz, H, S, dh, seed=11), rnd(Bsz, H, S, dh, seed=12, mean=-0.2)
+    check_against_torch(F.causal_attention, TL.causal_attention, [q, k, v], dtype=dtype,
+                        name=f"attention T={T} S={S}")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_causal_attention_scale_and_mask_flag(causal):
+    q, k, v = rnd(2, 2, 4, 6, seed=13), rnd(2, 2, 4, 6, seed=14), rnd(2, 2, 4, 6, seed=15)
+    check_against_torch(lambda a, b, c: F.causal_attention(a, b, c, scale=0.7, causal=causal),
+                        lambda a, b, c: TL.causal_attention(a, b, c, scale=0.7, causal=causal),
+                        [q, k, v], name=f"attention scale 0.7 causal={causal}")
+
+
+def test_causal_attention_matches_torch_sdpa():
+    """An independent oracle for T == S: torch's own scaled_dot_product_attention."""
+    q, k, v = (rnd(2, 3, 6, 4, seed=s) for s in (16, 17, 18))
+    ours = F.causal_attention(q, k, v).numpy()
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        torch.tensor(q), torch.tensor(k), torch.tensor(v), is_causal=True)
+    assert_close("attention vs sdpa", ours, ref, 1e-9)
+
+
+def test_causal_attention_ignores_the_future():
+    """Changing key/value j changes no output row i with j > i + (S - T)."""
+    T, S = 4, 6
+    q, k, v = rnd(1, 1, T, 4, seed=19), rnd(1, 1, S, 4, seed=20), rnd(1, 1, S, 4, seed=21)
+    base = F.causal_attention(q, k, v).numpy()
+    k2, v2 = k.copy(), v.copy()
+    k2[..., -1, :] += 5.0
+    v2[..., -1, :] -= 3.0                                      # key 5 is visible to query 3 only
+    out = F.causal_attention(q, k2, v2).numpy()
+    np.testing.assert_array_equal(out[..., :3, :], base[..., :3, :])
+    assert np.abs(out[..., 3, :] - base[..., 3, :]).max() > 1e-3
+
+
+def test_causal_attention_errors():
+    x = tinymoe.Tensor(np.ones((1, 1, 4, 2)))
+    with pytest.raises(ValueError, match="fewer keys"):
+        F.causal_attention(x, x[:, :, :2], x[:, :, :2])
+    with pytest.raises(ValueError, match="do not fit"):
+        F.causal_attention(x, tinymoe.Tensor(np.ones((1, 2, 4, 2))), x)
+
+
+# ---- finite differences (float64) ------------------------------------------------------------
+
+def _finite_difference_check(fn, arrays, seed=0, eps=1e-6, rtol=1e-7):
+    """Analytic gradients of L = sum(fn(*x) * R) against central differences, every coordinate."""
+    R = np.random.default_rng(seed).normal(size=fn(*arrays).shape)
+    leaves = [tinymoe.Tensor(a.copy(), requires_grad=True) for a in arrays]
+    fn(*leaves).backward(R)
+    loss = lambda: float((fn(*arrays).numpy() * R).sum())   # noqa: E731
+    for i, a in enumerate(arrays):
+        num = np.zeros_like(a)
+        for idx in np.ndindex(a.shape):
+            old = a[idx]
+            a[idx] = old + eps
+            up = loss()
+            a[idx] = old - eps
+            down = loss()
+            a[idx] = old
+            num[idx] = (up - down) / (2 * eps)
+        assert_close(f"finite differences, input {i}", leaves[i].grad, num, rtol, atol=1e-9)
+
+
+def test_causal_attention_finite_differences():
+    q, k, v = rnd(1, 2, 3, 4, seed=22), rnd(1, 2, 5, 4, seed=23), rnd(1, 2, 5, 4, seed=24)
+    _finite_difference_check(lambda a, b, c: F.causal_attention(a, b, c), [q, k, v])
+
+
+def test_rms_norm_finite_differences():
+    x, w = rnd(3, 5, seed=25), rnd(5, seed=26, std=0.5)
+    _finite_difference_check(lambda a, b: F.rms_norm(a, b, 1e-6), [x, w])
+
+
+# ---- layers vs torch twins --------------------------------------------------------------------
+
+def _load_random(ours, theirs, seed, std=0.5, mean=0.3, scale_by_fan_in=False):
+    """Draw non-trivial weights (N(mean, std), optionally / sqrt(fan_in)), load them into both."""
+    rng = np.random.default_rng(seed)
+    state = {}
+    for name, p in ours.named_parameters():
+        a = rng.normal(mean, std, size=p.shape)
+        if scale_by_fan_in and len(p.shape) == 2:
+            a /= np.sqrt(p.shape[0])
+        state[name] = a
+    ours.load_state_dict(state)
+    tdtype = next(theirs.parameters()).dtype
+    theirs.load_state_dict({k: torch.tensor(v, dtype=tdtype) for k, v in state.items()})
+
+
+def _compare_module(ours, theirs, x, dtype, name, tol=None):
+    """Forward, input grad (float inputs) and every parameter grad, under one upstream grad.
+
+    A small absolute tolerance covers gradients that are exactly zero in torch and rounding
+    noise here (T == 1: softmax over one key, so dq = dk = 0 up to ~1e-17)."""
+    tol = LAYER_TOL[dtype] if tol is None else tol
+    atol = 1e-13 if dtype == np.float64 else 1e-6
+    is_float = x.dtype.kind == "f"
+    xo = tinymoe.Tensor(B.to_device(x), requires_grad=True) if is_float else B.to_device(x)
+    xt = torch.tensor(x, requires_grad=is_float)
+    yo, yt = ours(xo), theirs(xt)
+    assert yo.dtype == dtype, f"{name}: output dtype {yo.dtype} != {np.dtype(dtype)}"
+    assert_close(f"{name} forward", yo, yt, tol)
+    R = np.random.default_rng(99).normal(size=yt.shape).astype(dtype)
+    yo.backward(B.to_device(R))
+    yt.backward(torch.tensor(R))
+    if is_float:
+        assert_close(f"{name} input grad", xo.grad, xt.grad, tol, atol)
+    tgrads = {k: p.grad for k, p in theirs.named_parameters()}
+    for pname, p in ours.named_parameters():
+        assert p.grad is not None, f"{name}: {pname} got no gradient"
+        assert p.grad.dtype == dtype
+        assert_close(f"{name} grad {pname}", p.grad, tgrads[pname], tol, atol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear(backend, dtype, bias):
+    ours = nn.Linear(6, 5, rng=B.default_rng(0), bias=bias, dtype=dtype)
+    assert ours.weight.shape == (6, 5)
+    assert [n for n, _ in ours.named_parameters()] == (["weight", "bias"] if bias else ["weight"])
+    theirs = TL.TorchLinear(6, 5, bias=bias, dtype=TORCH_DTYPE[dtype])
+    _load_random(ours, theirs, seed=30)
+    _compare_module(ours, theirs, rnd(2, 3, 6, seed=31).astype(dtype), dtype, "linear")
+
+
+def test_linear_init_and_errors():
+    a = nn.Linear(64, 32, rng=B.default_rng(1), init_std=0.02)
+    b = nn.Linear(64, 32, rng=B.default_rng(1), init_std=0.02, dtype=np.float64)
+    w = a.weight.numpy()
+    assert w.dtype == np.float32 and abs(w.std() - 0.02) < 0.002 and abs(w.mean()) < 0.002
+    np.testing.assert_allclose(w, b.weight.numpy(), rtol=1e-6)   # same draws in both dtypes
+    assert not np.array_equal(w, nn.Linear(64, 32, rng=B.default_rng(2)).weight.numpy())
+    with pytest.raises(ValueError, match="input last dim 5 != in_features 64"):
+        a(tinymoe.Tensor(np.ones((2, 5), np.float32)))
+    with pytest.raises(TypeError, match="rng must be a NumPy Generator"):
+        nn.Linear(2, 2, rng=0)
+    with pytest.raises(ValueError, match="out_features=0"):
+        nn.Linear(2, 0, rng=B.default_rng(0))
+
+
+class _TorchEmbedding(torch.nn.Module):
+    def __init__(self, V, d, dtype):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(V, d, dtype=dtype))
+
+    def forward(self, ids):
+        return torch.nn.functional.embedding(ids, self.weight)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_embedding(backend, dtype):
+    ours = nn.Embedding(11, 6, rng=B.default_rng(0), dtype=dtype)
+    theirs = _TorchEmbedding(11, 6, TORCH_DTYPE[dtype])
+    _load_random(ours, theirs, seed=32)
+    ids = np.array([[3, 0, 3, 10], [7, 3, 1, 1]])              # repeats: grads must add up
+    _compare_module(ours, theirs, ids, dtype, "embedding")
+
+
+def test_embedding_accepts_lists_and_rejects_bad_ids():
+    emb = nn.Embedding(5, 3, rng=B.default_rng(0))
+    np.testing.assert_array_equal(emb([[4, 0]]).numpy(), emb.weight.numpy()[[[4, 0]]])
+    with pytest.raises(IndexError, match="token id 5 out of range"):
+        emb(np.array([[1, 5]]))
+    with pytest.raises(TypeError, match="ids must be integers"):
+        emb(np.array([[1.0]]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_layer(backend, dtype):
+    ours = nn.RMSNorm(8, eps=1e-6, dtype=dtype)
+    np.testing.assert_array_equal(ours.weight.numpy(), np.ones(8))
+    theirs = TL.TorchRMSNorm(8, eps=1e-6, dtype=TORCH_DTYPE[dtype])
+    _load_random(ours, theirs, seed=33)
+    _compare_module(ours, theirs, rnd(2, 5, 8, seed=34).astype(dtype), dtype, "rmsnorm")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_feed_forward(backend, dtype):
+    ours = nn.FeedForward(8, 12, rng=B.default_rng(0), dtype=dtype)
+    theirs = TL.TorchFeedForward(8, 12, dtype=TORCH_DTYPE[dtype])
+    _load_random(ours, theirs, seed=35, scale_by_fan_in=True)
+    _compare_module(ours, theirs, rnd(2, 5, 8, seed=36).astype(dtype), dtype, "ffn")
+
+
+ATTN_CONFIGS = [  # (d_model, n_heads, d_head, B, T)
+    (12, 3, None, 2, 6),
+    (8, 2, 6, 1, 5),       # d_head given: inner width 12 != d_model
+    (8, 2, None, 2, 1),    # T == 1
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d,H,dh,Bsz,T", ATTN_CONFIGS)
+def test_attention(backend, dtype, d, H, dh, Bsz, T):
+    ours = nn.Attention(d, H, d_head=dh, max_seq_len=16, rng=B.default_rng(0), dtype=dtype)
+    theirs = TL.TorchAttention(d, H, ours.d_head, 16, dtype=TORCH_DTYPE[dtype])
+    _load_random(ours, theirs, seed=37, mean=0.1, scale_by_fan_in=True)
+    _compare_module(ours, theirs, rnd(Bsz, T, d, seed=38).astype(dtype), dtype, "attention")
+
+
+def test_attention_custom_scale_and_base():
+    ours = nn.Attention(8, 2, max_seq_len=8, rope_base=500.0, scale=1.0, rng=B.default_rng(0), dtype=np.float64)
+    theirs = TL.TorchAttention(8, 2, 4, 8, base=500.0, scale=1.0)
+    _load_random(ours, theirs, seed=39, mean=0.1, scale_by_fan_in=True)
+    _compare_module(ours, theirs, rnd(2, 4, 8, seed=40), np.float64, "attention scale=1 base=500")
+
+
+def test_attention_errors():
+    rng = B.default_rng(0)
+    with pytest.raises(ValueError, match="d_model=10 is not divisible by n_heads=3"):
+        nn.Attention(10, 3, max_seq_len=8, rng=rng)
+    with pytest.raises(ValueError, match="head_dim=3 is odd"):
+        nn.Attention(6, 2, max_seq_len=8, rng=rng)
+    attn = nn.Attention(8, 2, max_seq_len=4, rng=rng)
+    with pytest.raises(ValueError, match="outside max_seq_len=4"):
+        attn(tinymoe.Tensor(np.ones((1, 5, 8), np.float32)))
+    with pytest.raises(ValueError, match="not \\[B, T, d_model=8\\]"):
+        attn(tinymoe.Tensor(np.ones((1, 3, 6), np.float32)))
+
+
+# ---- KV cache ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+def test_kv_cache_decoding_equals_full_forward(backend, dtype, tol):
+    d, H, Bsz, T = 12, 3, 2, 7
+    attn = nn.Attention(d, H, max_seq_len=16, rng=B.default_rng(0), dtype=dtype)
+    _load_random(attn, TL.TorchAttention(d, H, 4, 16), seed=41, mean=0.1, scale_by_fan_in=True)
+    x = rnd(Bsz, T, d, seed=42).astype(dtype)
+    with tinymoe.no_grad():
+        full = attn(tinymoe.Tensor(B.to_device(x))).numpy()
+        cache = attn.new_cache(Bsz)
+        steps = [attn(tinymoe.Tensor(B.to_device(x[:, t:t + 1])), cache).numpy() for t in range(T)]
+        assert cache.length == T
+        cache.reset()                                          # a prefill of 3, then 1, then 3
+        chunks = [attn(tinymoe.Tensor(B.to_device(x[:, a:b])), cache).numpy() for a, b in ((0, 3), (3, 4), (4, 7))]
+    assert_close("kv cache, one token at a time", np.concatenate(steps, axis=1), full, tol)
+    assert_close("kv cache, chunks 3+1+3", np.concatenate(chunks, axis=1), full, tol)
+
+
+def test_kv_cache_errors():
+    attn = nn.Attention(8, 2, max_seq_len=16, rng=B.default_rng(0))
+    x = tinymoe.Tensor(np.ones((1, 3, 8), np.float32))
+    cache = attn.new_cache(1, max_len=4)
+    with pytest.raises(RuntimeError, match="no_grad"):
+        attn(x, cache)
+    with tinymoe.no_grad():
+        attn(x, cache)
+        with pytest.raises(ValueError, match="KVCache full: 3 cached \\+ 3 new positions > max_len=4"):
+            attn(x, cache)
+        with pytest.raises(ValueError, match="batch 2 != KV cache batch 1"):
+            attn(tinymoe.Tensor(np.ones((2, 1, 8), np.float32)), cache)
+    assert "length=3/4" in repr(cache)
+
+
+# ---- names match the config ----------------------------------------------------------------
+
+class _DenseBlockParams(nn.Module):
+    """Just the parameter-holding layers of a dense block, named as the model names them."""
+
+    def __init__(self, cfg, rng):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = nn.Attention(cfg.d_model, cfg.n_heads, d_head=cfg.d_head, max_seq_len=cfg.max_seq_len,
+                                 rope_base=cfg.rope_base, rng=rng, init_std=cfg.init_std)
+        self.ffn_norm = nn.RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = nn.FeedForward(cfg.d_model, cfg.d_ff, rng=rng, init_std=cfg.init_std)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"d_head": 8}])
+def test_parameter_names_match_config(overrides):
+    cfg = get_preset("toy", **overrides)
+    expected = {k[len("blocks.0."):]: v for k, v in parameter_shapes(cfg).items() if k.startswith("blocks.0.")}
+    block = _DenseBlockParams(cfg, B.default_rng(0))
+    assert not cfg.is_moe_block(0)
+    assert {n: tuple(p.shape) for n, p in block.named_parameters()} == expected
+    assert [n for n, _ in block.named_parameters()] == list(expected)

@@ -1,0 +1,315 @@
+"""Building blocks of the OpenMoE decoder: Linear, Embedding, RMSNorm, RotaryEmbedding,
+Attention (with a KV cache for generation) and the SwiGLU FeedForward.
+
+Conventions
+- Linear weights are stored [in, out], so a layer computes ``x @ W`` (no transpose).
+- No biases (OpenMoE); ``Linear(bias=True)`` exists for lessons.
+- Weights start as N(0, init_std^2) draws from a host NumPy Generator you pass in
+  (``rng=B.default_rng(seed)``): there is no global seed. They are drawn in float64 and
+  cast to ``dtype`` (float32 by default), so a float64 model starts from the same numbers.
+- The heavy maths lives in fused ops of ``tinymoe.functional`` (rms_norm, swiglu, rope,
+  causal_attention); these classes own parameters and wire the ops together.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from tinymoe import backend as B
+from tinymoe import functional as F
+from tinymoe.autograd import Tensor, is_grad_enabled
+from tinymoe.nn.module import Module, Parameter
+
+__all__ = ["Linear", "Embedding", "RMSNorm", "RotaryEmbedding", "KVCache", "Attention", "FeedForward"]
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------
+
+def _float_dtype(dtype: Any) -> Any:
+    d = B.np.dtype(dtype)
+    if d.kind != "f":
+        raise TypeError(f"layer dtype must be a float type, got {d}")
+    return d
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, B.np.integer)) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer")
+    return int(value)
+
+
+def _normal_parameter(rng: Any, shape: tuple[int, ...], std: float, dtype: Any) -> Parameter:
+    """A Parameter of N(0, std^2) draws from the host Generator ``rng``, on the current device."""
+    if not isinstance(rng, B.np.random.Generator):
+        raise TypeError(f"rng must be a NumPy Generator (tinymoe.backend.default_rng(seed)), "
+                        f"got {type(rng).__name__}")
+    if std < 0:
+        raise ValueError(f"init_std={std} must be >= 0")
+    host = rng.normal(0.0, std, size=shape)                     # float64 on the host
+    return Parameter(B.to_device(host, dtype))
+
+
+def _last_dim(x: Any) -> int:
+    shape = x.shape if hasattr(x, "shape") else B.np.shape(x)
+    if len(shape) == 0:
+        raise ValueError("expected an input with at least one axis, got a scalar")
+    return shape[-1]
+
+
+# --------------------------------------------------------------------------------------
+# Linear, Embedding, RMSNorm
+# --------------------------------------------------------------------------------------
+
+class Linear(Module):
+    """y = x W (+ b): x [..., in] -> [..., out], W stored [in, out].
+
+    Parameters: ``weight`` [in, out] ~ N(0, init_std^2); ``bias`` [out] (zeros) when
+    ``bias=True``. Gradients come from the matmul's backward: dW = x^T dy, dx = dy W^T.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, rng: Any, bias: bool = False,
+                 init_std: float = 0.02, dtype: Any = B.DEFAULT_DTYPE):
+        super().__init__()
+        self.in_features = _positive_int("in_features", in_features)
+        self.out_features = _positive_int("out_features", out_features)
+        dtype = _float_dtype(dtype)
+        self.weight = _normal_parameter(rng, (self.in_features, self.out_features), init_std, dtype)
+        self.bias = Parameter(B.to_device(B.np.zeros(self.out_features), dtype)) if bias else None
+
+    def forward(self, x: Any) -> Tensor:
+        if _last_dim(x) != self.in_features:
+            raise ValueError(f"Linear: input last dim {_last_dim(x)} != in_features {self.in_features}")
+        y = F.matmul(x, self.weight)                            # [..., in] @ [in, out] -> [..., out]
+        if self.bias is not None:
+            y = y + self.bias                                   # [..., out] + [out]
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}"
+
+
+class Embedding(Module):
+    """Token embedding: ids [...] (ints in [0, V)) -> weight[ids] [..., d].
+
+    Parameter ``weight`` [V, d] ~ N(0, init_std^2). Backward scatter-adds the incoming rows
+    into dW (a repeated id gets the sum). An id outside [0, V) raises IndexError naming it.
+    """
+
+    def __init__(self, num_embeddings: int, dim: int, *, rng: Any, init_std: float = 0.02,
+                 dtype: Any = B.DEFAULT_DTYPE):
+        super().__init__()
+        self.num_embeddings = _positive_int("num_embeddings", num_embeddings)
+        self.dim = _positive_int("dim", dim)
+        self.weight = _normal_parameter(rng, (self.num_embeddings, self.dim), init_std, _float_dtype(dtype))
+
+    def forward(self, ids: Any) -> Tensor:
+        if not isinstance(ids, Tensor):
+            ids = B.to_device(ids)                              # host ints / lists -> device ints
+        return F.embedding(self.weight, ids)                    # [V, d], [B, T] -> [B, T, d]
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.dim}"
+
+
+class RMSNorm(Module):
+    """RMSNorm / T5LayerNorm: y = x / sqrt(mean(x^2) + eps) * w over the last axis.
+
+    Scale only (no mean subtraction, no bias), eps 1e-6 as in OpenMoE. Parameter ``weight``
+    [dim], initialised to ones. ``rng`` is accepted for a uniform layer signature and unused.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, *, rng: Any = None, dtype: Any = B.DEFAULT_DTYPE):
+        super().__init__()
+        self.dim = _positive_int("dim", dim)
+        if not eps > 0:
+            raise ValueError(f"eps={eps} must be > 0")
+        self.eps = float(eps)
+        self.weight = Parameter(B.to_device(B.np.ones(self.dim), _float_dtype(dtype)))
+
+    def forward(self, x: Any) -> Tensor:
+        return F.rms_norm(x, self.weight, self.eps)             # [..., d] -> [..., d]
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}"
+
+
+# --------------------------------------------------------------------------------------
+# rotary embedding, KV cache, attention
+# --------------------------------------------------------------------------------------
+
+class RotaryEmbedding(Module):
+    """Rotary position embedding (Su et al. 2021, RoFormer), rotate-half layout, no parameters.
+
+    Holds ``cos`` and ``sin`` tables [max_seq_len, head_dim] (plain arrays, not
+    parameters: they are not trained nor saved) with angles theta_{p,i} = p * base^(-2i/dh).
+    ``rope(x, offset)`` rotates x [..., T, dh] as if its T rows sat at absolute positions
+    offset, ..., offset + T - 1 (the offset is the KV-cache length during generation).
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int, base: float = 10000.0, *,
+                 dtype: Any = B.DEFAULT_DTYPE):
+        super().__init__()
+        self.head_dim = _positive_int("head_dim", head_dim)
+        self.max_seq_len = _positive_int("max_seq_len", max_seq_len)
+        if not base > 0:
+            raise ValueError(f"rope base={base} must be > 0")
+        self.base = float(base)
+        self.cos, self.sin = F.rope_tables(self.max_seq_len, self.head_dim, self.base, _float_dtype(dtype))  # [L, dh] each
+
+    def forward(self, x: Any, offset: int = 0) -> Tensor:
+        T = x.shape[-2]
+        if offset < 0 or offset + T > self.max_seq_len:
+            raise ValueError(f"RoPE positions {offset}..{offset + T - 1} are outside max_seq_len={self.max_seq_len}")
+        return F.rope(x, self.cos[offset:offset + T], self.sin[offset:offset + T])   # [..., T, dh]
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, max_seq_len={self.max_seq_len}, base={self.base:g}"
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, for one attention layer (generation).
+
+    Preallocated arrays ``k`` and ``v`` [B, H, max_len, dh]; ``length`` positions are
+    filled. Keys are stored after RoPE, so cached keys never need rotating again. Used under
+    ``no_grad`` only: cached arrays carry no graph.
+    """
+
+    def __init__(self, batch: int, n_heads: int, max_len: int, head_dim: int, dtype: Any = B.DEFAULT_DTYPE):
+        shape = (_positive_int("batch", batch), _positive_int("n_heads", n_heads),
+                 _positive_int("max_len", max_len), _positive_int("head_dim", head_dim))
+        xp = B.xp
+        self.k = xp.zeros(shape, dtype=_float_dtype(dtype))     # [B, H, max_len, dh]
+        self.v = xp.zeros(shape, dtype=_float_dtype(dtype))     # [B, H, max_len, dh]
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def reset(self) -> None:
+        """Forget every cached position (the arrays are reused)."""
+        self.length = 0
+
+    def append(self, k: Any, v: Any) -> tuple[Any, Any]:
+        """Store this step's k, v [B, H, T, dh]; return views of all cached k, v [B, H, length, dh]."""
+        expected = self.k.shape[:2] + self.k.shape[3:]
+        if tuple(k.shape[:2]) + tuple(k.shape[3:]) != expected or tuple(v.shape) != tuple(k.shape):
+            raise ValueError(f"KVCache: k {tuple(k.shape)} / v {tuple(v.shape)} do not fit a cache of "
+                             f"[B, H, *, dh] = {expected}")
+        L, T = self.length, k.shape[2]
+        if L + T > self.max_len:
+            raise ValueError(f"KVCache full: {L} cached + {T} new positions > max_len={self.max_len}")
+        self.k[:, :, L:L + T] = k                               # [B, H, T, dh] -> slots L..L+T-1
+        self.v[:, :, L:L + T] = v
+        self.length = L + T
+        return self.k[:, :, :self.length], self.v[:, :, :self.length]
+
+    def __repr__(self) -> str:
+        B_, H, L, dh = self.k.shape
+        return f"KVCache(batch={B_}, heads={H}, length={self.length}/{L}, head_dim={dh}, dtype={self.k.dtype})"
+
+
+class Attention(Module):
+    """Multi-head causal self-attention with RoPE (Vaswani et al. 2017; Su et al. 2021).
+
+        q, k, v = x Wq, x Wk, x Wv              [B, T, d] -> [B, T, H*dh] -> [B, H, T, dh]
+        q, k    = RoPE(q), RoPE(k)              at absolute positions offset .. offset+T-1
+        o       = softmax(scale * q k^T + causal mask) v                    [B, H, T, dh]
+        y       = concat_heads(o) Wo             [B, T, H*dh] -> [B, T, d]
+
+    Head h uses columns h*dh .. (h+1)*dh - 1 of Wq, Wk, Wv. Parameters ``wq.weight``,
+    ``wk.weight``, ``wv.weight`` [d, H*dh] and ``wo.weight`` [H*dh, d]; no biases.
+    ``scale`` defaults to 1/sqrt(dh) (explicit; OpenMoE folds it into the Wq init instead,
+    i.e. scale=1.0 with a rescaled Wq).
+
+    With a ``KVCache`` (generation, under ``no_grad``), this step's k, v are appended and
+    the T new queries attend over all cached positions: the result equals the matching rows
+    of a full forward over the whole sequence.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, *, max_seq_len: int, d_head: int | None = None,
+                 rope_base: float = 10000.0, scale: float | None = None, rng: Any,
+                 init_std: float = 0.02, dtype: Any = B.DEFAULT_DTYPE):
+        super().__init__()
+        self.d_model = _positive_int("d_model", d_model)
+        self.n_heads = _positive_int("n_heads", n_heads)
+        if d_head is None:
+            if self.d_model % self.n_heads != 0:
+                raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads} (or set d_head)")
+            d_head = self.d_model // self.n_heads
+        self.d_head = _positive_int("d_head", d_head)
+        if self.d_head % 2 != 0:
+            raise ValueError(f"head_dim={self.d_head} is odd; RoPE needs an even head dimension")
+        self.max_seq_len = _positive_int("max_seq_len", max_seq_len)
+        self.scale = 1.0 / self.d_head ** 0.5 if scale is None else float(scale)
+        self.dtype = _float_dtype(dtype)
+        inner = self.n_heads * self.d_head
+        self.wq = Linear(self.d_model, inner, rng=rng, init_std=init_std, dtype=self.dtype)
+        self.wk = Linear(self.d_model, inner, rng=rng, init_std=init_std, dtype=self.dtype)
+        self.wv = Linear(self.d_model, inner, rng=rng, init_std=init_std, dtype=self.dtype)
+        self.wo = Linear(inner, self.d_model, rng=rng, init_std=init_std, dtype=self.dtype)
+        self.rope = RotaryEmbedding(self.d_head, self.max_seq_len, rope_base, dtype=self.dtype)
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        """An empty KVCache for this layer (max_len defaults to max_seq_len)."""
+        max_len = self.max_seq_len if max_len is None else max_len
+        return KVCache(batch, self.n_heads, max_len, self.d_head, self.dtype)
+
+    def _split_heads(self, t: Tensor, batch: int, T: int) -> Tensor:
+        t = t.reshape(batch, T, self.n_heads, self.d_head)      # [B, T, H*dh] -> [B, T, H, dh]
+        return t.transpose(0, 2, 1, 3)                          # [B, T, H, dh] -> [B, H, T, dh]
+
+    def forward(self, x: Any, cache: KVCache | None = None) -> Tensor:
+        if len(x.shape) != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"Attention: input shape {tuple(x.shape)} is not [B, T, d_model={self.d_model}]")
+        batch, T, _ = x.shape
+        offset = 0
+        if cache is not None:
+            if is_grad_enabled():
+                raise RuntimeError("Attention: a KV cache is for generation only; call it under tinymoe.no_grad()")
+            if cache.k.shape[0] != batch:
+                raise ValueError(f"Attention: batch {batch} != KV cache batch {cache.k.shape[0]}")
+            offset = cache.length
+        q = self._split_heads(self.wq(x), batch, T)             # [B, H, T, dh]
+        k = self._split_heads(self.wk(x), batch, T)             # [B, H, T, dh]
+        v = self._split_heads(self.wv(x), batch, T)             # [B, H, T, dh]
+        q = self.rope(q, offset)                                # rotate by positions offset..offset+T-1
+        k = self.rope(k, offset)
+        if cache is not None:
+            k_all, v_all = cache.append(k.data, v.data)         # [B, H, offset+T, dh] each
+            k, v = Tensor(k_all), Tensor(v_all)
+        o = F.causal_attention(q, k, v, scale=self.scale)       # [B, H, T, dh]; query i sees keys <= offset+i
+        o = o.transpose(0, 2, 1, 3).reshape(batch, T, self.n_heads * self.d_head)  # [B, T, H*dh]
+        return self.wo(o)                                       # [B, T, H*dh] -> [B, T, d]
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, heads={self.n_heads}x{self.d_head}, scale={self.scale:.4g}"
+
+
+# --------------------------------------------------------------------------------------
+# feed-forward
+# --------------------------------------------------------------------------------------
+
+class FeedForward(Module):
+    """SwiGLU feed-forward (Shazeer 2020): y = (silu(x W_gate) * (x W_up)) W_down.
+
+    x [..., d] -> [..., f] -> [..., d]. Parameters ``w_gate.weight``, ``w_up.weight``
+    [d, f] and ``w_down.weight`` [f, d]; no biases. OpenMoE's FFN and each expert have this form.
+    """
+
+    def __init__(self, d_model: int, d_ff: int, *, rng: Any, init_std: float = 0.02,
+                 dtype: Any = B.DEFAULT_DTYPE):
+        super().__init__()
+        self.d_model = _positive_int("d_model", d_model)
+        self.d_ff = _positive_int("d_ff", d_ff)
+        self.w_gate = Linear(self.d_model, self.d_ff, rng=rng, init_std=init_std, dtype=dtype)
+        self.w_up = Linear(self.d_model, self.d_ff, rng=rng, init_std=init_std, dtype=dtype)
+        self.w_down = Linear(self.d_ff, self.d_model, rng=rng, init_std=init_std, dtype=dtype)
+
+    def forward(self, x: Any) -> Tensor:
+        h = F.swiglu(self.w_gate(x), self.w_up(x))              # [..., d] -> [..., f]
+        return self.w_down(h)                                   # [..., f] -> [..., d]
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, d_ff={self.d_ff}"
