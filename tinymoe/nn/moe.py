@@ -218,12 +218,6 @@ class Router(Module):
         return f"d_model={self.d_model}, n_experts={self.n_experts}"
 
 
-def _swiglu(a: Tensor, b: Tensor) -> Tensor:
-    """silu(a) * b, fused when functional provides it."""
-    fused = getattr(F, "swiglu", None)
-    return fused(a, b) if fused is not None else F.silu(a) * b
-
-
 class Experts(Module):
     """E SwiGLU experts stacked: w_gate, w_up [E, d, f], w_down [E, f, d] (no biases).
 
@@ -241,7 +235,7 @@ class Experts(Module):
         self.w_down = Parameter(_normal(rng, (n_experts, d_ff, d_model), std, dt))
 
     def forward(self, buf: Tensor) -> Tensor:
-        h = _swiglu(buf @ self.w_gate, buf @ self.w_up)                   # [E, R, d] -> [E, R, f]
+        h = F.swiglu(buf @ self.w_gate, buf @ self.w_up)                   # [E, R, d] -> [E, R, f]
         return h @ self.w_down                                            # [E, R, f] -> [E, R, d]
 
     def extra_repr(self) -> str:

@@ -1,0 +1,185 @@
+"""The OpenMoE decoder (tinymoe/nn/model.py) against its torch twin; names, cache, errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import tinymoe
+from tinymoe import backend as B
+from tinymoe.config import get_preset, parameter_shapes
+from tinymoe.nn.model import OpenMoE
+
+try:
+    from oracle.compare import assert_close
+    from oracle.torch_model import twin_model
+except ImportError:  # tests/ imported as a package
+    from tests.oracle.compare import assert_close
+    from tests.oracle.torch_model import twin_model
+
+TOL = {"float64": 1e-8, "float32": 1e-4}
+
+
+def small_cfg(dtype="float64", **kw):
+    """4 blocks (MoE on 1 and 3), 2 heads of 8, 4 experts top-2, capacity small enough to
+    drop; loss coefficients large so the aux and z paths weigh in the gradients."""
+    base = dict(d_model=16, n_layers=4, n_heads=2, d_ff=24, d_ff_expert=20, n_experts=4, top_k=2,
+                moe_every=2, max_seq_len=32, capacity_factor=1.0, eval_capacity_factor=1.5,
+                min_capacity=1, aux_loss_coef=0.3, z_loss_coef=0.2, dtype=dtype)
+    base.update(kw)
+    return get_preset("toy", **base)
+
+
+def randomize(model, seed=1):
+    """Non-symmetric non-zero weights everywhere (norms around 1, routers spread wide so
+    float32 and float64 take the same routing decisions). Returns the float64 values."""
+    rng = np.random.default_rng(seed)
+    values = {}
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight") or name == "norm_f.weight":
+            v = 1.0 + 0.2 * rng.normal(size=p.shape)
+        elif ".router." in name:
+            v = rng.normal(0.05, 1.0, size=p.shape)
+        else:
+            v = rng.normal(0.01, 0.3, size=p.shape)
+        values[name] = v
+    model.load_state_dict(values)
+    return values
+
+
+def compare(cfg, bsz=2, seq=12, train=True, seed=0):
+    dt = cfg.dtype
+    model = OpenMoE(cfg, seed=3)
+    values = randomize(model)
+    if not train:
+        model.eval()
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, cfg.vocab_size, size=(bsz, seq))
+    targets = rng.integers(0, cfg.vocab_size, size=(bsz, seq))
+    targets[0, :2] = -100                                   # ignored positions
+    out = model(ids, targets=targets)
+    out.loss.backward()
+
+    p_t = {k: torch.tensor(v.astype(dt), requires_grad=True) for k, v in values.items()}
+    twin_cfg = cfg if train else cfg.replace(capacity_factor=cfg.eval_capacity_factor)
+    ref = twin_model(twin_cfg, p_t, torch.tensor(ids), torch.tensor(targets))
+    ref["loss"].backward()
+
+    tol = TOL[dt]
+    assert out.logits.dtype == np.dtype(dt) and out.loss.dtype == np.dtype(dt)
+    assert [s.layer for s in out.routing] == cfg.moe_layers
+    for s, r in zip(out.routing, ref["routing"]):
+        np.testing.assert_array_equal(B.to_numpy(s.kept), r["kept"].numpy())
+    assert_close("logits", out.logits, ref["logits"], tol)
+    for key, theirs in (("ce", ref["ce"]), ("aux_loss", ref["aux"]), ("z_loss", ref["z"]), ("loss", ref["loss"])):
+        assert_close(key, getattr(out, key), theirs, tol)
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+        assert_close(f"grad {name}", p.grad, p_t[name].grad, tol)
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("variant", [
+    dict(),                                                         # tied, shared FFN
+    dict(tie_embeddings=False, shared_ffn=False),
+    dict(tie_embeddings=False, renormalize=True, slot_priority="probability", group_size=6),
+    dict(top_k=1, capacity_mode="k_scaled", d_head=4),              # attention width 8 != d_model
+])
+def test_model_matches_torch(dtype, variant):
+    out = compare(small_cfg(dtype, **variant))
+    assert any(s.dropped_fraction > 0 for s in out.routing), "meant to drop some assignments"
+
+
+def test_model_eval_mode_and_dense():
+    out = compare(small_cfg("float64"), train=False)
+    assert all(s.capacity == round(1.5 * 12 / 4) for s in out.routing)
+    dense = compare(small_cfg("float64", moe_every=8))              # no MoE block at all
+    assert dense.routing == [] and float(dense.aux_loss.item()) == 0.0 and float(dense.z_loss.item()) == 0.0
+
+
+@pytest.mark.parametrize("name,kw", [("toy", {}), ("mini", {}),
+                                     ("toy", dict(tie_embeddings=False, shared_ffn=False, n_layers=4))])
+def test_parameter_names_and_shapes(name, kw):
+    cfg = get_preset(name, **kw)
+    model = OpenMoE(cfg)
+    got = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    assert got == list(parameter_shapes(cfg).items())
+    assert all(p.dtype == np.float32 for p in model.parameters())
+    assert OpenMoE(cfg.replace(dtype="float64")).tok_emb.weight.dtype == np.float64
+
+
+def test_same_seed_same_weights():
+    cfg = get_preset("toy")
+    a, b, c = OpenMoE(cfg, seed=5), OpenMoE(cfg, seed=5), OpenMoE(cfg, seed=6)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(np.array_equal(sa[k], sb[k]) for k in sa)
+    assert not np.array_equal(sa["tok_emb.weight"], sc["tok_emb.weight"])
+
+
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-5)])
+def test_kv_cache_matches_full_forward(dtype, tol):
+    cfg = small_cfg(dtype, eval_capacity_factor=0.0, tie_embeddings=False)     # dropless in eval
+    model = OpenMoE(cfg, seed=3)
+    randomize(model)
+    model.eval()
+    ids = np.random.default_rng(4).integers(0, cfg.vocab_size, size=(2, 11))
+    with tinymoe.no_grad():
+        full = model(ids).logits.numpy()                    # [2, 11, V]
+        cache = model.new_cache(2, 16)
+        parts = [model(ids[:, :5], cache=cache).logits.numpy()]           # prefill 5
+        for t in range(5, 11):                                            # then one at a time
+            parts.append(model(ids[:, t:t + 1], cache=cache).logits.numpy())
+    assert cache.length == 11
+    assert_close("cached logits", np.concatenate(parts, axis=1), full, tol)
+
+
+def test_bad_inputs_give_one_line_errors():
+    cfg = get_preset("toy")
+    model = OpenMoE(cfg)
+
+    def one_line(excinfo):
+        assert "\n" not in str(excinfo.value)
+        return str(excinfo.value)
+
+    with pytest.raises(ValueError) as e:
+        model(np.array([[1, 2, 258]]))
+    assert one_line(e) == "token id 258 is out of range for vocab_size=258"
+    with pytest.raises(ValueError) as e:
+        model(np.array([[-1, 2]]))
+    assert "token id -1" in one_line(e)
+    with pytest.raises(ValueError) as e:
+        model(np.zeros((1, cfg.max_seq_len + 1), dtype=np.int64))
+    assert one_line(e) == f"sequence length {cfg.max_seq_len + 1} > max_seq_len={cfg.max_seq_len}"
+    with pytest.raises(TypeError) as e:
+        model(np.zeros((1, 4)))
+    assert "integers" in one_line(e)
+    with pytest.raises(ValueError) as e:
+        model(np.zeros(4, dtype=np.int64))
+    assert "[batch, seq]" in one_line(e)
+    with pytest.raises(ValueError) as e:
+        model(np.zeros((1, 4), dtype=np.int64), targets=np.full((1, 4), 300))
+    assert "target id 300" in one_line(e)
+
+    cache = model.new_cache(1, 4)
+    with pytest.raises(RuntimeError) as e:
+        model(np.zeros((1, 2), dtype=np.int64), cache=cache)
+    assert "no_grad" in one_line(e)
+    with tinymoe.no_grad():
+        model(np.zeros((1, 3), dtype=np.int64), cache=cache)
+        with pytest.raises(ValueError) as e:
+            model(np.zeros((1, 2), dtype=np.int64), cache=cache)
+    assert "3 cached + 2 new positions > cache max_len=4" == one_line(e)
+
+
+def test_random_priority_needs_rng_and_is_reproducible():
+    cfg = small_cfg("float64", slot_priority="random")
+    model = OpenMoE(cfg, seed=3)
+    randomize(model)
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(2, 12))
+    with pytest.raises(ValueError, match="rng"):
+        model(ids)
+    a = model(ids, rng=np.random.default_rng(9))
+    b = model(ids, rng=np.random.default_rng(9))
+    assert np.array_equal(a.logits.numpy(), b.logits.numpy())
+    assert all(np.array_equal(sa.kept, sb.kept) for sa, sb in zip(a.routing, b.routing))
