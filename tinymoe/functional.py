@@ -956,13 +956,12 @@ class CausalAttention(Function):
         if causal and S < T:
             raise ValueError(f"causal_attention: fewer keys (S={S}) than queries (T={T}) under a causal mask")
         scale = 1.0 / float(dh) ** 0.5 if scale is None else float(scale)
-        p = q @ xp.swapaxes(k, -1, -2)                                # [..., T, dh] @ [..., dh, S] -> [..., T, S]
-        p *= scale
+        p = (q * scale) @ xp.swapaxes(k, -1, -2)                      # [..., T, dh] @ [..., dh, S] -> [..., T, S]
         if causal:
             p += _causal_bias(xp, T, S, p.dtype)                      # [..., T, S] + [T, S]
         p -= p.max(axis=-1, keepdims=True)                            # stable softmax, in place
         xp.exp(p, out=p)
-        p /= p.sum(axis=-1, keepdims=True)                            # P [..., T, S]
+        p *= 1 / p.sum(axis=-1, keepdims=True)                        # P [..., T, S]
         out = p @ v                                                   # [..., T, S] @ [..., S, dv] -> [..., T, dv]
         ctx.scale = scale
         if any(ctx.needs_input_grad):

@@ -155,7 +155,8 @@ class RotaryEmbedding(Module):
         if not base > 0:
             raise ValueError(f"rope base={base} must be > 0")
         self.base = float(base)
-        self.cos, self.sin = F.rope_tables(self.max_seq_len, self.head_dim, self.base, _float_dtype(dtype))  # [L, dh] each
+        dtype = _float_dtype(dtype)
+        self.cos, self.sin = F.rope_tables(self.max_seq_len, self.head_dim, self.base, dtype)  # [L, dh] each
 
     def forward(self, x: Any, offset: int = 0) -> Tensor:
         T = x.shape[-2]
