@@ -79,9 +79,11 @@ class TrainConfig:
 
     Schedule and optimizer
         steps          optimizer updates in the whole run.
-        batch_size, seq_len  sequences per micro-batch and tokens per sequence.
+        batch_size, seq_len  sequences per micro-batch and tokens per sequence
+                       (seq_len None: the model's max_seq_len).
         grad_accum     micro-batches per update (tokens per update = grad_accum * B * T).
-        lr, min_lr, warmup  peak rate, floor of the cosine, warmup updates.
+        lr, min_lr, warmup  peak rate, floor of the cosine, warmup updates (at most
+                       ``steps`` are used).
         schedule       "cosine" (linear warmup, cosine to min_lr at ``steps``),
                        "inverse_sqrt" (OpenMoE/T5X: lr * sqrt(warmup) / sqrt(max(t, warmup)),
                        so ``lr`` is the plateau; OpenMoE: lr 0.01, warmup 10000),
@@ -113,7 +115,7 @@ class TrainConfig:
 
     steps: int = 1200
     batch_size: int = 16
-    seq_len: int = 128
+    seq_len: int | None = None
     lr: float = 3e-3
     min_lr: float = 3e-4
     warmup: int = 60
@@ -150,7 +152,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """One-line ValueError naming the first bad field."""
-        ints_pos = ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_every")
+        ints_pos = ("steps", "batch_size", "grad_accum", "eval_batches", "log_every")
         ints_nonneg = ("warmup", "eval_every", "save_every", "snapshot_every", "seed")
         for name in ints_pos + ints_nonneg:
             v = getattr(self, name)
@@ -174,14 +176,15 @@ class TrainConfig:
         for name in ("adam_beta1", "adam_beta2"):
             if not getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be < 1")
-        if self.warmup > self.steps and self.schedule == "cosine":
-            raise ValueError(f"warmup={self.warmup} > steps={self.steps}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r} is not one of {', '.join(SCHEDULES)}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer={self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         if self.tokenizer not in TOKENIZERS:
             raise ValueError(f"tokenizer={self.tokenizer!r} is not one of {', '.join(TOKENIZERS)}")
+        if self.seq_len is not None and (isinstance(self.seq_len, bool)
+                                         or not isinstance(self.seq_len, int) or self.seq_len < 1):
+            raise ValueError(f"seq_len={self.seq_len!r} must be a positive integer or None")
         if self.max_chars is not None and (isinstance(self.max_chars, bool)
                                            or not isinstance(self.max_chars, int)
                                            or self.max_chars < 1):
@@ -241,7 +244,7 @@ class TrainResult:
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate for update number ``step`` (0 for the first), by ``cfg.schedule``."""
     if cfg.schedule == "cosine":
-        return warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr)
+        return warmup_cosine(step, cfg.lr, min(cfg.warmup, cfg.steps), cfg.steps, cfg.min_lr)
     if cfg.schedule == "inverse_sqrt":
         return inverse_sqrt(step, cfg.warmup, scale=cfg.lr * math.sqrt(max(cfg.warmup, 1)))
     return constant(step, cfg.lr)
@@ -507,14 +510,22 @@ class _Interrupt:
 
 
 # ---------------------------------------------------------------------------- train
-def _check_resume(ckpt: Any, model_cfg: ModelConfig | None, cfg: TrainConfig) -> ModelConfig:
-    """The model config to use when resuming; mismatches raise one CheckpointError."""
+def _resume_model_config(ckpt: Any, model_cfg: ModelConfig | None) -> ModelConfig:
+    """The model config to use when resuming; a mismatch raises one CheckpointError."""
     saved = ckpt.model_config
     if model_cfg is not None:
         a, b = saved.to_dict(), model_cfg.to_dict()
         diff = [f"{k}={b[k]!r} (checkpoint: {a[k]!r})" for k in a if a[k] != b[k]]
         if diff:
             raise CheckpointError(f"{ckpt.path}: model config mismatch: {', '.join(diff)}")
+    if ckpt.optimizer_state is None or ckpt.sampler_state is None:
+        raise CheckpointError(f"{ckpt.path}: holds no optimizer/sampler state, so training "
+                              "cannot resume from it")
+    return saved
+
+
+def _check_resume_train(ckpt: Any, cfg: TrainConfig) -> None:
+    """The fields of RESUME_MUST_MATCH must equal the checkpoint's."""
     tc = ckpt.train_config
     now = cfg.to_dict()
     diff = [f"{k}={now[k]!r} (checkpoint: {tc.get(k)!r})"
@@ -522,10 +533,6 @@ def _check_resume(ckpt: Any, model_cfg: ModelConfig | None, cfg: TrainConfig) ->
     if diff:
         raise CheckpointError(f"{ckpt.path}: cannot resume with changed "
                               f"{', '.join(diff)}")
-    if ckpt.optimizer_state is None or ckpt.sampler_state is None:
-        raise CheckpointError(f"{ckpt.path}: holds no optimizer/sampler state, so training "
-                              "cannot resume from it")
-    return saved
 
 
 def train(model_cfg: ModelConfig | None, train_cfg: TrainConfig, progress: bool = True,
@@ -559,7 +566,7 @@ def train(model_cfg: ModelConfig | None, train_cfg: TrainConfig, progress: bool 
     ckpt = None
     if cfg.resume is not None:
         ckpt = load_checkpoint(cfg.resume)
-        model_cfg = _check_resume(ckpt, model_cfg, cfg)
+        model_cfg = _resume_model_config(ckpt, model_cfg)
         tokenizer = ckpt.make_tokenizer()
     elif model_cfg is None:
         raise ValueError("train: model_cfg is None and there is no checkpoint to resume")
@@ -569,6 +576,10 @@ def train(model_cfg: ModelConfig | None, train_cfg: TrainConfig, progress: bool 
                               f"resume it with --resume {ckpt_path}, start over with "
                               "--overwrite, or choose another --out")
 
+    if cfg.seq_len is None:
+        cfg = cfg.replace(seq_len=model_cfg.max_seq_len)
+    if ckpt is not None:
+        _check_resume_train(ckpt, cfg)
     corpus = load_data(cfg)
     if ckpt is None:
         tokenizer = build_tokenizer(cfg, corpus, model_cfg.vocab_size)
