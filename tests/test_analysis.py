@@ -365,7 +365,7 @@ def _toy_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     save_checkpoint(run_dir / "checkpoint.npz", model_config=model.cfg,
                     model_state=model.state_dict(), tokenizer=ByteTokenizer(), step=30,
-                    train_config={"exclude": ["digits"]})
+                    train_config={"exclude_domains": ["digits"], "data": None})
     data = tmp_path / "data"
     data.mkdir()
     rng = np.random.default_rng(0)
@@ -376,10 +376,13 @@ def _toy_checkpoint(tmp_path):
                                              for a in rng.integers(0, 999, 4000)))
     snaps = run_dir / "snapshots"
     snaps.mkdir()
-    ids = rng.integers(0, 256, size=(4, 64))
-    for step in (10, 20, 30):
-        np.savez(snaps / f"step_{step}.npz", token_ids=ids,
-                 experts_1=(ids + (step < 30)) % model.cfg.n_experts)
+    ids = rng.integers(0, 256, size=(4, 64))                       # probe batch [N, T]
+    for step in (10, 20, 30):                                       # tinymoe.train's format
+        first = (ids + (step < 30)) % model.cfg.n_experts          # [N, T]
+        idx = np.stack([first, (first + 1) % model.cfg.n_experts], axis=-1)[None]  # [1, N, T, 2]
+        np.savez(snaps / f"step_{step}.npz", step=np.int64(step), tokens=ids,
+                 layers=np.array([1]), expert_index=idx.astype(np.int16),
+                 top1=idx[..., 0].astype(np.int16), kept=np.ones(idx.shape, bool))
     return run_dir, data
 
 

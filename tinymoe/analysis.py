@@ -551,11 +551,12 @@ _SNAPSHOT_RE = re.compile(r"step_?(\d+)\.npz$")
 def load_snapshots(folder: str | Path) -> list[dict[str, Any]]:
     """Routing snapshots written by the trainer (``<out_dir>/snapshots/step_N.npz``).
 
-    Each file holds the probe batch's token ids (``token_ids`` or ``ids``) and, per MoE
-    layer, the top-1 (or top-k) expert of every token: either one array per layer named
-    ``experts_<layer>`` / ``layer_<layer>`` / ``expert_index_<layer>``, or one stacked
-    array ``experts`` [L, ...] with ``layers`` naming the blocks. The step comes from a
-    ``step`` entry or the file name. Returns dicts for :func:`early_routing`.
+    Trainer format (tinymoe.train): ``step``, ``tokens`` [N, T] (the fixed probe batch),
+    ``layers`` [L] (block indices), ``expert_index`` [L, N, T, k], ``top1`` [L, N, T],
+    ``kept``, ``probs_top1``, ``domain``. Also accepted: ``token_ids`` / ``ids`` for the
+    tokens and one array per layer named ``experts_<layer>`` (or ``layer_<layer>``,
+    ``expert_index_<layer>``, ``top1_<layer>``). The step comes from ``step`` or the file
+    name. Returns dicts for :func:`early_routing`, sorted by step.
     """
     folder = Path(folder)
     files = sorted(p for p in folder.glob("*.npz") if _SNAPSHOT_RE.search(p.name))
@@ -563,7 +564,7 @@ def load_snapshots(folder: str | Path) -> list[dict[str, Any]]:
     for p in files:
         with np.load(p, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
-        ids = data.get("token_ids", data.get("ids"))
+        ids = next((data[k] for k in ("tokens", "token_ids", "ids") if k in data), None)
         if ids is None:
             raise ValueError(f"{p}: routing snapshot has no token_ids")
         per_layer: dict[int, Array] = {}
@@ -572,7 +573,8 @@ def load_snapshots(folder: str | Path) -> list[dict[str, Any]]:
             if m:
                 per_layer[int(m.group(1))] = v
         if not per_layer:
-            stacked = data.get("experts", data.get("expert_index", data.get("top1")))
+            stacked = next((data[k] for k in ("expert_index", "experts", "top1") if k in data),
+                           None)
             if stacked is None:
                 raise ValueError(f"{p}: routing snapshot has no expert arrays")
             layer_ids = (data["layers"].tolist() if "layers" in data
@@ -1005,7 +1007,9 @@ def _summary(report: Mapping[str, Any]) -> dict[str, Any]:
                        "position": L["predictors"]["position"],
                        "majority_class": L["predictors"]["majority_class"],
                        "std_token_id": L["std"]["token_id"]["mean_std"],
-                       "std_position": L["std"]["position"]["mean_std"]} for L in spec]}
+                       "std_position": L["std"]["position"]["mean_std"],
+                       "untrained_token_id": (L["init"]["predictors"]["token_id"]
+                                              if "init" in L else None)} for L in spec]}
     early = report["early_routing"]
     if early.get("available"):
         i, step = _at_fraction(early, 0.25)
@@ -1195,6 +1199,8 @@ def format_report(report: Mapping[str, Any]) -> str:
                    + "; ".join(f"block {r['layer']}: id {_pct(r['token_id'])} vs position "
                                f"{_pct(r['position'])} vs majority {_pct(r['majority_class'])}, "
                                f"std {_num(r['std_token_id'])} vs {_num(r['std_position'])}"
+                               + (f" (untrained control: id {_pct(r['untrained_token_id'])})"
+                                  if r.get("untrained_token_id") is not None else "")
                                for r in sp["per_layer"]))
         er = summ["early_routing"]
         if er["reproduced"] is None:
