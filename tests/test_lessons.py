@@ -1,0 +1,72 @@
+"""Every lesson runs start to end in fast mode, writes its figures, and keeps the lesson format.
+
+Each lesson runs as a subprocess (``python lessons/NN_name.py``) with ``TINYMOE_FAST=1`` and
+``TINYMOE_LESSON_OUT`` pointing into a temporary folder, whose working directory is also that
+folder, so nothing is written into the checkout. A failing self-check (an ``assert`` inside
+a lesson) fails the test and its message is shown.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LESSON_DIR = ROOT / "lessons"
+LESSONS = sorted(LESSON_DIR.glob("[0-9][0-9]_*.py"))
+
+
+def _tail(text: str, n: int = 3000) -> str:
+    return text if len(text) <= n else "...\n" + text[-n:]
+
+
+def test_lessons_exist():
+    assert len(LESSONS) >= 6, f"expected the numbered lessons in {LESSON_DIR}, found {[p.name for p in LESSONS]}"
+    numbers = [int(p.name[:2]) for p in LESSONS]
+    assert numbers == list(range(1, len(numbers) + 1)), f"lesson numbers must run 01, 02, ... without gaps: {numbers}"
+
+
+@pytest.mark.parametrize("path", LESSONS, ids=[p.stem for p in LESSONS])
+def test_lesson_format(path: Path):
+    """Percent-cell format with prose, a learning goal, self-checks, exercises; torch optional."""
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("# %% [markdown]\n"), f"{path.name}: must start with a markdown cell"
+    assert text.count("# %%\n") >= 3, f"{path.name}: too few code cells"
+    assert "What you will learn" in text, f"{path.name}: no 'What you will learn' section"
+    assert re.search(r"^# ## Exercises", text, re.M), f"{path.name}: no Exercises section"
+    assert len(re.findall(r"^\s*assert ", text, re.M)) >= 2, f"{path.name}: fewer than two self-checks"
+    assert "show(fig" in text, f"{path.name}: no figure"
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if re.match(r"\s*(import torch|from torch)", line):
+            assert i > 0 and lines[i - 1].strip() == "try:", (
+                f"{path.name}:{i + 1}: torch must be imported inside try/except ImportError (it is optional)")
+    assert "from tinymoe" in text or "import tinymoe" in text, f"{path.name}: a lesson must use tinymoe"
+
+
+def test_readme_lists_every_lesson():
+    readme = (LESSON_DIR / "README.md").read_text(encoding="utf-8")
+    for p in LESSONS:
+        assert p.name in readme, f"lessons/README.md does not list {p.name}"
+
+
+@pytest.mark.parametrize("path", LESSONS, ids=[p.stem for p in LESSONS])
+def test_lesson_runs_fast(path: Path, tmp_path: Path):
+    env = dict(os.environ)
+    env.update(TINYMOE_FAST="1", TINYMOE_LESSON_OUT=str(tmp_path), MPLBACKEND="Agg",
+               PYTHONDONTWRITEBYTECODE="1")
+    env.pop("TINYMOE_DEVICE", None)                 # lessons pick their device themselves
+    proc = subprocess.run([sys.executable, str(path)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (
+        f"{path.name} failed in fast mode (exit {proc.returncode})\n"
+        f"--- stdout ---\n{_tail(proc.stdout)}\n--- stderr ---\n{_tail(proc.stderr)}")
+    figures = sorted(tmp_path.glob(f"{path.name[:2]}_*.png"))
+    assert figures, f"{path.name} wrote no figure {path.name[:2]}_*.png into TINYMOE_LESSON_OUT"
+    for fig in figures:
+        assert fig.stat().st_size > 5000, f"{fig.name} is suspiciously small ({fig.stat().st_size} bytes)"
+    assert "Traceback" not in proc.stderr, f"{path.name} printed a traceback:\n{_tail(proc.stderr)}"
