@@ -75,6 +75,7 @@ def compare(cfg, bsz=2, seq=12, train=True, seed=0):
         assert_close(key, getattr(out, key), theirs, tol)
     for name, p in model.named_parameters():
         assert p.grad is not None, f"{name} got no gradient"
+        assert p.grad.dtype == np.dtype(dt), f"{name}: grad dtype {p.grad.dtype} != {dt}"
         assert_close(f"grad {name}", p.grad, p_t[name].grad, tol)
     return out
 
@@ -89,6 +90,13 @@ def compare(cfg, bsz=2, seq=12, train=True, seed=0):
 def test_model_matches_torch(dtype, variant):
     out = compare(small_cfg(dtype, **variant))
     assert any(s.dropped_fraction > 0 for s in out.routing), "meant to drop some assignments"
+
+
+def test_model_matches_torch_on_backend(backend):
+    """The float64 comparison on every available backend (CuPy when a GPU is present)."""
+    out = compare(small_cfg("float64", tie_embeddings=False))
+    assert B.array_module(out.logits.data) is B.xp
+    assert B.array_module(out.routing[0].kept) is B.xp
 
 
 def test_model_eval_mode_and_dense():
@@ -118,7 +126,7 @@ def test_same_seed_same_weights():
 
 
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-5)])
-def test_kv_cache_matches_full_forward(dtype, tol):
+def test_kv_cache_matches_full_forward(backend, dtype, tol):
     cfg = small_cfg(dtype, eval_capacity_factor=0.0, tie_embeddings=False)     # dropless in eval
     model = OpenMoE(cfg, seed=3)
     randomize(model)
