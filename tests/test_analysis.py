@@ -411,7 +411,8 @@ def test_analyze_command_end_to_end(tmp_path, capsys):
     er = rep["early_routing"]
     assert er["steps"] == [10, 20, 30]
     assert er["layers"][0]["tokens"] == [0.0, 0.0, 1.0]
-    assert len(rep["specialization"]["layers"]) == 1 and "init" in rep["specialization"]["layers"][0]
+    (layer,) = rep["specialization"]["layers"]
+    assert "init" in layer
 
 
 def format_tail(printed: str) -> str:

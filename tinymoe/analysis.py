@@ -638,10 +638,10 @@ def plot_specialization(spec: Mapping[str, Any], path: str | Path) -> str:
     ax1.set_title("How well does one feature predict the expert?\n(fit on half the held-out "
                   "windows, scored on the other half)")
     ax1.legend(fontsize=8, loc="upper right")
-    bars2 = [("token ids", "token_id", "tab:blue", ""), ("token ids, shuffled", "token_id_shuffled",
-                                                           "tab:blue", "//"),
-             ("positions", "position", "tab:orange", ""), ("positions, shuffled",
-                                                            "position_shuffled", "tab:orange", "//")]
+    bars2 = [("token ids", "token_id", "tab:blue", ""),
+             ("token ids, shuffled", "token_id_shuffled", "tab:blue", "//"),
+             ("positions", "position", "tab:orange", ""),
+             ("positions, shuffled", "position_shuffled", "tab:orange", "//")]
     w = 0.8 / len(bars2)
     for j, (label, key, color, hatch) in enumerate(bars2):
         vals = [L["std"][key]["mean_std"] for L in layers]
@@ -808,14 +808,15 @@ def _routing_label(cfg: Any, setting: str, large_cf: float) -> tuple[str, dict[s
 def analyze(model: Any, tokenizer: Any, corpus: Any, *, excluded: Sequence[str] = (),
             compare_model: Any = None, compare_name: str = "compare", snapshots: Sequence[
                 Mapping[str, Any]] | None = None, snapshot_note: str = "",
-            max_tokens: int = 65536, drop_tokens: int = 16384, batch_size: int = 16,
+            max_tokens: int = 32768, drop_tokens: int = 8192, batch_size: int = 16,
             seq_len: int | None = None, min_count: int = 16, n_top: int = 8, n_bins: int = 16,
             large_cf: float | None = None, seed: int = 0, init_model: Any = None,
-            log: Any = None) -> dict[str, Any]:
+            init_tokens: int = 8192, log: Any = None) -> dict[str, Any]:
     """All three findings for ``model`` on ``corpus`` (a tinymoe.data.Corpus; held-out
     ``val`` text is used). ``excluded``: domains of the corpus left out of training.
-    ``init_model``: an untrained model of the same config, routed on the same text as a
-    control (how much token-id specialization a random router already shows).
+    ``init_model``: an untrained model of the same config, routed on (up to
+    ``init_tokens`` per domain of) the same text as a control: how much token-id
+    specialization a random router already shows.
     Returns the report: nested dicts and lists of plain numbers and strings (JSON-ready).
     """
     from tinymoe.data import Corpus, DomainText, multi_turn_text  # noqa: PLC0415
@@ -868,7 +869,8 @@ def analyze(model: Any, tokenizer: Any, corpus: Any, *, excluded: Sequence[str] 
         for d, n in enumerate(names):
             m = trace.domain == d
             if (fit & m).any() and (~fit & m).any():
-                p = specialization_predictors(trace.token_ids[m], trace.position[m], ex[m], E, fit[m])
+                p = specialization_predictors(trace.token_ids[m], trace.position[m], ex[m], E,
+                                              fit[m])
                 per_domain[n] = {k: p[k] for k in ("token_id", "position", "majority_class",
                                                    "n_score")}
         top = top_tokens_per_expert(trace.token_ids, ex, E, n_top, min_count)
@@ -891,7 +893,11 @@ def analyze(model: Any, tokenizer: Any, corpus: Any, *, excluded: Sequence[str] 
         })
     if init_model is not None:
         t0 = time.perf_counter()
-        init = collect_routing(init_model, np.concatenate(win), np.concatenate(dom), batch_size,
+        keep = max(2, init_tokens // T)
+        sub = [np.round(np.linspace(0, w.shape[0] - 1, min(keep, w.shape[0]))).astype(int)
+               for w in win]                                  # windows spread over each domain
+        init = collect_routing(init_model, np.concatenate([w[i] for w, i in zip(win, sub)]),
+                               np.concatenate([d[i] for d, i in zip(dom, sub)]), batch_size,
                                names)
         for L, ex in zip(spec_layers, init.expert_index):
             L["init"] = {
@@ -974,7 +980,8 @@ def analyze(model: Any, tokenizer: Any, corpus: Any, *, excluded: Sequence[str] 
                            "slot_priority": ov.get("slot_priority", m.cfg.slot_priority),
                            **_drop_curve(tr, n_bins)})
     log(f"drops: {len(curves)} routing runs in {time.perf_counter() - t0:.1f}s")
-    report["drops"] = {"n_positions": n_positions, "n_bins": n_bins, "larger_cf": large_cf, "datasets": datasets,
+    report["drops"] = {"n_positions": n_positions, "n_bins": n_bins, "larger_cf": large_cf,
+                       "datasets": datasets,
                        "curves": curves}
     report["summary"] = _summary(report)
     return report
@@ -1105,9 +1112,10 @@ def format_report(report: Mapping[str, Any]) -> str:
     out.append(_table(["layer", "token id", "position", "majority class", "chance 1/E",
                        "sd(chance)", "id coverage"], rows))
     out.append("")
+    max_std = spec["layers"][0]["std"]["token_id"]["max_std"]
     out.append(f"Paper's measure: std across experts of each key's top-1 distribution, mean over "
-               f"keys seen >= {spec['min_count']} times (max {_num(spec['layers'][0]['std']['token_id']['max_std'])}"
-               " = always one expert):")
+               f"keys seen >= {spec['min_count']} times (max {_num(max_std)} = always one "
+               "expert):")
     rows = []
     for L in spec["layers"]:
         s = L["std"]
@@ -1206,13 +1214,15 @@ def format_report(report: Mapping[str, Any]) -> str:
         if er["reproduced"] is None:
             out.append("early routing learning: not measured (no snapshots)")
         else:
-            out.append(f"early routing learning: {'REPRODUCED' if er['reproduced'] else 'NOT reproduced'}"
+            verdict = "REPRODUCED" if er["reproduced"] else "NOT reproduced"
+            out.append(f"early routing learning: {verdict}"
                        f" (agreement at step {er['step']}: "
                        + ", ".join(_pct(v) for v in er["agreement_occurrences"]) + ")")
         dt = summ["drop_towards_the_end"]
         out.append("drop-towards-the-end: at the train cf on "
                    + (", ".join(dt["reproduced_at_train_cf"]) or "no data set")
-                   + "; at the eval cf on " + (", ".join(dt["reproduced_at_eval_cf"]) or "no data set"))
+                   + "; at the eval cf on "
+                   + (", ".join(dt["reproduced_at_eval_cf"]) or "no data set"))
     if report.get("figures"):
         out.append("")
         out.append("figures: " + ", ".join(report["figures"].values()))
@@ -1235,11 +1245,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="where to write the PNGs and analysis.json "
                              "(default: <checkpoint folder>/analysis)")
-    parser.add_argument("--max-tokens", type=int, default=65536, metavar="N",
+    parser.add_argument("--max-tokens", type=int, default=32768, metavar="N",
                         help="held-out tokens per domain for the specialization measures "
-                             "(default 65536)")
-    parser.add_argument("--drop-tokens", type=int, default=16384, metavar="N",
-                        help="tokens per data set for each drop-vs-position run (default 16384)")
+                             "(default 32768)")
+    parser.add_argument("--drop-tokens", type=int, default=8192, metavar="N",
+                        help="tokens per data set for each drop-vs-position run (default 8192)")
+    parser.add_argument("--init-tokens", type=int, default=8192, metavar="N",
+                        help="tokens per domain routed by the untrained control (default 8192)")
     parser.add_argument("--batch-size", type=int, default=16, metavar="B",
                         help="sequences per forward pass (default 16)")
     parser.add_argument("--seq-len", type=int, default=None, metavar="T",
@@ -1286,7 +1298,8 @@ def _train_info(train_config: Mapping[str, Any]) -> tuple[list[str], str | None]
 
 
 def _check_positive(args: argparse.Namespace) -> None:
-    for name in ("max_tokens", "drop_tokens", "batch_size", "min_count", "top_tokens", "bins"):
+    for name in ("max_tokens", "drop_tokens", "init_tokens", "batch_size", "min_count",
+                 "top_tokens", "bins"):
         v = getattr(args, name)
         if v < 1:
             raise ValueError(f"--{name.replace('_', '-')}={v} must be >= 1")
@@ -1310,7 +1323,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tinymoe.checkpoint import load_checkpoint, load_model, resolve_checkpoint_path  # noqa: PLC0415
+    from tinymoe.checkpoint import (  # noqa: PLC0415
+        load_checkpoint, load_model, resolve_checkpoint_path)
     from tinymoe.data import builtin_corpus, load_corpus  # noqa: PLC0415
 
     start = time.perf_counter()
@@ -1374,7 +1388,8 @@ def _run(args: argparse.Namespace) -> int:
                      max_tokens=args.max_tokens, drop_tokens=args.drop_tokens,
                      batch_size=args.batch_size, seq_len=args.seq_len,
                      min_count=args.min_count, n_top=args.top_tokens, n_bins=args.bins,
-                     large_cf=args.larger_cf, seed=args.seed, init_model=init_model, log=log)
+                     large_cf=args.larger_cf, seed=args.seed, init_model=init_model,
+                     init_tokens=args.init_tokens, log=log)
     report = {"checkpoint": str(ckpt_path), "step": ckpt.step, **report}
 
     out_dir = Path(args.out) if args.out else ckpt_path.parent / "analysis"
