@@ -833,6 +833,8 @@ def analyze(model: Any, tokenizer: Any, corpus: Any, *, excluded: Sequence[str] 
                              f"(domains: {', '.join(corpus.domains)})")
     names = list(corpus.domains)
     in_dist = [n for n in names if n not in excluded]
+    if not in_dist:
+        raise ValueError("every domain of the data is marked as left out of training")
     # Held-out text, cut to what the budget needs before tokenising (a BPE is slow on MB).
     char_budget = 8 * max(max_tokens, drop_tokens) + 8 * T
     val_text = {n: corpus.domains[n].val[:char_budget] for n in names}
