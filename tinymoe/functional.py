@@ -353,7 +353,9 @@ class MatMul(Function):
         if ctx.needs_input_grad[0]:
             b2 = b[:, None] if b.ndim == 1 else b               # [..., n, p]
             ga = g @ xp.swapaxes(b2, -1, -2)                    # [..., m, p] @ [..., p, n] -> [..., m, n]
-            ga = unbroadcast(ga, sa if len(sa) > 1 else (1,) + sa).reshape(sa)
+            ga = unbroadcast(ga, sa if len(sa) > 1 else (1,) + sa)
+            if ga.shape != sa:
+                ga = ga.reshape(sa)
         if ctx.needs_input_grad[1]:
             a2 = a[None, :] if a.ndim == 1 else a               # [..., m, n]
             if len(sb) == 2 and a2.ndim > 2:                    # weight: fold batch dims into rows
@@ -361,7 +363,8 @@ class MatMul(Function):
             else:
                 gb = xp.swapaxes(a2, -1, -2) @ g                # [..., n, m] @ [..., m, p] -> [..., n, p]
                 gb = unbroadcast(gb, sb if len(sb) > 1 else sb + (1,))
-            gb = gb.reshape(sb)
+            if gb.shape != sb:
+                gb = gb.reshape(sb)                             # (a reshape to the same shape would be a view)
         return ga, gb
 
 
