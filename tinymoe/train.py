@@ -251,12 +251,13 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def build_optimizer(model: Any, cfg: TrainConfig) -> Optimizer:
-    """AdamW with weight decay on matrices only (``param_groups_for_decay``), or
-    Adafactor as OpenMoE ran it (decay 0.8, no momentum, clip 1.0, parameter scaling)."""
+    """AdamW, or Adafactor as OpenMoE ran it (decay 0.8, no momentum, update clipping
+    1.0, parameter scaling); either way weight decay applies to matrices only
+    (``param_groups_for_decay``)."""
+    groups = param_groups_for_decay(model.named_parameters(), cfg.weight_decay)
     if cfg.optimizer == "adamw":
-        groups = param_groups_for_decay(model.named_parameters(), cfg.weight_decay)
         return AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=1e-8)
-    return Adafactor(list(model.parameters()), lr=cfg.lr, decay_rate=0.8, beta1=None,
+    return Adafactor(groups, lr=cfg.lr, decay_rate=0.8, beta1=None,
                      clip_threshold=1.0, scale_parameter=True, relative_step=False,
                      weight_decay=cfg.weight_decay)
 

@@ -1,0 +1,148 @@
+"""``python -m tinymoe``: help, a tiny train + generate round trip, and one-line errors
+(exit status 2, no traceback) for bad flags, bad values, bad data and bad checkpoints."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tinymoe.checkpoint import save_checkpoint
+from tinymoe.config import get_preset
+from tinymoe.nn.model import OpenMoE
+from tinymoe.tokenizer import ByteTokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*args, cwd=REPO):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("TINYMOE_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "tinymoe", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+class InProcess:
+    """``main(argv)`` run in this process (fast), with its exit status and output."""
+
+    def __init__(self, capsys, *args):
+        from tinymoe.__main__ import main  # noqa: PLC0415
+
+        try:
+            self.returncode = main([str(a) for a in args])
+        except SystemExit as e:           # argparse errors and --help
+            self.returncode = e.code
+        captured = capsys.readouterr()
+        self.stdout, self.stderr = captured.out, captured.err
+
+
+def one_line_error(p, code=2, match=None):
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == code, (p.returncode, p.stderr)
+    assert "Traceback" not in p.stderr
+    assert len(lines) == 1, p.stderr
+    if match is not None:
+        assert match in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ck") / "checkpoint.npz"
+    cfg = get_preset("toy")
+    save_checkpoint(path, model_config=cfg, model_state=OpenMoE(cfg).state_dict(),
+                    tokenizer=ByteTokenizer(), step=0)
+    return path
+
+
+def test_help(capsys):
+    p = run("--help")
+    assert p.returncode == 0 and "usage" in p.stdout, p.stderr
+    for cmd in (["generate"], ["params"], ["train"]):
+        p = InProcess(capsys, *cmd, "--help")
+        assert p.returncode == 0 and "usage" in p.stdout, p.stderr
+    for flag in ("--n-experts", "--top-k", "--capacity-factor", "--slot-priority", "--d-model",
+                 "--batch-size", "--lr", "--resume", "--out", "--device", "--optimizer"):
+        assert flag in p.stdout
+
+
+def test_bad_flags_and_values(tmp_path, capsys):
+    one_line_error(run("train", "--bogus"), match="unrecognized arguments: --bogus")
+
+    def cli(*args):
+        return InProcess(capsys, *args)
+
+    one_line_error(cli("train", "--top-k", "x"), match="top_k='x' must be an integer")
+    one_line_error(cli("train", "--steps", "1.5"), match="invalid int value")
+    one_line_error(cli("train", "--config", "toy", "--top-k", "9"), match="top_k=9 > n_experts=4")
+    one_line_error(cli("train", "--config", "nope"), match="unknown preset")
+    one_line_error(cli("train", "--config", "toy", "--d-model", "30", "--out", tmp_path),
+                   match="d_model=30 is not divisible by n_heads=4")
+    one_line_error(cli("train", "--config", "toy", "--schedule", "linear", "--out", tmp_path),
+                   match="schedule='linear'")
+    one_line_error(cli("train", "--config", "toy", "--capacity-factor", "-1", "--out", tmp_path),
+                   match="capacity_factor=-1.0 < 0")
+    one_line_error(cli("train", "--config", "toy", "--seq-len", "100", "--out", tmp_path,
+                       "--max-chars", "3000"), match="seq_len=100 > the model's max_seq_len=64")
+    one_line_error(cli("frobnicate"))
+    assert not any(tmp_path.iterdir())        # nothing written by a failed start
+
+
+def test_bad_data(tmp_path):
+    one_line_error(run("train", "--config", "toy", "--data", tmp_path / "missing.txt",
+                       "--out", tmp_path / "o"), match="data path not found")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    one_line_error(run("train", "--config", "toy", "--data", empty, "--out", tmp_path / "o"),
+                   match="empty")
+    assert not (tmp_path / "o" / "checkpoint.npz").exists()
+
+
+def test_generate_errors(ckpt, tmp_path, capsys):
+    one_line_error(run("generate", ckpt, "--prompt-ids", "1,2,999"),
+                   match="token id 999 is out of range for vocab_size=258")
+    one_line_error(InProcess(capsys, "generate", ckpt, "--top-p", "2"), match="top_p")
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(ckpt.read_bytes()[:500])
+    one_line_error(InProcess(capsys, "generate", bad), match="truncated or corrupt")
+    one_line_error(InProcess(capsys, "generate", tmp_path / "none.npz"),
+                   match="checkpoint not found")
+
+
+def test_train_then_generate(tmp_path):
+    out = tmp_path / "run"
+    p = run("train", "--config", "toy", "--steps", "3", "--batch-size", "2", "--seq-len", "16",
+            "--max-chars", "5000", "--eval-batches", "1", "--out", out, "--quiet")
+    assert p.returncode == 0, p.stderr
+    assert "held-out" in p.stdout and "Traceback" not in p.stderr
+    assert (out / "checkpoint.npz").exists() and (out / "log.jsonl").exists()
+    g = run("generate", out, "--prompt", "def ", "--max-new-tokens", "12", "--seed", "3",
+            "--temperature", "0.8", "--top-k", "50", "--top-p", "0.95")
+    assert g.returncode == 0, g.stderr
+    assert g.stdout.startswith("def ")
+    g2 = run("generate", out, "--prompt", "def ", "--max-new-tokens", "12", "--seed", "3",
+             "--temperature", "0.8", "--top-k", "50", "--top-p", "0.95")
+    assert g2.stdout == g.stdout
+    # resuming with a changed batch size is refused in one line; a second fresh run too
+    one_line_error(run("train", "--resume", out, "--batch-size", "3", "--quiet"),
+                   match="cannot resume with changed batch_size=3")
+    one_line_error(run("train", "--config", "toy", "--out", out, "--quiet"),
+                   match="already holds a checkpoint")
+
+
+def test_params(capsys):
+    p = InProcess(capsys, "params", "--config", "toy", "n_experts=8", "--top-k", "1")
+    assert p.returncode == 0, p.stderr
+    assert "8E top-1" in p.stdout
+    one_line_error(InProcess(capsys, "params", "--config", "toy", "n_expert=8"),
+                   match="unknown config key")
+
+
+@pytest.mark.parametrize("cmd", ["analyze", "bench"])
+def test_optional_commands(cmd):
+    p = run(cmd, "--help")
+    if p.returncode == 0:
+        assert "usage" in p.stdout
+    else:
+        one_line_error(p, code=1, match="not available")
