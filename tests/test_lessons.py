@@ -1,9 +1,10 @@
 """Every lesson runs start to end in fast mode, writes its figures, and keeps the lesson format.
 
 Each lesson runs as a subprocess (``python lessons/NN_name.py``) with ``TINYMOE_FAST=1`` and
-``TINYMOE_LESSON_OUT`` pointing into a temporary folder, whose working directory is also that
-folder, so nothing is written into the checkout. A failing self-check (an ``assert`` inside
-a lesson) fails the test and its message is shown.
+``TINYMOE_LESSON_OUT`` pointing into one temporary folder for the session (also the working
+directory), so nothing is written into the checkout. The folder is shared so that lessons
+10-12 reuse the small model lesson 9 trains there (run alone, they train it themselves).
+A failing self-check (an ``assert`` inside a lesson) fails the test and its message is shown.
 """
 from __future__ import annotations
 
@@ -54,18 +55,23 @@ def test_readme_lists_every_lesson():
         assert p.name in readme, f"lessons/README.md does not list {p.name}"
 
 
+@pytest.fixture(scope="module")
+def lesson_out(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("lesson_out")
+
+
 @pytest.mark.parametrize("path", LESSONS, ids=[p.stem for p in LESSONS])
-def test_lesson_runs_fast(path: Path, tmp_path: Path):
+def test_lesson_runs_fast(path: Path, lesson_out: Path):
     env = dict(os.environ)
-    env.update(TINYMOE_FAST="1", TINYMOE_LESSON_OUT=str(tmp_path), MPLBACKEND="Agg",
+    env.update(TINYMOE_FAST="1", TINYMOE_LESSON_OUT=str(lesson_out), MPLBACKEND="Agg",
                PYTHONDONTWRITEBYTECODE="1")
     env.pop("TINYMOE_DEVICE", None)                 # lessons pick their device themselves
-    proc = subprocess.run([sys.executable, str(path)], cwd=tmp_path, env=env,
+    proc = subprocess.run([sys.executable, str(path)], cwd=lesson_out, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (
         f"{path.name} failed in fast mode (exit {proc.returncode})\n"
         f"--- stdout ---\n{_tail(proc.stdout)}\n--- stderr ---\n{_tail(proc.stderr)}")
-    figures = sorted(tmp_path.glob(f"{path.name[:2]}_*.png"))
+    figures = sorted(lesson_out.glob(f"{path.name[:2]}_*.png"))
     assert figures, f"{path.name} wrote no figure {path.name[:2]}_*.png into TINYMOE_LESSON_OUT"
     for fig in figures:
         assert fig.stat().st_size > 5000, f"{fig.name} is suspiciously small ({fig.stat().st_size} bytes)"
