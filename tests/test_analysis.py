@@ -33,7 +33,7 @@ def test_routing_by_token_id_is_fully_predictable_and_maximally_specialised():
     table = rng.integers(0, E, size=V)              # each id has its own expert
     experts = table[ids]
     p = A.specialization_predictors(ids, pos, experts, E, fit)
-    assert p["token_id"] == 1.0
+    assert p["token_id"] == 1.0 and p["token_id_skill"] == 1.0
     assert p["token_id_coverage"] == 1.0
     assert p["chance"] == 1 / E
     # the paper's std measure: a one-hot distribution over E experts is the maximum
@@ -81,6 +81,7 @@ def test_majority_class_is_the_honest_baseline_for_unbalanced_routing():
     tol = 4 * _sd(0.6, int((~fit).sum()))
     assert abs(p["majority_class"] - 0.6) < tol
     assert abs(p["token_id"] - 0.6) < tol           # the id adds nothing beyond the majority
+    assert abs(p["token_id_skill"]) < 3 * tol
 
 
 def test_predictor_falls_back_to_most_used_expert_for_unseen_ids():
@@ -334,6 +335,20 @@ def _synthetic_report():
     }
     report["summary"] = A._summary(report)
     return report
+
+
+def test_summary_rules():
+    rep = _synthetic_report()
+    summ = rep["summary"]
+    assert summ["specialization"]["reproduced"] is True
+    # first snapshot at >= 25% of 4 steps is step 1, where 40% of occurrences agree
+    assert summ["early_routing"]["reproduced"] is False and summ["early_routing"]["step"] == 1
+    rep["early_routing"].update(steps=[0, 4], layers=[{"layer": 1, "ids": [0.1, 1.0],
+                                                        "occurrences": [0.1, 1.0],
+                                                        "tokens": [0.1, 1.0]}])
+    assert A._summary(rep)["early_routing"]["reproduced"] is None   # only start and end
+    dt = summ["drop_towards_the_end"]
+    assert dt["reproduced_at_train_cf"] == ["in_distribution"]      # 0% -> 50%
 
 
 def test_plots_write_png_files(tmp_path):

@@ -145,8 +145,10 @@ def specialization_predictors(token_ids: Array, positions: Array, experts: Array
     fit_mask [N] bool: True = fit half, False = score half (split by whole windows so the
     halves share no text). Returns accuracies of the id predictor, the position
     predictor, the majority class (always the fit half's most used expert), chance 1/E,
-    and ``sampling_sd`` = sqrt(p (1 - p) / n_score) at p = 1/E, the spread of a predictor
-    that knows nothing.
+    ``sampling_sd`` = sqrt(p (1 - p) / n_score) at p = 1/E, the spread of a predictor
+    that knows nothing, and the skills ``(accuracy - majority) / (1 - majority)``: the
+    share of the majority-class predictor's errors that knowing the id (or position)
+    removes, comparable between routers with different load balance.
     """
     e = _top1(experts)
     ids = np.asarray(token_ids).reshape(-1)
@@ -161,10 +163,16 @@ def specialization_predictors(token_ids: Array, positions: Array, experts: Array
     most_used = int(np.bincount(e[fit], minlength=n_experts).argmax())
     n_score = int(score.sum())
     p = 1.0 / n_experts
+    base = float((e[score] == most_used).mean())
+
+    def skill(acc: float) -> float:
+        return (acc - base) / (1.0 - base) if base < 1.0 else float("nan")
+
     return {
         "token_id": by_id["accuracy"], "token_id_coverage": by_id["coverage"],
         "position": by_pos["accuracy"],
-        "majority_class": float((e[score] == most_used).mean()),
+        "token_id_skill": skill(by_id["accuracy"]), "position_skill": skill(by_pos["accuracy"]),
+        "majority_class": base,
         "chance": p, "sampling_sd": math.sqrt(p * (1 - p) / max(n_score, 1)),
         "n_fit": int(fit.sum()), "n_score": n_score,
     }
@@ -989,14 +997,15 @@ def analyze(model: Any, tokenizer: Any, corpus: Any, *, excluded: Sequence[str] 
     return report
 
 
-def _at_fraction(early: Mapping[str, Any], frac: float) -> tuple[int, int]:
-    """Index and step of the first snapshot at or after ``frac`` of the final step."""
+def _at_fraction(early: Mapping[str, Any], frac: float) -> tuple[int, int] | None:
+    """Index and step of the first snapshot at or after ``frac`` of the final step and
+    before the final one; None when there is none."""
     steps = early["steps"]
     target = frac * early["final_step"]
-    for i, s in enumerate(steps):
+    for i, s in enumerate(steps[:-1]):
         if s >= target:
             return i, s
-    return len(steps) - 1, steps[-1]
+    return None
 
 
 def _summary(report: Mapping[str, Any]) -> dict[str, Any]:
@@ -1020,16 +1029,19 @@ def _summary(report: Mapping[str, Any]) -> dict[str, Any]:
                        "untrained_token_id": (L["init"]["predictors"]["token_id"]
                                               if "init" in L else None)} for L in spec]}
     early = report["early_routing"]
-    if early.get("available"):
-        i, step = _at_fraction(early, 0.25)
+    rule = ("at the first snapshot at or after 25% of training (and before the last one), "
+            "at least 80% of token occurrences already have their final majority expert in "
+            "every layer")
+    at = _at_fraction(early, 0.25) if early.get("available") else None
+    if at is not None:
+        i, step = at
         vals = [L["occurrences"][i] for L in early["layers"]]
-        out["early_routing"] = {
-            "reproduced": bool(min(vals) >= 0.8), "step": step,
-            "rule": "at the first snapshot at or after 25% of training, at least 80% of token "
-                    "occurrences already have their final majority expert in every layer",
-            "agreement_occurrences": vals}
+        out["early_routing"] = {"reproduced": bool(min(vals) >= 0.8), "step": step,
+                                "rule": rule, "agreement_occurrences": vals}
     else:
-        out["early_routing"] = {"reproduced": None, "rule": "no snapshots: not measured"}
+        out["early_routing"] = {"reproduced": None, "rule": rule,
+                                "why": "no snapshots" if not early.get("available") else
+                                "no snapshot between 25% of training and the last one"}
     drops = report["drops"]
     per_ds = []
     for ds in drops["datasets"]:
@@ -1101,18 +1113,18 @@ def format_report(report: Mapping[str, Any]) -> str:
                f"E={E}, top-1 expert, eval {_cf_label(spec['capacity_factor'])}, "
                f"CE {_num(spec['ce'])}) ==")
     out.append("Majority-expert predictors (fit on even windows, scored on odd windows):")
-    rows = [[f"block {L['layer']}", _pct(L["predictors"]["token_id"]),
-             _pct(L["predictors"]["position"]), _pct(L["predictors"]["majority_class"]),
-             _pct(L["predictors"]["chance"]), _pct(L["predictors"]["sampling_sd"], 2),
-             _pct(L["predictors"]["token_id_coverage"])] for L in spec["layers"]]
-    for L in spec["layers"]:
-        if "init" in L:
-            p = L["init"]["predictors"]
-            rows.append([f"block {L['layer']}, untrained", _pct(p["token_id"]),
-                         _pct(p["position"]), _pct(p["majority_class"]), _pct(p["chance"]),
-                         _pct(p["sampling_sd"], 2), _pct(p["token_id_coverage"])])
+    def pred_row(name: str, p: Mapping[str, Any]) -> list[str]:
+        return [name, _pct(p["token_id"]), _pct(p["position"]), _pct(p["majority_class"]),
+                _pct(p["chance"]), _pct(p["sampling_sd"], 2), _num(p.get("token_id_skill"), 2),
+                _num(p.get("position_skill"), 2), _pct(p["token_id_coverage"])]
+
+    rows = [pred_row(f"block {L['layer']}", L["predictors"]) for L in spec["layers"]]
+    rows += [pred_row(f"block {L['layer']}, untrained", L["init"]["predictors"])
+             for L in spec["layers"] if "init" in L]
     out.append(_table(["layer", "token id", "position", "majority class", "chance 1/E",
-                       "sd(chance)", "id coverage"], rows))
+                       "sd(chance)", "id skill", "pos skill", "id coverage"], rows))
+    out.append("(skill = (accuracy - majority class) / (1 - majority class): share of the "
+               "majority-class errors that the feature removes)")
     out.append("")
     max_std = spec["layers"][0]["std"]["token_id"]["max_std"]
     out.append(f"Paper's measure: std across experts of each key's top-1 distribution, mean over "
@@ -1214,7 +1226,7 @@ def format_report(report: Mapping[str, Any]) -> str:
                                for r in sp["per_layer"]))
         er = summ["early_routing"]
         if er["reproduced"] is None:
-            out.append("early routing learning: not measured (no snapshots)")
+            out.append(f"early routing learning: not measured ({er['why']})")
         else:
             verdict = "REPRODUCED" if er["reproduced"] else "NOT reproduced"
             out.append(f"early routing learning: {verdict}"
