@@ -627,15 +627,17 @@ def plot_specialization(spec: Mapping[str, Any], path: str | Path) -> str:
     bars = [("token id predictor", "token_id", "tab:blue"),
             ("position predictor", "position", "tab:orange"),
             ("majority class", "majority_class", "tab:gray")]
-    with_init = all("init" in L for L in layers)
-    w = 0.8 / (len(bars) + with_init)
+    init_bars = ([("token id predictor, untrained model", "token_id", "tab:blue"),
+                  ("majority class, untrained model", "majority_class", "tab:gray")]
+                 if all("init" in L for L in layers) else [])
+    n_bars = len(bars) + len(init_bars)
+    w = 0.8 / n_bars
     for j, (label, key, color) in enumerate(bars):
         vals = [100 * L["predictors"][key] for L in layers]
-        ax1.bar(x + (j - (len(bars) + with_init - 1) / 2) * w, vals, w, label=label, color=color)
-    if with_init:
-        vals = [100 * L["init"]["predictors"]["token_id"] for L in layers]
-        ax1.bar(x + (len(bars) - (len(bars) + with_init - 1) / 2) * w, vals, w,
-                label="token id predictor, untrained model", color="tab:blue", alpha=0.4,
+        ax1.bar(x + (j - (n_bars - 1) / 2) * w, vals, w, label=label, color=color)
+    for j, (label, key, color) in enumerate(init_bars, start=len(bars)):
+        vals = [100 * L["init"]["predictors"][key] for L in layers]
+        ax1.bar(x + (j - (n_bars - 1) / 2) * w, vals, w, label=label, color=color, alpha=0.4,
                 hatch="..", edgecolor="k", lw=0.3)
     ax1.axhline(100 * layers[0]["predictors"]["chance"], color="k", ls="--", lw=1,
                 label="chance 1/E")
@@ -883,6 +885,7 @@ def analyze(model: Any, tokenizer: Any, corpus: Any, *, excluded: Sequence[str] 
                                               fit[m])
                 per_domain[n] = {k: p[k] for k in ("token_id", "position", "majority_class",
                                                    "n_score")}
+        share = expert_share_by_domain(ex, trace.domain, E, len(names))  # [D, E]
         top = top_tokens_per_expert(trace.token_ids, ex, E, n_top, min_count)
         for t in top:
             for item in t["frequent"] + t["specific"]:
@@ -898,7 +901,8 @@ def analyze(model: Any, tokenizer: Any, corpus: Any, *, excluded: Sequence[str] 
                     "position_shuffled": shuffled_routing_std(trace.position, ex[:, 0], E,
                                                               min_count, seed),
                     "token_id_topk": routing_std(trace.token_ids, ex, E, min_count)},
-            "domain_share": expert_share_by_domain(ex, trace.domain, E, len(names)).tolist(),
+            "domain_share": share.tolist(),
+            "domain_share_max_deviation": float(np.nanmax(np.abs(share - 1.0 / E))),
             "top_tokens": top,
         })
     if init_model is not None:
@@ -1156,7 +1160,8 @@ def format_report(report: Mapping[str, Any]) -> str:
     for L in spec["layers"]:
         out.append("")
         out.append(f"Expert share by domain, block {L['layer']} (all top-{spec['top_k']} "
-                   "choices; uniform = " + _pct(1 / E) + "):")
+                   "choices; uniform = " + _pct(1 / E) + "; largest deviation from uniform "
+                   + _pct(L.get("domain_share_max_deviation")) + "):")
         rows = [[d] + [_pct(v, 1) for v in L["domain_share"][j]]
                 for j, d in enumerate(spec["domains"])]
         out.append(_table(["domain"] + [f"e{e}" for e in range(E)], rows))
