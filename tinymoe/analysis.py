@@ -56,6 +56,8 @@ __all__ = [
     "routing_std", "max_routing_std", "shuffled_routing_std", "expert_share_by_domain",
     "top_tokens_per_expert", "majority_agreement", "early_routing", "position_in_group",
     "drop_by_position", "drop_quarters", "token_label",
+    # report sections
+    "specialization_report", "drop_report",
     # collection from a model
     "RoutingTrace", "routing_settings", "collect_routing", "load_snapshots",
     # plots and report
@@ -829,8 +831,6 @@ def analyze(model: Any, tokenizer: Any, corpus: Any, *, excluded: Sequence[str] 
     specialization a random router already shows.
     Returns the report: nested dicts and lists of plain numbers and strings (JSON-ready).
     """
-    from tinymoe.data import Corpus, DomainText, multi_turn_text  # noqa: PLC0415
-
     log = log or (lambda *_: None)
     cfg = model.cfg
     E = cfg.n_experts
@@ -864,18 +864,55 @@ def analyze(model: Any, tokenizer: Any, corpus: Any, *, excluded: Sequence[str] 
                  "val_tokens": {n: int(val_tok[n].size) for n in names}},
     }
 
-    # ---------------------------------------------------------------- 1. specialization
+    # 1. specialization: every domain's held-out text, at the eval capacity factor
     t0 = time.perf_counter()
-    win, dom = [], []
-    for d, n in enumerate(names):
-        w = _windows(val_tok[n], T, max(2, max_tokens // T))
-        win.append(w)
-        dom.append(np.full(w.shape[0], d, dtype=np.int64))
-    trace = collect_routing(model, np.concatenate(win), np.concatenate(dom), batch_size, names)
-    log(f"specialization: routed {trace.n_tokens:,} held-out tokens in "
+    win = [_windows(val_tok[n], T, max(2, max_tokens // T)) for n in names]   # [n_d, T+1]
+    report["specialization"] = specialization_report(
+        model, tokenizer, win, names, excluded, batch_size, min_count, n_top, seed,
+        init_model, init_tokens)
+    log(f"specialization: routed {report['specialization']['n_tokens']:,} held-out tokens "
+        f"(and the untrained control's) in {time.perf_counter() - t0:.1f}s")
+
+    # 2. early routing, from the trainer's snapshots
+    if snapshots:
+        report["early_routing"] = {"available": True, "note": snapshot_note,
+                                   **early_routing(snapshots, E)}
+    else:
+        report["early_routing"] = {"available": False,
+                                   "note": snapshot_note or "no routing snapshots given"}
+
+    # 3. drops: the same data sets under every routing setting
+    t0 = time.perf_counter()
+    datasets = _drop_datasets(tokenizer, val_text, val_tok, names, in_dist, list(excluded), T,
+                              max(1, drop_tokens // T), seed)
+    if large_cf is None:
+        large_cf = 2.0 * max(cfg.eval_capacity_factor or 0.0, cfg.capacity_factor or 0.0) or 4.0
+    runs = [(model, s) for s in ("train_cf", "eval_cf", "probability", "larger_cf", "dropless")]
+    if compare_model is not None:
+        runs += [(compare_model, "compare_train_cf"), (compare_model, "compare_eval_cf")]
+    report["drops"] = drop_report(runs, datasets, batch_size, n_bins, large_cf, compare_name)
+    log(f"drops: {len(report['drops']['curves'])} routing runs in "
         f"{time.perf_counter() - t0:.1f}s")
+    report["summary"] = _summary(report)
+    return report
+
+
+def specialization_report(model: Any, tokenizer: Any, windows: Sequence[Array],
+                          names: Sequence[str], excluded: Sequence[str] = (),
+                          batch_size: int = 16, min_count: int = 16, n_top: int = 8,
+                          seed: int = 0, init_model: Any = None, init_tokens: int = 8192
+                          ) -> dict[str, Any]:
+    """Finding 1 on held-out windows (``windows[d]`` [n_d, T+1] of domain ``names[d]``):
+    predictors, the std measure with shuffled baselines, per-domain predictors, domain
+    shares and top tokens per MoE layer; plus the untrained control when ``init_model``
+    is given (on up to ``init_tokens`` tokens per domain of the same windows)."""
+    E = model.cfg.n_experts
+    T = windows[0].shape[1] - 1
+    dom = [np.full(w.shape[0], d, dtype=np.int64) for d, w in enumerate(windows)]
+    trace = collect_routing(model, np.concatenate(windows), np.concatenate(dom), batch_size,
+                            names)
     fit = trace.window % 2 == 0                       # even windows fit, odd windows score
-    spec_layers = []
+    layers = []
     for layer, ex in zip(trace.layers, trace.expert_index):
         per_domain = {}
         for d, n in enumerate(names):
@@ -890,15 +927,16 @@ def analyze(model: Any, tokenizer: Any, corpus: Any, *, excluded: Sequence[str] 
         for t in top:
             for item in t["frequent"] + t["specific"]:
                 item["text"] = token_label(tokenizer, item["id"])
-        spec_layers.append({
+        top1 = ex[:, 0]                                                   # [N]
+        layers.append({
             "layer": layer,
             "predictors": specialization_predictors(trace.token_ids, trace.position, ex, E, fit),
             "per_domain": per_domain,
-            "std": {"token_id": routing_std(trace.token_ids, ex[:, 0], E, min_count),
-                    "token_id_shuffled": shuffled_routing_std(trace.token_ids, ex[:, 0], E,
+            "std": {"token_id": routing_std(trace.token_ids, top1, E, min_count),
+                    "token_id_shuffled": shuffled_routing_std(trace.token_ids, top1, E,
                                                               min_count, seed),
-                    "position": routing_std(trace.position, ex[:, 0], E, min_count),
-                    "position_shuffled": shuffled_routing_std(trace.position, ex[:, 0], E,
+                    "position": routing_std(trace.position, top1, E, min_count),
+                    "position_shuffled": shuffled_routing_std(trace.position, top1, E,
                                                               min_count, seed),
                     "token_id_topk": routing_std(trace.token_ids, ex, E, min_count)},
             "domain_share": share.tolist(),
@@ -906,99 +944,91 @@ def analyze(model: Any, tokenizer: Any, corpus: Any, *, excluded: Sequence[str] 
             "top_tokens": top,
         })
     if init_model is not None:
-        t0 = time.perf_counter()
         keep = max(2, init_tokens // T)
         sub = [np.round(np.linspace(0, w.shape[0] - 1, min(keep, w.shape[0]))).astype(int)
-               for w in win]                                  # windows spread over each domain
-        init = collect_routing(init_model, np.concatenate([w[i] for w, i in zip(win, sub)]),
+               for w in windows]                              # windows spread over each domain
+        init = collect_routing(init_model, np.concatenate([w[i] for w, i in zip(windows, sub)]),
                                np.concatenate([d[i] for d, i in zip(dom, sub)]), batch_size,
                                names)
-        for L, ex in zip(spec_layers, init.expert_index):
+        for L, ex in zip(layers, init.expert_index):
             L["init"] = {
+                "n_tokens": init.n_tokens,
                 "predictors": specialization_predictors(init.token_ids, init.position, ex, E,
                                                         init.window % 2 == 0),
                 "std_token_id": routing_std(init.token_ids, ex[:, 0], E, min_count),
                 "std_position": routing_std(init.position, ex[:, 0], E, min_count)}
-        log(f"untrained control: routed {init.n_tokens:,} tokens in "
-            f"{time.perf_counter() - t0:.1f}s")
-    report["specialization"] = {
-        "n_tokens": trace.n_tokens, "n_experts": E, "top_k": cfg.top_k, "min_count": min_count,
-        "domains": names, "excluded": list(excluded), "ce": trace.ce,
-        "capacity_factor": cfg.eval_capacity_factor, "layers": spec_layers}
+    return {"n_tokens": trace.n_tokens, "n_experts": E, "top_k": model.cfg.top_k,
+            "min_count": min_count, "domains": list(names), "excluded": list(excluded),
+            "ce": trace.ce, "capacity_factor": model.cfg.eval_capacity_factor,
+            "layers": layers}
 
-    # ---------------------------------------------------------------- 2. early routing
-    if snapshots:
-        report["early_routing"] = {"available": True, "note": snapshot_note,
-                                   **early_routing(snapshots, E)}
-    else:
-        report["early_routing"] = {"available": False,
-                                   "note": snapshot_note or "no routing snapshots given"}
 
-    # ---------------------------------------------------------------- 3. drops
-    t0 = time.perf_counter()
-    n_win = max(1, drop_tokens // T)
-    datasets: list[dict[str, Any]] = []
-    data_windows: dict[str, tuple[Array, Array, list[str]]] = {}
-    per = max(1, n_win // max(len(in_dist), 1))
-    w = [_windows(val_tok[n], T, per) for n in in_dist]
-    data_windows["in_distribution"] = (
-        np.concatenate(w), np.concatenate([np.full(x.shape[0], names.index(n)) for x, n in
-                                           zip(w, in_dist)]), names)
-    datasets.append({"name": "in_distribution",
-                     "title": "in-distribution held-out text (" + ", ".join(in_dist) + ")"})
+def _drop_datasets(tokenizer: Any, val_text: Mapping[str, str], val_tok: Mapping[str, Array],
+                   names: list[str], in_dist: list[str], excluded: list[str], T: int,
+                   n_win: int, seed: int) -> list[dict[str, Any]]:
+    """The three drop data sets (``windows`` [n, T+1], ``domain`` [n] or [n, T+1],
+    ``domain_names``), or a ``skipped`` reason."""
+    from tinymoe.data import Corpus, DomainText, multi_turn_text  # noqa: PLC0415
+
+    def from_domains(doms: list[str], per: int) -> dict[str, Any]:
+        w = [_windows(val_tok[n], T, per) for n in doms]
+        d = [np.full(x.shape[0], names.index(n), dtype=np.int64) for x, n in zip(w, doms)]
+        return {"windows": np.concatenate(w), "domain": np.concatenate(d), "domain_names": names}
+
+    out = [{"name": "in_distribution",
+            "title": "in-distribution held-out text (" + ", ".join(in_dist) + ")",
+            **from_domains(in_dist, max(1, n_win // len(in_dist)))}]
     if len(in_dist) >= 2:
         cut = Corpus({n: DomainText(train="", val=val_text[n]) for n in in_dist}, source="val")
-        lo, hi = max(2, T // 8), max(3, T // 2)
-        hi = min(hi, min(int(val_tok[n].size) for n in in_dist))
+        hi = min(max(3, T // 2), min(int(val_tok[n].size) for n in in_dist))
+        lo = min(max(2, T // 8), hi)
         mixed = multi_turn_text(cut, tokenizer, n_seqs=n_win, seq_len=T + 1,
-                                segment_len=(min(lo, hi), hi), split="val", seed=seed)
-        data_windows["multi_turn"] = (mixed.tokens, mixed.domain, list(mixed.domain_names))
-        datasets.append({"name": "multi_turn",
-                         "title": f"multi-turn: segments of {min(lo, hi)}-{hi} tokens "
-                                  "from alternating domains"})
+                                segment_len=(lo, hi), split="val", seed=seed)
+        out.append({"name": "multi_turn",
+                     "title": f"multi-turn: segments of {lo}-{hi} tokens from alternating "
+                              "domains", "windows": mixed.tokens, "domain": mixed.domain,
+                     "domain_names": list(mixed.domain_names)})
     else:
-        datasets.append({"name": "multi_turn", "title": "multi-turn", "skipped":
-                         "needs at least two in-distribution domains"})
+        out.append({"name": "multi_turn", "title": "multi-turn",
+                    "skipped": "needs at least two in-distribution domains"})
     if excluded:
-        w = [_windows(val_tok[n], T, max(1, n_win // len(excluded))) for n in excluded]
-        data_windows["held_out_domain"] = (
-            np.concatenate(w), np.concatenate([np.full(x.shape[0], names.index(n)) for x, n in
-                                               zip(w, excluded)]), names)
-        datasets.append({"name": "held_out_domain",
-                         "title": "domain left out of training: " + ", ".join(excluded)})
+        out.append({"name": "held_out_domain",
+                    "title": "domain left out of training: " + ", ".join(excluded),
+                    **from_domains(excluded, max(1, n_win // len(excluded)))})
     else:
-        datasets.append({"name": "held_out_domain", "title": "domain left out of training",
-                         "skipped": "the checkpoint was trained on every domain of the data "
-                                    "(train with an excluded domain to see this case)"})
-    if large_cf is None:
-        large_cf = 2.0 * max(cfg.eval_capacity_factor or 0.0, cfg.capacity_factor or 0.0) or 4.0
-    settings = ["train_cf", "eval_cf", "probability", "larger_cf", "dropless"]
-    runs = [(model, s) for s in settings]
-    if compare_model is not None:
-        runs += [(compare_model, "compare_train_cf"), (compare_model, "compare_eval_cf")]
+        out.append({"name": "held_out_domain", "title": "domain left out of training",
+                    "skipped": "the checkpoint was trained on every domain of the data "
+                               "(train with an excluded domain to see this case)"})
+    return out
+
+
+def drop_report(runs: Sequence[tuple[Any, str]], datasets: Sequence[dict[str, Any]],
+                batch_size: int = 16, n_bins: int = 16, large_cf: float = 4.0,
+                compare_name: str = "compare") -> dict[str, Any]:
+    """Finding 3: every (model, setting) of ``runs`` on every data set of ``datasets``
+    (dicts with ``name``, ``title``, ``windows``, ``domain``, ``domain_names`` or
+    ``skipped``). Settings: see :func:`_routing_label`."""
     curves = []
     n_positions = 0
+    kept_sets = []
     for ds in datasets:
+        info = {k: v for k, v in ds.items() if k in ("name", "title", "skipped")}
+        kept_sets.append(info)
         if ds.get("skipped"):
             continue
-        toks, doms, dnames = data_windows[ds["name"]]
-        ds["n_tokens"] = int(toks.shape[0] * T)
         for m, s in runs:
             label, ov = _routing_label(m.cfg, s, large_cf)
-            tr = collect_routing(m, toks, doms, batch_size, dnames, **ov)
-            ds["n_tokens"] = tr.n_tokens
+            tr = collect_routing(m, ds["windows"], ds["domain"], batch_size, ds["domain_names"],
+                                 **ov)
+            info["n_tokens"] = tr.n_tokens
             n_positions = max(n_positions, tr.group_len)
             curves.append({"dataset": ds["name"], "setting": s, "label": label,
                            "model": compare_name if s.startswith("compare_") else "main",
                            "capacity_factor": ov["eval_capacity_factor"],
                            "slot_priority": ov.get("slot_priority", m.cfg.slot_priority),
                            **_drop_curve(tr, n_bins)})
-    log(f"drops: {len(curves)} routing runs in {time.perf_counter() - t0:.1f}s")
-    report["drops"] = {"n_positions": n_positions, "n_bins": n_bins, "larger_cf": large_cf,
-                       "datasets": datasets,
-                       "curves": curves}
-    report["summary"] = _summary(report)
-    return report
+    return {"n_positions": n_positions, "n_bins": n_bins, "larger_cf": large_cf,
+            "datasets": kept_sets, "curves": curves}
 
 
 def _at_fraction(early: Mapping[str, Any], frac: float) -> tuple[int, int] | None:
