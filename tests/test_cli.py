@@ -146,3 +146,12 @@ def test_optional_commands(cmd):
         assert "usage" in p.stdout
     else:
         one_line_error(p, code=1, match="not available")
+
+
+def test_nan_run_ends_with_one_error_line(tmp_path, capsys):
+    p = InProcess(capsys, "train", "--config", "toy", "--lr", "1e12", "--min-lr", "0",
+                  "--grad-clip", "0", "--weight-decay", "0", "--steps", "30", "--batch-size", "2",
+                  "--seq-len", "16", "--max-chars", "5000", "--eval-batches", "1",
+                  "--out", tmp_path, "--quiet")
+    one_line_error(p, code=1, match="at step")
+    assert p.stderr.startswith("error: ") and ("nan" in p.stderr or "inf" in p.stderr)

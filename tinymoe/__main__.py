@@ -271,6 +271,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if module is not None:
             return int(module.run(args) or 0)
         return commands[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     except (ValueError, OSError, CheckpointError, DeviceError, KeyError) as e:
         if os.environ.get("TINYMOE_DEBUG"):
             raise

@@ -226,6 +226,7 @@ class TrainResult:
                 "mean" (unweighted mean over domains); None when none ran.
     checkpoint  path of the last checkpoint written or kept (None when there is none).
     message     one line for the user (how to resume, what went wrong).
+    tokens_per_s  training tokens of this session / loop time (evals and saves included).
     """
 
     status: str
@@ -286,6 +287,9 @@ def build_tokenizer(cfg: TrainConfig, corpus: Corpus, vocab_size: int) -> Any:
     """Byte tokenizer, or a BPE trained on the corpus up to ``vocab_size`` ids."""
     if cfg.tokenizer == "byte":
         return ByteTokenizer()
+    if vocab_size <= ByteTokenizer.vocab_size:
+        raise ValueError(f"tokenizer 'bpe' with vocab_size={vocab_size} learns no merges; "
+                         "set a larger vocab_size (e.g. --vocab-size 2048)")
     return train_bpe(corpus, vocab_size)
 
 
@@ -690,7 +694,10 @@ def train(model_cfg: ModelConfig | None, train_cfg: TrainConfig, progress: bool 
         return sampler.state_dict(), route_rng.bit_generator.state
 
     try:
-        with _Interrupt() as interrupt:
+        # NaN/inf are detected and reported below in one line, so NumPy's warnings about
+        # them would only repeat it (several lines each)
+        with _Interrupt() as interrupt, np.errstate(invalid="ignore", over="ignore",
+                                                    divide="ignore"):
             if step == 0 and cfg.snapshot_every:
                 snapshot(0)
             while step < end_step:
