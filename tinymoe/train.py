@@ -621,6 +621,9 @@ def train(model_cfg: ModelConfig | None, train_cfg: TrainConfig, progress: bool 
 
     out_dir.mkdir(parents=True, exist_ok=True)
     log = _Log(out_dir / "log.jsonl", fresh=ckpt is None)
+    if ckpt is None:   # a fresh run: routing snapshots of an earlier run here are stale
+        for old in (out_dir / "snapshots").glob("step_*.npz"):
+            old.unlink()
     probe_x, probe_dom = (_probe_batch(val_tok, cfg.seq_len) if cfg.snapshot_every
                           else (None, None))
     counts = count_parameters(model_cfg)
