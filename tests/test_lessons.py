@@ -66,6 +66,8 @@ def test_lesson_runs_fast(path: Path, lesson_out: Path):
     env.update(TINYMOE_FAST="1", TINYMOE_LESSON_OUT=str(lesson_out), MPLBACKEND="Agg",
                PYTHONDONTWRITEBYTECODE="1")
     env.pop("TINYMOE_DEVICE", None)                 # lessons pick their device themselves
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(var, "1")                    # small arrays; avoids BLAS spin on a busy machine
     proc = subprocess.run([sys.executable, str(path)], cwd=lesson_out, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (
