@@ -162,7 +162,8 @@ show(fig, "10_specialization.png")
 # largely the token-id specialization seen through each domain's byte mix.
 
 # %%
-fig, axes = plt.subplots(1, len(trace.layers), figsize=(6 * len(trace.layers), 3.2), squeeze=False)
+fig, axes = plt.subplots(1, len(trace.layers), figsize=(6.5 * len(trace.layers), 3.4), squeeze=False,
+                         layout="constrained")
 for ax, layer, ex in zip(axes[0], trace.layers, trace.expert_index):
     share = A.expert_share_by_domain(ex, trace.domain, E, len(corpus.names))     # [D, E]
     im = ax.imshow(100 * share, cmap="viridis", vmin=0, aspect="auto")
@@ -172,10 +173,15 @@ for ax, layer, ex in zip(axes[0], trace.layers, trace.expert_index):
     ax.set_yticks(range(len(corpus.names)), corpus.names)
     ax.set_xticks(range(E))
     ax.set_xlabel("expert")
-    ax.set_title(f"block {layer}: share of each domain's assignments (%); uniform = {100 / E:.1f}")
+    ax.set_title(f"block {layer}: % of each domain's assignments\n(uniform = {100 / E:.1f} %)")
     fig.colorbar(im, ax=ax, label="%")
 fig.suptitle("Lesson 10: which experts each domain uses")
 show(fig, "10_domain_share.png")
+
+for layer, ex in zip(trace.layers, trace.expert_index):
+    share = A.expert_share_by_domain(ex, trace.domain, E, len(corpus.names))
+    print(f"block {layer}: domain shares range {100 * share.min():.0f}-{100 * share.max():.0f} % "
+          f"(uniform {100 / E:.1f} %): {'close to uniform, as in the paper' if share.max() < 2.5 / E else 'some domain preference'}")
 
 top = A.top_tokens_per_expert(trace.token_ids, trace.expert_index[j_last], E, n_top=6, min_count=m)
 print(f"block {trace.layers[j_last]}: the most specific bytes of each expert, with P(expert | byte)")
