@@ -210,6 +210,7 @@ assert z_runs[1e-2]["z"][-1] < z_runs[0.0]["z"][-1], "the z-loss should keep the
 # The task loss is almost the same; with OpenMoE's weight $10^{-4}$ the effect is gentler and
 # only matters once logits would otherwise grow large over a long training run.
 
+# %%
 fig, ax = plt.subplots(figsize=(7, 4.3))
 for c, h in z_runs.items():
     ax.plot(h["z"], label=f"z-loss weight {c:g}")

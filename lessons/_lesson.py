@@ -43,10 +43,10 @@ def show(fig, name: str) -> Path:
     path = OUT / name
     fig.savefig(path, dpi=110, bbox_inches="tight")
     print(f"[figure] {path}")
-    if IN_NOTEBOOK:
-        plt.show()
-    else:
-        plt.close(fig)
+    if IN_NOTEBOOK:                       # display the figure itself: works whatever the backend
+        from IPython.display import display
+        display(fig)
+    plt.close(fig)
     return path
 
 

@@ -41,6 +41,11 @@ def test_lesson_format(path: Path):
     assert re.search(r"^# ## Exercises", text, re.M), f"{path.name}: no Exercises section"
     assert len(re.findall(r"^\s*assert ", text, re.M)) >= 2, f"{path.name}: fewer than two self-checks"
     assert "show(fig" in text, f"{path.name}: no figure"
+    for cell in re.split(r"^# %%", text, flags=re.M)[1:]:
+        if cell.startswith(" [markdown]"):
+            code = [line for line in cell.splitlines()[1:] if line.strip() and not line.startswith("#")]
+            assert not code, (f"{path.name}: code inside a markdown cell (it would not run in a notebook): "
+                              f"{code[0]!r}; start a '# %%' cell before it")
     lines = text.splitlines()
     for i, line in enumerate(lines):
         if re.match(r"\s*(import torch|from torch)", line):
