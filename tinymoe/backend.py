@@ -19,6 +19,7 @@ import numpy as np  # host arrays: data loading, checkpoints, analysis
 __all__ = [
     "np", "xp", "set_device", "get_device", "array_module", "to_numpy", "to_device",
     "default_rng", "cuda_available", "DeviceError", "DEFAULT_DTYPE",
+    "synchronize", "device_pool_bytes", "free_device_pool",
 ]
 
 DEFAULT_DTYPE = np.float32
@@ -100,6 +101,29 @@ def to_device(a: Any, dtype: Any = None) -> Any:
 def default_rng(seed: int | None = None) -> np.random.Generator:
     """A per-run host random generator. Pass it around; there is no global seed."""
     return np.random.default_rng(seed)
+
+
+def synchronize() -> None:
+    """Wait until the device has finished all queued work (a no-op on the CPU).
+
+    GPU kernels run asynchronously: time a CuPy computation only after this call."""
+    if xp is not np:
+        xp.cuda.Device().synchronize()
+
+
+def device_pool_bytes() -> int:
+    """Bytes held by CuPy's default memory pool (0 on the CPU). The pool keeps freed
+    blocks for reuse, so after ``free_device_pool()`` this is the high-water mark of
+    device memory in use since then."""
+    if xp is np:
+        return 0
+    return int(xp.get_default_memory_pool().total_bytes())
+
+
+def free_device_pool() -> None:
+    """Return the CuPy pool's unused blocks to the device (a no-op on the CPU)."""
+    if xp is not np:
+        xp.get_default_memory_pool().free_all_blocks()
 
 
 _env = os.environ.get("TINYMOE_DEVICE")
