@@ -258,9 +258,17 @@ class Tanh(Function):
 
 
 def _sigmoid(xp: Any, a: Any) -> Any:
-    """Stable logistic: exp never sees a large positive argument."""
-    e = xp.exp(-xp.abs(a))                                      # in (0, 1]
-    return xp.where(a >= 0, 1 / (1 + e), e / (1 + e))
+    """Logistic 1 / (1 + exp(-a)), four passes in place on one output buffer.
+
+    For a < -88 (float32) exp(-a) overflows to inf and the result is 1/inf = 0, the
+    correctly rounded value, so the overflow warning is silenced; no sign branch needed.
+    (The branchy exp(-|a|) / where form made five full-size temporaries: ~15x slower.)"""
+    s = xp.negative(a)                                          # -a, a fresh buffer
+    with B.np.errstate(over="ignore"):
+        xp.exp(s, out=s)
+    s += 1
+    xp.reciprocal(s, out=s)                                     # in [0, 1]
+    return s
 
 
 class Sigmoid(Function):
@@ -334,6 +342,11 @@ class MatMul(Function):
             raise ValueError("matmul needs at least 1-D operands")
         ctx.save_for_backward(a if ctx.needs_input_grad[1] else None, b if ctx.needs_input_grad[0] else None)
         ctx.shapes = (a.shape, b.shape)
+        if b.ndim == 2 and a.ndim > 2:
+            # [..., n] @ [n, p]: fold the batch dims into rows and run ONE GEMM. NumPy's
+            # stacked matmul calls BLAS once per leading index instead (with 2 BLAS threads
+            # on a busy machine that was up to 10x slower than the single folded call).
+            return (a.reshape(-1, a.shape[-1]) @ b).reshape(a.shape[:-1] + (b.shape[-1],))
         return a @ b
 
     @staticmethod
@@ -352,7 +365,10 @@ class MatMul(Function):
         ga = gb = None
         if ctx.needs_input_grad[0]:
             b2 = b[:, None] if b.ndim == 1 else b               # [..., n, p]
-            ga = g @ xp.swapaxes(b2, -1, -2)                    # [..., m, p] @ [..., p, n] -> [..., m, n]
+            if b2.ndim == 2 and g.ndim > 2:                     # one folded GEMM, as in forward
+                ga = (g.reshape(-1, g.shape[-1]) @ b2.T).reshape(g.shape[:-1] + (b2.shape[0],))
+            else:
+                ga = g @ xp.swapaxes(b2, -1, -2)                # [..., m, p] @ [..., p, n] -> [..., m, n]
             ga = unbroadcast(ga, sa if len(sa) > 1 else (1,) + sa)
             if ga.shape != sa:
                 ga = ga.reshape(sa)
