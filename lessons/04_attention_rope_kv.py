@@ -233,9 +233,9 @@ if torch is not None:
 # %% [markdown]
 # ## Exercises
 #
-# 1. **Break the mask.** Call `F.causal_attention(q, k, v, causal=False)` inside a copy of the
-#    causality test. Which assert fires, and with what numbers? *Hint:* the test only changes
-#    tokens after position $t$.
+# 1. **Without the mask.** In section 1, compute `F.causal_attention(q, k, v, causal=False)` and
+#    compare it with `fused`. Which output rows change, and why is the last row the same?
+#    *Hint:* the last query is allowed to see every key anyway.
 # 2. **Wavelengths.** The pair $i$ turns by $\theta_i$ per position: its wavelength is
 #    $2\pi/\theta_i$ positions. Print them for $d_h = 64$ and base $10^4$. Which pairs can tell
 #    position 5 from 6, and which position 1000 from 2000? *Hint:* `F.rope_tables` gives cos/sin.
