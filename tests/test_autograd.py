@@ -161,7 +161,7 @@ def test_shape_mismatch_names_op_and_shapes():
     with pytest.raises(ValueError, match=r"add: inputs of shapes \(2, 3\), \(4,\)") as e:
         a + b
     assert "\n" not in str(e.value)
-    with pytest.raises(ValueError, match=r"mat_mul: inputs of shapes \(2, 3\), \(2, 3\)"):
+    with pytest.raises(ValueError, match=r"matmul: inputs of shapes \(2, 3\), \(2, 3\)"):
         a @ Tensor(np.zeros((2, 3), np.float32))
 
 
@@ -209,3 +209,11 @@ def test_set_device_cuda_without_gpu_is_one_clear_error():
     assert B.get_device() == "cpu"
     with pytest.raises(B.DeviceError, match="unknown device 'tpu'"):
         B.set_device("tpu")
+
+
+def test_numpy_scalars_do_not_upcast_and_raw_arrays_are_checked():
+    x = tinymoe.tensor(np.ones(2, np.float32), requires_grad=True)
+    assert (x * np.float64(2.0)).dtype == np.float32        # weak scalar, like a Python float
+    assert (np.float64(2.0) * x).dtype == np.float32
+    with pytest.raises(TypeError, match="add: dtype mismatch float32 vs float64"):
+        x + np.ones(2, np.float64)                           # a float64 array would upcast: refused

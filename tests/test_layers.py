@@ -96,7 +96,7 @@ def test_rope_errors():
     cos, sin = F.rope_tables(8, 4, dtype=np.float64)
     with pytest.raises(ValueError, match="do not match"):
         F.rope(tinymoe.Tensor(np.ones((2, 5, 4))), cos[:4], sin[:4])
-    with pytest.raises(TypeError, match="table dtype float64 != input dtype float32"):
+    with pytest.raises(TypeError, match="rope: dtype mismatch float32 vs float64"):
         F.rope(tinymoe.Tensor(np.ones((2, 4, 4), np.float32)), cos[:4], sin[:4])
     with pytest.raises(ValueError, match="odd"):
         F.rope_tables(8, 5)

@@ -261,9 +261,13 @@ class Function:
     def backward(ctx: Context, *grads: Any) -> Any:  # pragma: no cover
         raise NotImplementedError
 
+    name: str | None = None   # the op's name in error messages; default from the class name
+
     @classmethod
     def op_name(cls) -> str:
-        """``CrossEntropy`` -> ``cross_entropy`` (used in error messages)."""
+        """``CrossEntropy`` -> ``cross_entropy`` unless the class sets ``name``."""
+        if cls.name:
+            return cls.name
         return "".join("_" + c.lower() if c.isupper() and i else c.lower() for i, c in enumerate(cls.__name__))
 
     @classmethod
@@ -289,6 +293,14 @@ class Function:
                 arrays.append(x.data)
                 needs.append(x.requires_grad and _grad_enabled)
             else:
+                if isinstance(x, B.np.floating):    # a NumPy float scalar would upcast float32: keep it weak
+                    x = float(x)
+                elif getattr(x, "dtype", None) is not None and x.dtype.kind == "f" and x.ndim > 0:
+                    if float_dtype is None:
+                        float_dtype = x.dtype
+                    elif x.dtype != float_dtype:
+                        raise TypeError(f"{cls.op_name()}: dtype mismatch {float_dtype} vs {x.dtype} "
+                                        "(no silent upcasts; convert explicitly)")
                 arrays.append(x)
                 needs.append(False)
         ctx = Context(tuple(needs))

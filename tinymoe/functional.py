@@ -336,6 +336,8 @@ class MatMul(Function):
     2-D weight and a is [..., n], the batch dims are folded into rows so dB is one GEMM.
     """
 
+    name = "matmul"
+
     @staticmethod
     def forward(ctx: Context, a: Any, b: Any) -> Any:
         if a.ndim == 0 or b.ndim == 0:
@@ -906,6 +908,8 @@ class RoPE(Function):
     y2 = x2 cos + x1 sin. The map is linear in x, so its backward is its transpose,
     dx = g * cos - rotate_half(g * sin): the rotation by -theta. Only the tables are saved.
     """
+
+    name = "rope"
 
     @staticmethod
     def forward(ctx: Context, x: Any, cos: Any, sin: Any) -> Any:

@@ -447,9 +447,9 @@ class _Log:
 def plot_curves(log_path: str | os.PathLike[str], png_path: str | os.PathLike[str]) -> Path | None:
     """Draw training loss and held-out loss per domain (top), and the dropped fraction
     and busiest expert's share (bottom), from ``log.jsonl``; returns the PNG path."""
-    import matplotlib  # noqa: PLC0415 (plotting only when asked)
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    # matplotlib's object API on an Agg canvas: no pyplot, so the caller's backend is untouched
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 (plotting only when asked)
+    from matplotlib.figure import Figure  # noqa: PLC0415
 
     log_path, png_path = Path(log_path), Path(png_path)
     train_ev, eval_ev = [], []
@@ -464,7 +464,9 @@ def plot_curves(log_path: str | os.PathLike[str], png_path: str | os.PathLike[st
             eval_ev.append(ev)
     if not train_ev:
         return None
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    fig = Figure(figsize=(8, 7))
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(2, 1, sharex=True)
     steps = [e["step"] for e in train_ev]
     ax1.plot(steps, [e["ce"] for e in train_ev], label="train CE", color="black", lw=1)
     domains = [k for k in (eval_ev[-1]["eval"] if eval_ev else {}) if k != "mean"]
@@ -484,7 +486,6 @@ def plot_curves(log_path: str | os.PathLike[str], png_path: str | os.PathLike[st
     ax2.grid(alpha=0.3)
     fig.tight_layout()
     atomic_write_bytes(png_path, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
     return png_path
 
 
