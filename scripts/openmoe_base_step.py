@@ -1,10 +1,14 @@
 """One forward + backward of OpenMoE-Base/16E (float32) on a [1, 512] batch: time and memory.
 
     python scripts/openmoe_base_step.py [--seq 512] [--preset openmoe-base] [--profile]
+                                        [--optimizer none|adamw|adafactor] [--steps N]
 
-Prints the time of each phase (build, forward, backward), the resident memory after each
-phase and the peak RSS (resource.getrusage ru_maxrss). ``--profile`` adds the top entries
-of a cProfile of the forward + backward. Not part of the test suite.
+Prints the time of each phase (build, forward, backward and, with ``--optimizer``, the
+gradient clip + optimizer step), the resident memory after each phase and the peak RSS
+(resource.getrusage ru_maxrss). ``--steps N`` repeats the whole training step N times (the
+optimizer state is allocated on the first). ``--profile`` adds the top entries of a
+cProfile of the last step. Run each setting in a fresh process: the peak is per process.
+Not part of the test suite.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import numpy as np  # noqa: E402  (script: host data only)
 from tinymoe import backend as B  # noqa: E402
 from tinymoe.config import count_parameters, get_preset  # noqa: E402
 from tinymoe.nn.model import OpenMoE  # noqa: E402
+from tinymoe.optim import Adafactor, AdamW, clip_grad_norm_, param_groups_for_decay  # noqa: E402
 
 
 def rss_gb() -> float:
@@ -47,6 +52,9 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--optimizer", choices=("none", "adamw", "adafactor"), default="none",
+                    help="also clip the gradients to norm 1 and take one optimizer step")
+    ap.add_argument("--steps", type=int, default=1, help="training steps to run (default 1)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: TINYMOE_DEVICE or cpu)")
     args = ap.parse_args()
     if args.device:
@@ -67,28 +75,52 @@ def main() -> None:
     ids = rng.integers(0, cfg.vocab_size, size=(args.batch, args.seq + 1))
     x, y = ids[:, :-1], ids[:, 1:]
 
-    prof = cProfile.Profile() if args.profile else None
-    if prof:
-        prof.enable()
-    t0 = time.perf_counter()
-    out = model(x, targets=y)
-    _ = float(out.loss.item())
-    t_fwd = time.perf_counter() - t0
-    print(f"forward   {t_fwd:7.2f} s   rss {rss_gb():6.2f} GB   loss {out.loss.item():.4f} "
-          f"(ce {out.ce.item():.4f}, aux {out.aux_loss.item():.4f}, z {out.z_loss.item():.4f})")
-    t0 = time.perf_counter()
-    out.loss.backward()
-    if B.get_device() == "cuda":
-        B.xp.cuda.Device().synchronize()
-    t_bwd = time.perf_counter() - t0
-    if prof:
-        prof.disable()
-    n_grads = sum(p.grad is not None for p in model.parameters())
-    print(f"backward  {t_bwd:7.2f} s   rss {rss_gb():6.2f} GB   ({n_grads} parameter grads)")
-    drops = ", ".join(f"L{s.layer} {100 * s.dropped_fraction:.1f}% (C={s.capacity})" for s in out.routing)
-    print(f"routing drops: {drops}")
-    print(f"step (fwd+bwd) {t_fwd + t_bwd:.2f} s, {args.batch * args.seq / (t_fwd + t_bwd):.0f} tokens/s; "
-          f"peak RSS {peak_gb():.2f} GB")
+    params = list(model.parameters())
+    opt = None
+    if args.optimizer == "adamw":
+        opt = AdamW(param_groups_for_decay(model.named_parameters(), 0.1), lr=1e-4)
+    elif args.optimizer == "adafactor":      # OpenMoE's setting (as tinymoe.train builds it)
+        opt = Adafactor(params, lr=1e-2, decay_rate=0.8, beta1=None, clip_threshold=1.0,
+                        scale_parameter=True, relative_step=False)
+
+    prof = None
+    for step in range(1, args.steps + 1):
+        if opt is not None:
+            opt.zero_grad()
+        else:
+            model.zero_grad()
+        if args.profile and step == args.steps:
+            prof = cProfile.Profile()
+            prof.enable()
+        t0 = time.perf_counter()
+        out = model(x, targets=y)
+        loss = float(out.loss.item())
+        t_fwd = time.perf_counter() - t0
+        print(f"[step {step}] forward   {t_fwd:7.2f} s   rss {rss_gb():6.2f} GB   loss {loss:.4f} "
+              f"(ce {out.ce.item():.4f}, aux {out.aux_loss.item():.4f}, z {out.z_loss.item():.4f})")
+        drops = ", ".join(f"L{s.layer} {100 * s.dropped_fraction:.1f}% (C={s.capacity})" for s in out.routing)
+        t0 = time.perf_counter()
+        out.loss.backward()
+        del out
+        B.synchronize()
+        t_bwd = time.perf_counter() - t0
+        n_grads = sum(p.grad is not None for p in params)
+        print(f"[step {step}] backward  {t_bwd:7.2f} s   rss {rss_gb():6.2f} GB   ({n_grads} parameter grads)")
+        t_opt = 0.0
+        if opt is not None:
+            t0 = time.perf_counter()
+            gnorm = clip_grad_norm_(params, 1.0)
+            opt.step()
+            B.synchronize()
+            t_opt = time.perf_counter() - t0
+            print(f"[step {step}] clip+{args.optimizer} {t_opt:6.2f} s   rss {rss_gb():6.2f} GB   (grad norm {gnorm:.3f})")
+        if prof:
+            prof.disable()
+        total = t_fwd + t_bwd + t_opt
+        print(f"[step {step}] routing drops: {drops}")
+        print(f"[step {step}] step {total:.2f} s, {args.batch * args.seq / total:.0f} tokens/s; "
+              f"peak RSS so far {peak_gb():.2f} GB")
+    print(f"peak RSS {peak_gb():.2f} GB ({args.optimizer}, batch [{args.batch}, {args.seq}], {args.steps} step(s))")
     if prof:
         pstats.Stats(prof).sort_stats("tottime").print_stats(20)
 

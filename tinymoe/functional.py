@@ -760,13 +760,14 @@ class CrossEntropy(Function):
             raise IndexError(f"a target id is outside [0, {V}) (ignore_index={ignore_index})")
         t_safe = xp.where(valid, t, 0)                          # [N]
         m = z.max(axis=1, keepdims=True)                        # [N, 1]
-        probs = xp.exp(z - m)                                   # [N, V] (the one big buffer)
+        probs = xp.subtract(z, m)                               # [N, V] (the one big buffer)
+        xp.exp(probs, out=probs)                                # in place: no second [N, V]
         sumexp = probs.sum(axis=1, keepdims=True)               # [N, 1]
         lse = (m + xp.log(sumexp))[:, 0]                        # [N]
         picked = z[xp.arange(z.shape[0]), t_safe]               # [N]
         losses = xp.where(valid, lse - picked, 0).astype(logits.dtype, copy=False)  # [N]
         count = int(valid.sum())
-        probs /= sumexp                                         # softmax, in place
+        probs *= 1 / sumexp                                     # softmax, in place ([N, 1] reciprocals)
         ctx.save_for_backward(probs, t_safe, valid)
         ctx.count, ctx.reduction, ctx.shape = count, reduction, logits.shape
         if reduction == "mean":
