@@ -406,7 +406,8 @@ def test_analyze_command_end_to_end(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     A.add_arguments(parser)
     args = parser.parse_args([str(run_dir), "--data", str(data), "--max-tokens", "1024",
-                              "--drop-tokens", "512", "--min-count", "4", "--bins", "8"])
+                              "--drop-tokens", "512", "--min-count", "4", "--bins", "8",
+                              "--compare", str(run_dir / "checkpoint.npz")])
     assert A.run(args) == 0
     printed = capsys.readouterr().out
     out = run_dir / "analysis"
@@ -419,10 +420,14 @@ def test_analyze_command_end_to_end(tmp_path, capsys):
     names = [d["name"] for d in rep["drops"]["datasets"] if not d.get("skipped")]
     assert names == ["in_distribution", "multi_turn", "held_out_domain"]
     settings = {c["setting"] for c in rep["drops"]["curves"]}
-    assert settings == {"train_cf", "eval_cf", "probability", "larger_cf", "dropless"}
-    for c in rep["drops"]["curves"]:
-        if c["setting"] == "dropless":
-            assert c["overall"] == 0.0
+    assert settings == {"train_cf", "eval_cf", "probability", "larger_cf", "dropless",
+                        "compare_train_cf", "compare_eval_cf"}
+    by = {(c["dataset"], c["setting"]): c for c in rep["drops"]["curves"]}
+    for ds in names:
+        assert by[(ds, "dropless")]["overall"] == 0.0
+        # the compare model is the same checkpoint here: identical drops
+        assert by[(ds, "compare_eval_cf")]["drop_rate"] == by[(ds, "eval_cf")]["drop_rate"]
+        assert by[(ds, "compare_eval_cf")]["label"].startswith("compare run model: ")
     er = rep["early_routing"]
     assert er["steps"] == [10, 20, 30]
     assert er["layers"][0]["tokens"] == [0.0, 0.0, 1.0]

@@ -792,7 +792,8 @@ def _drop_curve(trace: RoutingTrace, n_bins: int) -> dict[str, Any]:
             "ce": trace.ce, "per_layer": per_layer}
 
 
-def _routing_label(cfg: Any, setting: str, large_cf: float) -> tuple[str, dict[str, Any]]:
+def _routing_label(cfg: Any, setting: str, large_cf: float, compare_name: str = "compare"
+                   ) -> tuple[str, dict[str, Any]]:
     """(legend label, config overrides) of one named routing setting."""
     prio = cfg.slot_priority
     if setting in ("train_cf", "compare_train_cf"):
@@ -813,7 +814,7 @@ def _routing_label(cfg: Any, setting: str, large_cf: float) -> tuple[str, dict[s
     else:
         raise ValueError(f"unknown routing setting {setting!r}")
     if setting.startswith("compare_"):
-        label = "compare model: " + label
+        label = f"{compare_name} model: " + label
     return label, ov
 
 
@@ -1017,7 +1018,7 @@ def drop_report(runs: Sequence[tuple[Any, str]], datasets: Sequence[dict[str, An
         if ds.get("skipped"):
             continue
         for m, s in runs:
-            label, ov = _routing_label(m.cfg, s, large_cf)
+            label, ov = _routing_label(m.cfg, s, large_cf, compare_name)
             tr = collect_routing(m, ds["windows"], ds["domain"], batch_size, ds["domain_names"],
                                  **ov)
             info["n_tokens"] = tr.n_tokens
@@ -1409,7 +1410,8 @@ def _run(args: argparse.Namespace) -> int:
         T = args.seq_len or cfg.max_seq_len
         if ccfg.max_seq_len < T:
             raise ValueError(f"--compare {cpath}: max_seq_len {ccfg.max_seq_len} < {T}")
-        compare_name = str(cpath)
+        compare_name = "compare " + (cpath.parent.name if cpath.name == "checkpoint.npz"
+                                     else cpath.stem)
 
     init_model = None
     if getattr(args, "init_control", True):
