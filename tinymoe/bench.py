@@ -338,6 +338,9 @@ class _Tinymoe:
         self.x, self.y = ids[:, :-1], ids[:, 1:]
         self.route_rng = B.default_rng(seed + 2)
 
+    def sync(self) -> None:
+        B.synchronize()
+
     def forward(self) -> float:
         with no_grad():
             return float(self.model(self.x, targets=self.y, rng=self.route_rng).loss.item())
@@ -401,8 +404,13 @@ class _Torch:
                                           {"params": no_decay, "weight_decay": 0.0}], lr=1e-4)
         else:   # torch's own Adafactor (factored second moments, decay t^-0.8, update clip 1.0)
             self.opt = torch.optim.Adafactor(self.params, lr=1e-2, beta2_decay=-0.8, d=1.0, weight_decay=0.0)
-        self.x = torch.as_tensor(B.np.asarray(x))
-        self.y = torch.as_tensor(B.np.asarray(y))
+        self.x = torch.tensor(B.np.asarray(x))                # on torch's default device
+        self.y = torch.tensor(B.np.asarray(y))
+
+    def sync(self) -> None:
+        """Wait for queued CUDA work (no-op on the CPU)."""
+        if self.torch.cuda.is_available() and B.get_device() == "cuda":
+            self.torch.cuda.synchronize()
 
     def _loss(self) -> Any:
         return self.tm.twin_model(self.cfg, self.p, self.x, self.y)["loss"]
@@ -438,7 +446,7 @@ class _Torch:
                   for _ in range(cfg.n_layers)]
         with torch.no_grad():
             t0 = time.perf_counter()
-            logits = _torch_cached_forward(self.tm, self.tmoe, cfg, self.p, torch.as_tensor(prompt), caches, 0)
+            logits = _torch_cached_forward(self.tm, self.tmoe, cfg, self.p, torch.tensor(prompt), caches, 0)
             nxt = int(logits[0, -1].argmax())
             t1 = time.perf_counter()
             ids = [nxt]
@@ -448,8 +456,7 @@ class _Torch:
                 pos += 1
                 nxt = int(logits[0, -1].argmax())
                 ids.append(nxt)
-            if B.get_device() == "cuda":
-                torch.cuda.synchronize()
+            self.sync()
             t2 = time.perf_counter()
         return t1 - t0, t2 - t1, ids
 
@@ -555,10 +562,10 @@ def _bench_model(args: argparse.Namespace, report: dict[str, Any], roof: dict[st
                 getattr(sides[name], phase)()
         for _ in range(args.steps):
             for name in times:
-                B.synchronize()
+                sides[name].sync()
                 t0 = time.perf_counter()
                 getattr(sides[name], phase)()
-                B.synchronize()
+                sides[name].sync()
                 times[name].append(time.perf_counter() - t0)
         for name, ts in times.items():
             med = statistics.median(ts)

@@ -31,7 +31,7 @@ from typing import Any
 from tinymoe import backend as B
 from tinymoe import functional as F
 from tinymoe import routing
-from tinymoe.autograd import Context, Function, Tensor
+from tinymoe.autograd import Context, Function, Tensor, is_grad_enabled
 from tinymoe.config import ModelConfig
 from tinymoe.nn.module import Module, Parameter
 
@@ -234,9 +234,27 @@ class Experts(Module):
         self.w_up = Parameter(_normal(rng, (n_experts, d_model, d_ff), std, dt))
         self.w_down = Parameter(_normal(rng, (n_experts, d_ff, d_model), std, dt))
 
-    def forward(self, buf: Tensor) -> Tensor:
+    def forward(self, buf: Tensor, load: Any = None) -> Tensor:
+        """buf [E, R, d] -> [E, R, d]. ``load`` [E] (kept assignments per expert, optional):
+        without a graph (generation, eval), experts that received no token are skipped."""
+        if load is not None and not is_grad_enabled():
+            active = B.to_numpy(load).nonzero()[0]                        # host ints: experts with rows
+            if len(active) < self.n_experts:
+                return Tensor(self._forward_active(buf.data, active.tolist()))
         h = F.swiglu(buf @ self.w_gate, buf @ self.w_up)                   # [E, R, d] -> [E, R, f]
         return h @ self.w_down                                            # [E, R, f] -> [E, R, d]
+
+    def _forward_active(self, buf: Any, active: list[int]) -> Any:
+        """Inference only: run the listed experts, zeros for the others. Decoding one token
+        reaches k of E experts, and reading every expert's weights (E * 3 d f numbers)
+        dominated a decode step; this reads only the active ones."""
+        xp = B.array_module(buf)
+        out = xp.zeros(buf.shape, dtype=buf.dtype)                        # [E, R, d]
+        for e in active:                                                  # at most min(E, k N) experts
+            x = buf[e]                                                    # [R, d]
+            h = F.swiglu(x @ self.w_gate.data[e], x @ self.w_up.data[e]).data  # [R, d] -> [R, f]
+            out[e] = h @ self.w_down.data[e]                              # [R, f] -> [R, d]
+        return out
 
     def extra_repr(self) -> str:
         return f"n_experts={self.n_experts}, d_model={self.d_model}, d_ff={self.d_ff}"
@@ -294,7 +312,7 @@ class MoE(Module):
             cfg.slot_priority, cfg.renormalize, rng)                      # [N, k], [], []
         flat_pos, token, rank = routing.dispatch_indices(result)          # [M] each
         buf = dispatch(tokens, flat_pos, token, cfg.n_experts, result.rows_per_expert)  # [E, R, d]
-        out = self.experts(buf)                                           # [E, R, d]
+        out = self.experts(buf, load=result.load_after)                   # [E, R, d]
         y = combine(out, weight, flat_pos, token, rank, n)                # [N, d]
         stats = MoEStats.from_result(result, self.layer_idx, (bsz, seq))
         return y.reshape(bsz, seq, d), aux, z, stats
