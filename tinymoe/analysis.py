@@ -821,10 +821,10 @@ def _routing_label(cfg: Any, setting: str, large_cf: float, compare_name: str = 
 def analyze(model: Any, tokenizer: Any, corpus: Any, *, excluded: Sequence[str] = (),
             compare_model: Any = None, compare_name: str = "compare", snapshots: Sequence[
                 Mapping[str, Any]] | None = None, snapshot_note: str = "",
-            max_tokens: int = 32768, drop_tokens: int = 8192, batch_size: int = 16,
+            max_tokens: int = 65536, drop_tokens: int = 16384, batch_size: int = 16,
             seq_len: int | None = None, min_count: int = 16, n_top: int = 8, n_bins: int = 16,
             large_cf: float | None = None, seed: int = 0, init_model: Any = None,
-            init_tokens: int = 8192, log: Any = None) -> dict[str, Any]:
+            init_tokens: int = 16384, log: Any = None) -> dict[str, Any]:
     """All three findings for ``model`` on ``corpus`` (a tinymoe.data.Corpus; held-out
     ``val`` text is used). ``excluded``: domains of the corpus left out of training.
     ``init_model``: an untrained model of the same config, routed on (up to
@@ -901,7 +901,7 @@ def analyze(model: Any, tokenizer: Any, corpus: Any, *, excluded: Sequence[str] 
 def specialization_report(model: Any, tokenizer: Any, windows: Sequence[Array],
                           names: Sequence[str], excluded: Sequence[str] = (),
                           batch_size: int = 16, min_count: int = 16, n_top: int = 8,
-                          seed: int = 0, init_model: Any = None, init_tokens: int = 8192
+                          seed: int = 0, init_model: Any = None, init_tokens: int = 16384
                           ) -> dict[str, Any]:
     """Finding 1 on held-out windows (``windows[d]`` [n_d, T+1] of domain ``names[d]``):
     predictors, the std measure with shuffled baselines, per-domain predictors, domain
@@ -1295,13 +1295,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="where to write the PNGs and analysis.json "
                              "(default: <checkpoint folder>/analysis)")
-    parser.add_argument("--max-tokens", type=int, default=32768, metavar="N",
+    parser.add_argument("--max-tokens", type=int, default=65536, metavar="N",
                         help="held-out tokens per domain for the specialization measures "
-                             "(default 32768)")
-    parser.add_argument("--drop-tokens", type=int, default=8192, metavar="N",
-                        help="tokens per data set for each drop-vs-position run (default 8192)")
-    parser.add_argument("--init-tokens", type=int, default=8192, metavar="N",
-                        help="tokens per domain routed by the untrained control (default 8192)")
+                             "(default 65536)")
+    parser.add_argument("--drop-tokens", type=int, default=16384, metavar="N",
+                        help="tokens per data set for each drop-vs-position run "
+                             "(default 16384)")
+    parser.add_argument("--init-tokens", type=int, default=16384, metavar="N",
+                        help="tokens per domain routed by the untrained control "
+                             "(default 16384)")
     parser.add_argument("--batch-size", type=int, default=16, metavar="B",
                         help="sequences per forward pass (default 16)")
     parser.add_argument("--seq-len", type=int, default=None, metavar="T",
