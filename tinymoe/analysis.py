@@ -957,7 +957,11 @@ def specialization_report(model: Any, tokenizer: Any, windows: Sequence[Array],
                 "predictors": specialization_predictors(init.token_ids, init.position, ex, E,
                                                         init.window % 2 == 0),
                 "std_token_id": routing_std(init.token_ids, ex[:, 0], E, min_count),
-                "std_position": routing_std(init.position, ex[:, 0], E, min_count)}
+                "std_token_id_shuffled": shuffled_routing_std(init.token_ids, ex[:, 0], E,
+                                                              min_count, seed),
+                "std_position": routing_std(init.position, ex[:, 0], E, min_count),
+                "std_position_shuffled": shuffled_routing_std(init.position, ex[:, 0], E,
+                                                              min_count, seed)}
     return {"n_tokens": trace.n_tokens, "n_experts": E, "top_k": model.cfg.top_k,
             "min_count": min_count, "domains": list(names), "excluded": list(excluded),
             "ce": trace.ce, "capacity_factor": model.cfg.eval_capacity_factor,
@@ -1176,9 +1180,13 @@ def format_report(report: Mapping[str, Any]) -> str:
     for L in spec["layers"]:
         if "init" in L:
             i = L["init"]
+            shuffled = [_num(i[k]["mean_std"]) if k in i else ""
+                        for k in ("std_token_id_shuffled", "std_position_shuffled")]
             rows.append([f"block {L['layer']}, untrained", _num(i["std_token_id"]["mean_std"]),
-                         "", i["std_token_id"]["n_keys"], _pct(i["std_token_id"]["token_share"]),
-                         _num(i["std_position"]["mean_std"]), "", i["std_position"]["n_keys"], ""])
+                         shuffled[0], i["std_token_id"]["n_keys"],
+                         _pct(i["std_token_id"]["token_share"]),
+                         _num(i["std_position"]["mean_std"]), shuffled[1],
+                         i["std_position"]["n_keys"], ""])
     out.append(_table(["layer", "token ids", "shuffled", "#ids", "tokens covered", "positions",
                        "shuffled", "#pos", f"ids, top-{spec['top_k']}"], rows))
     out.append("")
