@@ -91,13 +91,12 @@ def test_graph_is_freed_after_backward():
 
     x = Tensor(np.ones(4), requires_grad=True)
     y = Save.apply(x)
-    ref = weakref.ref(y._node.ctx.saved[0].base if y._node.ctx.saved[0].base is not None else y._node.ctx.saved[0])
-    # ndarray supports weakrefs only through a subclass; check via the ctx instead
+    # plain ndarrays cannot be weak-referenced; the ctx holding them can (see the next test
+    # for the buffer itself, through an ndarray subclass)
     ctx_ref = weakref.ref(y._node.ctx)
     y.sum().backward()
     gc.collect()
     assert ctx_ref() is None, "the ctx (and its saved buffers) must be released after backward"
-    assert ref is not None
     with pytest.raises(RuntimeError, match="second time"):
         y.sum().backward()
 

@@ -192,12 +192,7 @@ class OpenMoE(Module):
     # -- forward -------------------------------------------------------------------------
     def _check_ids(self, ids: Any, cache: ModelCache | None) -> Any:
         """ids as device ints [B, T], with one-line errors for every bad input."""
-        if isinstance(ids, Tensor):
-            ids = ids.data
-        if not hasattr(ids, "dtype"):
-            ids = B.np.asarray(ids)
-        if ids.dtype.kind not in "iu":
-            raise TypeError(f"token ids must be integers, got dtype {ids.dtype}")
+        ids = _int_array(ids, "token ids must be integers")
         if ids.ndim != 2:
             raise ValueError(f"token ids must have shape [batch, seq], got {tuple(ids.shape)}")
         bsz, seq = ids.shape
@@ -258,12 +253,7 @@ class OpenMoE(Module):
         return ModelOutput(logits=logits, ce=ce, aux_loss=aux_loss, z_loss=z_loss, loss=loss, routing=routing)
 
     def _check_targets(self, targets: Any, shape: tuple[int, ...]) -> Any:
-        if isinstance(targets, Tensor):
-            targets = targets.data
-        if not hasattr(targets, "dtype"):
-            targets = B.np.asarray(targets)
-        if targets.dtype.kind not in "iu":
-            raise TypeError(f"targets must be integer token ids, got dtype {targets.dtype}")
+        targets = _int_array(targets, "targets must be integer token ids")
         if tuple(targets.shape) != tuple(shape):
             raise ValueError(f"targets shape {tuple(targets.shape)} != ids shape {tuple(shape)}")
         V = self.cfg.vocab_size
@@ -285,3 +275,14 @@ def _layer_mean(terms: list[Tensor], dtype: Any) -> Tensor:
     for t in terms[1:]:
         total = total + t
     return total * (1.0 / len(terms))
+
+
+def _int_array(x: Any, what: str) -> Any:
+    """``x`` (Tensor, array or list) as an array, refused unless it holds integers."""
+    if isinstance(x, Tensor):
+        x = x.data
+    if not hasattr(x, "dtype"):
+        x = B.np.asarray(x)
+    if x.dtype.kind not in "iu":
+        raise TypeError(f"{what}, got dtype {x.dtype}")
+    return x
