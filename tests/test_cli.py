@@ -63,7 +63,7 @@ def test_help(capsys):
         p = InProcess(capsys, *cmd, "--help")
         assert p.returncode == 0 and "usage" in p.stdout, p.stderr
     for flag in ("--n-experts", "--top-k", "--capacity-factor", "--slot-priority", "--d-model",
-                 "--batch-size", "--lr", "--resume", "--out", "--device", "--optimizer"):
+                 "--batch-size", "--lr", "--resume", "--out", "--device", "--optimizer", "--threads"):
         assert flag in p.stdout
 
 
@@ -85,6 +85,8 @@ def test_bad_flags_and_values(tmp_path, capsys):
                    match="capacity_factor=-1.0 < 0")
     one_line_error(cli("train", "--config", "toy", "--seq-len", "100", "--out", tmp_path,
                        "--max-chars", "3000"), match="seq_len=100 > the model's max_seq_len=64")
+    one_line_error(cli("train", "--threads", "0"), match="0 must be >= 1")
+    one_line_error(cli("generate", "x.npz", "--threads", "two"), match="invalid int value: 'two'")
     one_line_error(cli("frobnicate"))
     assert not any(tmp_path.iterdir())        # nothing written by a failed start
 
@@ -122,7 +124,7 @@ def test_train_then_generate(tmp_path):
     assert g.returncode == 0, g.stderr
     assert g.stdout.startswith("def ")
     g2 = run("generate", out, "--prompt", "def ", "--max-new-tokens", "12", "--seed", "3",
-             "--temperature", "0.8", "--top-k", "50", "--top-p", "0.95")
+             "--temperature", "0.8", "--top-k", "50", "--top-p", "0.95", "--threads", "1")
     assert g2.stdout == g.stdout
     # resuming with a changed batch size is refused in one line; a second fresh run too
     one_line_error(run("train", "--resume", out, "--batch-size", "3", "--quiet"),

@@ -105,6 +105,22 @@ def _add_train_flags(p: argparse.ArgumentParser) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- parser
+def _threads(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} must be >= 1")
+    return n
+
+
+def _add_threads_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=_threads, default=None, metavar="N",
+                   help="threads for BLAS and tinymoe's row-parallel kernels (default: every core; "
+                        "1 is faster on a machine busy with other work)")
+
+
 def build_parser(extra: str | None = None) -> _Parser:
     """The full parser; ``extra`` ("analyze" or "bench") also wires that module's flags."""
     parser = _Parser(prog="python -m tinymoe", allow_abbrev=False,
@@ -125,6 +141,7 @@ def build_parser(extra: str | None = None) -> _Parser:
     t.add_argument("--overwrite", action="store_true",
                    help="allow replacing a checkpoint already in the run folder")
     t.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    _add_threads_flag(t)
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_train_flags(t)
     _add_model_flags(t)
@@ -145,6 +162,7 @@ def build_parser(extra: str | None = None) -> _Parser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--no-echo", action="store_true", help="do not print the prompt first")
     gen.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    _add_threads_flag(gen)
 
     pa = sub.add_parser("params", help="parameter counts and memory of a config",
                         allow_abbrev=False,
@@ -267,7 +285,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tinymoe.checkpoint import CheckpointError  # noqa: PLC0415
 
     commands = {"train": _cmd_train, "generate": _cmd_generate, "params": _cmd_params}
+    from tinymoe import backend as B  # noqa: PLC0415
+
+    B.keep_freed_memory()                        # reuse big freed blocks (see its docstring)
     try:
+        if getattr(args, "threads", None) is not None:
+            B.set_num_threads(args.threads)
         if module is not None:
             return int(module.run(args) or 0)
         return commands[args.command](args)

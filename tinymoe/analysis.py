@@ -1337,8 +1337,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-init-control", dest="init_control", action="store_false",
                         help="skip the untrained model of the same config routed as a control")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="limit NumPy's BLAS threads (needs threadpoolctl; default: leave "
-                             "as is). 1 is often faster on a busy machine")
+                        help="threads for BLAS and tinymoe's row-parallel kernels (default: "
+                             "every core). 1 is often faster on a busy machine")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the multi-turn sequences and shuffled baselines")
 
@@ -1387,31 +1387,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
 
-@contextlib.contextmanager
-def _blas_threads(n: int | None) -> Iterator[None]:
-    """Limit BLAS threads to ``n`` inside the block (threadpoolctl, when installed).
-
-    On a machine shared with other busy processes, multi-threaded BLAS threads can wait on
-    each other for whole time slices; one thread is then several times faster."""
-    if n is None:
-        yield
-        return
-    try:
-        import threadpoolctl  # noqa: PLC0415  (optional)
-    except ImportError:
-        import sys  # noqa: PLC0415
-
-        print("warning: --threads needs threadpoolctl (pip install threadpoolctl); left as is",
-              file=sys.stderr)
-        yield
-        return
-    with threadpoolctl.threadpool_limits(limits=n, user_api="blas"):
-        yield
-
-
 def _run(args: argparse.Namespace) -> int:
-    with _blas_threads(getattr(args, "threads", None)):
-        return _run_analysis(args)
+    if getattr(args, "threads", None) is not None:
+        B.set_num_threads(args.threads)
+    return _run_analysis(args)
 
 
 def _run_analysis(args: argparse.Namespace) -> int:

@@ -90,7 +90,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run only one side (for absolute memory in a fresh process); 'torch' implies "
                         "--compare-torch")
     p.add_argument("--threads", type=int, default=None,
-                   help="BLAS / torch threads (default: leave as is); needs threadpoolctl for NumPy")
+                   help="threads for BLAS, tinymoe's row-parallel kernels and torch (default: every "
+                        "core); needs threadpoolctl to set NumPy's BLAS")
     p.add_argument("--phases", default="forward,fwd_bwd,step,generate",
                    help="comma list of forward, fwd_bwd, step, generate (default: all)")
     p.add_argument("--gen-prompt", type=int, default=None,
@@ -247,19 +248,17 @@ class _PeakMemory:
 
 
 def _set_threads(n: int | None) -> dict[str, Any]:
-    """Limit NumPy's BLAS threads to ``n`` (threadpoolctl), and say which BLAS runs."""
+    """Use ``n`` threads for BLAS and the row-parallel kernels (``B.set_num_threads``), and
+    say which BLAS runs."""
     info: dict[str, Any] = {"requested": n}
+    if n is not None:
+        B.set_num_threads(n)
     try:
         import threadpoolctl  # noqa: PLC0415  (optional)
     except ImportError:
         info["blas"] = "unknown (pip install threadpoolctl to see and set BLAS threads)"
-        info["threads"] = n or os.cpu_count()
-        if n is not None:
-            print("warning: --threads needs threadpoolctl for NumPy's BLAS; left as is", file=sys.stderr)
+        info["threads"] = B.get_num_threads()
         return info
-    if n is not None:
-        # kept alive for the whole run on purpose: the limit holds while this object lives
-        info["_limiter"] = threadpoolctl.threadpool_limits(limits=n)
     blas = [p for p in threadpoolctl.threadpool_info() if p.get("user_api") == "blas"]
     if blas:
         b = blas[0]
@@ -267,16 +266,19 @@ def _set_threads(n: int | None) -> dict[str, Any]:
         info["threads"] = int(b.get("num_threads", 0))
     else:
         info["blas"] = "none found"
-        info["threads"] = n or os.cpu_count()
+        info["threads"] = B.get_num_threads()
+    info["kernel_threads"] = B.get_num_threads()
     return info
 
 
 def _machine_info(threads: dict[str, Any]) -> dict[str, Any]:
     env = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS",
-                                      "OPENBLAS_NUM_THREADS") if k in os.environ}
+                                      "OPENBLAS_NUM_THREADS", "OPENBLAS_THREAD_TIMEOUT") if k in os.environ}
     return {"device": B.get_device(), "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(), "blas": threads.get("blas"), "threads": threads.get("threads"),
-            "python": platform.python_version(), "numpy": B.np.__version__, "env": env}
+            "python": platform.python_version(), "numpy": B.np.__version__, "env": env,
+            "kernel_threads": threads.get("kernel_threads", B.get_num_threads()),
+            "malloc_keeps_freed": B.keep_freed_memory()}
 
 
 def _import_torch(threads: dict[str, Any]) -> Any:
@@ -707,8 +709,10 @@ def _h(x: float, unit: str = "") -> str:
 
 def _format_report(r: dict[str, Any]) -> str:
     m = r["machine"]
-    lines = [f"tinymoe bench | device {m['device']} | {m['cores']} cores, {m['threads']} threads | BLAS {m['blas']}"
-             + (f" | env {m['env']}" if m["env"] else ""),
+    lines = [f"tinymoe bench | device {m['device']} | {m['cores']} cores, {m['threads']} BLAS threads, "
+             f"{m['kernel_threads']} kernel threads | BLAS {m['blas']}"
+             + (f" | env {m['env']}" if m["env"] else "")
+             + (" | malloc keeps freed blocks" if m.get("malloc_keeps_freed") else ""),
              f"load average before {r['load_before']}, after {r['load_after']}",
              f"GEMM roof (float32, {r['gemm_roof']['n']}^3, median): {_h(r['gemm_roof']['flops_per_s'], 'FLOP/s')}"
              + (f"   torch: {_h(r['torch_gemm_roof']['flops_per_s'], 'FLOP/s')}" if "torch_gemm_roof" in r else "")]

@@ -257,18 +257,36 @@ class Tanh(Function):
         return g * (1 - out * out)
 
 
-def _sigmoid(xp: Any, a: Any) -> Any:
-    """Logistic 1 / (1 + exp(-a)), four passes in place on one output buffer.
+def _sigmoid(xp: Any, a: Any, out: Any = None) -> Any:
+    """Logistic 1 / (1 + exp(-a)), four passes in place on one output buffer (``out`` if
+    given, else a fresh one).
 
     For a < -88 (float32) exp(-a) overflows to inf and the result is 1/inf = 0, the
     correctly rounded value, so the overflow warning is silenced; no sign branch needed.
     (The branchy exp(-|a|) / where form made five full-size temporaries: ~15x slower.)"""
-    s = xp.negative(a)                                          # -a, a fresh buffer
+    s = xp.negative(a, out=out)                                 # -a
     with B.np.errstate(over="ignore"):
         xp.exp(s, out=s)
     s += 1
     xp.reciprocal(s, out=s)                                     # in [0, 1]
     return s
+
+
+def _rows(a: Any) -> Any:
+    """``a`` [..., n] as a 2-D [rows, n] array (a view when ``a`` is contiguous)."""
+    return a.reshape(-1, a.shape[-1])
+
+
+def _block(row_size: int, target: int = 1 << 16) -> int:
+    """Rows per cache block: about ``target`` elements (256 KB of float32) per array."""
+    return builtins.max(1, target // builtins.max(1, row_size))
+
+
+def _parallel(kernel: Any, a: Any, row_size: int, uses_blas: bool = False) -> None:
+    """``kernel(lo, hi)`` over the rows of ``a`` (``row_size`` elements each) in cache-sized
+    blocks, spread over threads when every thread gets at least ~32k elements."""
+    B.parallel_rows(kernel, a, block_rows=_block(row_size), min_rows=_block(row_size, 1 << 15),
+                    uses_blas=uses_blas)
 
 
 class Sigmoid(Function):
@@ -759,15 +777,22 @@ class CrossEntropy(Function):
         if t.size and bool(((t < 0) | (t >= V))[valid].any()):
             raise IndexError(f"a target id is outside [0, {V}) (ignore_index={ignore_index})")
         t_safe = xp.where(valid, t, 0)                          # [N]
-        m = z.max(axis=1, keepdims=True)                        # [N, 1]
-        probs = xp.subtract(z, m)                               # [N, V] (the one big buffer)
-        xp.exp(probs, out=probs)                                # in place: no second [N, V]
-        sumexp = probs.sum(axis=1, keepdims=True)               # [N, 1]
-        lse = (m + xp.log(sumexp))[:, 0]                        # [N]
+        probs = xp.empty(z.shape, dtype=z.dtype)                # [N, V] (the one big buffer)
+        lse = xp.empty(z.shape[0], dtype=z.dtype)               # [N] logsumexp per row
+
+        def kernel(lo: int, hi: int) -> None:                   # a block of rows, cache-sized
+            zb = z[lo:hi]
+            m = zb.max(axis=1, keepdims=True)                   # [n, 1]
+            pb = xp.subtract(zb, m, out=probs[lo:hi])           # [n, V]
+            xp.exp(pb, out=pb)
+            sumexp = pb.sum(axis=1, keepdims=True)              # [n, 1]
+            lse[lo:hi] = (m + xp.log(sumexp))[:, 0]
+            pb *= 1 / sumexp                                    # softmax, in place
+
+        _parallel(kernel, z, V)
         picked = z[xp.arange(z.shape[0]), t_safe]               # [N]
         losses = xp.where(valid, lse - picked, 0).astype(logits.dtype, copy=False)  # [N]
         count = int(valid.sum())
-        probs *= 1 / sumexp                                     # softmax, in place ([N, 1] reciprocals)
         ctx.save_for_backward(probs, t_safe, valid)
         ctx.count, ctx.reduction, ctx.shape = count, reduction, logits.shape
         if reduction == "mean":
@@ -789,7 +814,11 @@ class CrossEntropy(Function):
         else:
             scale = g / builtins.max(ctx.count, 1) if ctx.reduction == "mean" else g
             w = (valid * scale).astype(grad.dtype, copy=False)                    # [N]
-        grad *= w[:, None]                                      # [N, V]
+
+        def kernel(lo: int, hi: int) -> None:
+            grad[lo:hi] *= w[lo:hi, None]                       # [n, V] * [n, 1]
+
+        _parallel(kernel, grad, grad.shape[1])
         return grad.reshape(ctx.shape), None
 
 
@@ -825,27 +854,47 @@ class RMSNorm(Function):
         d = x.shape[-1]
         if tuple(weight.shape) != (d,):
             raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} != ({d},)")
-        r = 1 / xp.sqrt((x * x).mean(axis=-1, keepdims=True) + eps)   # [..., d] -> [..., 1]
-        y = x * r                                                     # [..., d]
-        y *= weight                                                   # [..., d] * [d]
+        x2 = _rows(x)                                                 # [..., d] -> [M, d]
+        y = xp.empty(x2.shape, dtype=x.dtype)                         # [M, d]
+        r = xp.empty((x2.shape[0], 1), dtype=x.dtype)                 # [M, 1]
+
+        def kernel(lo: int, hi: int) -> None:                         # a block of rows
+            xb = x2[lo:hi]
+            r[lo:hi] = 1 / xp.sqrt((xb * xb).mean(axis=-1, keepdims=True) + eps)   # [n, 1]
+            yb = xp.multiply(xb, r[lo:hi], out=y[lo:hi])              # xhat = x r
+            yb *= weight                                              # [n, d] * [d]
+
+        _parallel(kernel, x2, d)
+        y = y.reshape(x.shape)
+        r = r.reshape(x.shape[:-1] + (1,))                            # [..., 1]
         ctx.save_for_backward(x, weight, r)
         return y
 
     @staticmethod
     def backward(ctx: Context, g: Any) -> tuple:
         x, w, r = ctx.saved
+        xp = _xp(g)
         d = x.shape[-1]
-        xhat = x * r                                                  # [..., d]
-        gx = gw = None
-        if ctx.needs_input_grad[1]:
-            gw = (g * xhat).reshape(-1, d).sum(axis=0)                # [..., d] -> [d]
-        if ctx.needs_input_grad[0]:
-            gh = g * w                                                # [..., d]
-            dot = (gh * xhat).mean(axis=-1, keepdims=True)            # [..., 1]
-            xhat *= dot                                               # [..., d] (xhat no longer needed)
-            gh -= xhat                                                # [..., d]
-            gh *= r                                                   # [..., d] * [..., 1]
-            gx = gh
+        need_x, need_w = ctx.needs_input_grad[:2]
+        x2, r2, g2 = _rows(x), r.reshape(-1, 1), _rows(g)             # [M, d], [M, 1], [M, d]
+        gx = xp.empty(x2.shape, dtype=g.dtype) if need_x else None    # [M, d]
+        gxhat = xp.empty(x2.shape, dtype=g.dtype) if need_w else None  # g * xhat, summed into dw below
+
+        def kernel(lo: int, hi: int) -> None:
+            gb, rb = g2[lo:hi], r2[lo:hi]
+            xhat = x2[lo:hi] * rb                                     # [n, d]
+            if need_w:
+                xp.multiply(gb, xhat, out=gxhat[lo:hi])
+            if need_x:
+                gh = xp.multiply(gb, w, out=gx[lo:hi])                # g w
+                dot = (gh * xhat).mean(axis=-1, keepdims=True)        # [n, 1]
+                xhat *= dot
+                gh -= xhat
+                gh *= rb                                              # dx = r (gh - xhat mean(gh xhat))
+
+        _parallel(kernel, x2, d)
+        gw = gxhat.sum(axis=0) if need_w else None                    # [M, d] -> [d]
+        gx = gx.reshape(x.shape) if need_x else None
         return gx, gw, None
 
 
@@ -856,32 +905,52 @@ class SwiGLU(Function):
         du = g * a * s
         da = g * u * s * (1 + a * (1 - s))        (d silu / da)
     Saves a and u only; the sigmoid is recomputed in backward (one exp) to save a buffer.
+    Rows are processed in cache-sized blocks spread over threads (``B.parallel_rows``).
     """
 
     @staticmethod
     def forward(ctx: Context, gate: Any, up: Any) -> Any:
         if tuple(gate.shape) != tuple(up.shape):
             raise ValueError(f"swiglu: gate shape {tuple(gate.shape)} != up shape {tuple(up.shape)}")
-        s = _sigmoid(_xp(gate), gate)                                 # [..., f]
-        s *= gate                                                     # silu(a)
-        s *= up                                                       # [..., f]
+        xp = _xp(gate)
+        a, u = _rows(gate), _rows(up)                                 # [..., f] -> [M, f]
+        y = xp.empty(a.shape, dtype=a.dtype)                          # [M, f]
+
+        def kernel(lo: int, hi: int) -> None:
+            yb = _sigmoid(xp, a[lo:hi], out=y[lo:hi])                 # s
+            yb *= a[lo:hi]                                            # silu(a) = a s
+            yb *= u[lo:hi]                                            # silu(a) u
+
+        _parallel(kernel, a, a.shape[1])
         ctx.save_for_backward(gate, up)
-        return s
+        return y.reshape(gate.shape)
 
     @staticmethod
     def backward(ctx: Context, g: Any) -> tuple:
-        a, u = ctx.saved
-        s = _sigmoid(_xp(a), a)                                       # [..., f]
-        gu = g * a * s if ctx.needs_input_grad[1] else None           # [..., f]
-        ga = None
-        if ctx.needs_input_grad[0]:
-            ga = 1 - s                                                # [..., f]
-            ga *= a
-            ga += 1
-            ga *= s                                                   # d silu(a) / da
-            ga *= u
-            ga *= g
-        return ga, gu
+        gate, up = ctx.saved
+        xp = _xp(g)
+        need_a, need_u = ctx.needs_input_grad[:2]
+        a, u, g2 = _rows(gate), _rows(up), _rows(g)                   # [M, f] each
+        ga = xp.empty(a.shape, dtype=a.dtype) if need_a else None     # [M, f]
+        gu = xp.empty(a.shape, dtype=a.dtype) if need_u else None     # [M, f]
+
+        def kernel(lo: int, hi: int) -> None:
+            ab, gb = a[lo:hi], g2[lo:hi]
+            s = _sigmoid(xp, ab)                                      # [rows, f], a block temporary
+            if need_u:
+                gub = xp.multiply(gb, ab, out=gu[lo:hi])              # g a
+                gub *= s                                              # du = g a s
+            if need_a:
+                gab = xp.subtract(1, s, out=ga[lo:hi])                # 1 - s
+                gab *= ab
+                gab += 1
+                gab *= s                                              # d silu(a) / da
+                gab *= u[lo:hi]
+                gab *= gb                                             # da
+
+        _parallel(kernel, a, a.shape[1])
+        return (ga.reshape(gate.shape) if need_a else None,
+                gu.reshape(up.shape) if need_u else None)
 
 
 def rope_tables(seq_len: int, head_dim: int, base: float = 10000.0, dtype: Any = B.DEFAULT_DTYPE) -> tuple[Any, Any]:
@@ -899,6 +968,27 @@ def rope_tables(seq_len: int, head_dim: int, base: float = 10000.0, dtype: Any =
     angles = np.outer(np.arange(seq_len, dtype=np.float64), inv_freq)              # [L, dh/2]
     angles = np.concatenate([angles, angles], axis=1)                              # [L, dh]
     return B.to_device(np.cos(angles), dtype), B.to_device(np.sin(angles), dtype)
+
+
+def _rotate(xp: Any, x: Any, y: Any, cos: Any, sin: Any, sign: float) -> None:
+    """y = x cos + sign * rotate_half(x) sin, i.e. per pair of halves (x1, x2):
+    y1 = x1 cos - sign x2 sin,  y2 = x2 cos + sign x1 sin (cos/sin [T, dh], the two halves
+    of each table equal). Written block by block of the leading axis, in place into y."""
+    h = x.shape[-1] // 2
+    c, s = cos[:, :h], sin[:, :h] * sign                             # [T, dh/2]
+
+    def kernel(lo: int, hi: int) -> None:
+        xb, yb = x[lo:hi], y[lo:hi]                                   # [n, ..., T, dh]
+        x1, x2, y1, y2 = xb[..., :h], xb[..., h:], yb[..., :h], yb[..., h:]
+        xp.multiply(x1, c, out=y1)
+        y1 -= x2 * s                                                  # y1 = x1 cos - x2 sin
+        xp.multiply(x2, c, out=y2)
+        y2 += x1 * s                                                  # y2 = x2 cos + x1 sin
+
+    if x.ndim == 2:                                                   # [T, dh]: rows are positions
+        kernel(0, x.shape[0])
+    else:
+        _parallel(kernel, x, builtins.max(1, x[0].size))
 
 
 class RoPE(Function):
@@ -923,11 +1013,8 @@ class RoPE(Function):
                              f"(T, head_dim) = ({T}, {dh})")
         if cos.dtype != x.dtype or sin.dtype != x.dtype:
             raise TypeError(f"rope: table dtype {cos.dtype} != input dtype {x.dtype} (no silent casts)")
-        h = dh // 2
-        x1, x2 = x[..., :h], x[..., h:]                               # [..., T, dh/2] each
         y = xp.empty(x.shape, dtype=x.dtype)                          # [..., T, dh], contiguous
-        y[..., :h] = x1 * cos[:, :h] - x2 * sin[:, :h]
-        y[..., h:] = x2 * cos[:, h:] + x1 * sin[:, h:]
+        _rotate(xp, x, y, cos, sin, sign=1.0)
         ctx.save_for_backward(cos, sin)
         return y
 
@@ -935,11 +1022,8 @@ class RoPE(Function):
     def backward(ctx: Context, g: Any) -> tuple:
         cos, sin = ctx.saved
         xp = _xp(g)
-        h = g.shape[-1] // 2
-        g1, g2 = g[..., :h], g[..., h:]                               # [..., T, dh/2] each
         gx = xp.empty(g.shape, dtype=g.dtype)                         # [..., T, dh]
-        gx[..., :h] = g1 * cos[:, :h] + g2 * sin[:, h:]
-        gx[..., h:] = g2 * cos[:, h:] - g1 * sin[:, :h]
+        _rotate(xp, g, gx, cos, sin, sign=-1.0)                       # rotation by -theta
         return gx, None, None
 
 
@@ -961,7 +1045,8 @@ class CausalAttention(Function):
         dV = P^T dO,   dP = dO V^T,   dS = P * (dP - rowsum(dP * P)),
         dQ = scale * dS K,   dK = scale * dS^T Q,
     where rowsum(dP * P) = rowsum(dO * out) (cheaper: [T, dh] instead of [T, S]).
-    Batched matmuls over all leading axes (batch, heads); no Python loops. Saves q, k, v
+    Batched matmuls over all leading axes (batch, heads), in cache-sized blocks of
+    (batch, head) rows spread over threads (BLAS held to one thread inside). Saves q, k, v
     (alive anyway as graph inputs), P [..., T, S] and out.
     The scale is explicit (default 1/sqrt(dh)); OpenMoE folds it into the q initialisation
     instead, which is the same function with scale=1 and wq scaled by 1/sqrt(dh).
@@ -980,37 +1065,57 @@ class CausalAttention(Function):
         if causal and S < T:
             raise ValueError(f"causal_attention: fewer keys (S={S}) than queries (T={T}) under a causal mask")
         scale = 1.0 / float(dh) ** 0.5 if scale is None else float(scale)
-        p = (q * scale) @ xp.swapaxes(k, -1, -2)                      # [..., T, dh] @ [..., dh, S] -> [..., T, S]
-        if causal:
-            p += _causal_bias(xp, T, S, p.dtype)                      # [..., T, S] + [T, S]
-        p -= p.max(axis=-1, keepdims=True)                            # stable softmax, in place
-        xp.exp(p, out=p)
-        p *= 1 / p.sum(axis=-1, keepdims=True)                        # P [..., T, S]
-        out = p @ v                                                   # [..., T, S] @ [..., S, dv] -> [..., T, dv]
+        lead = q.shape[:-2]
+        q3, k3, v3 = (a.reshape((-1,) + a.shape[-2:]) for a in (q, k, v))   # [..., T, dh] -> [BH, T, dh]
+        p = xp.empty((q3.shape[0], T, S), dtype=q.dtype)              # P [BH, T, S]
+        out = xp.empty((q3.shape[0], T, v.shape[-1]), dtype=q.dtype)  # [BH, T, dv]
+        bias = _causal_bias(xp, T, S, q.dtype) if causal else None    # [T, S]
+
+        def kernel(lo: int, hi: int) -> None:                         # a block of (batch, head) rows
+            pb = xp.matmul(q3[lo:hi] * scale, xp.swapaxes(k3[lo:hi], -1, -2), out=p[lo:hi])  # [n, T, S]
+            if bias is not None:
+                pb += bias                                            # [n, T, S] + [T, S]
+            pb -= pb.max(axis=-1, keepdims=True)                      # stable softmax, in place
+            xp.exp(pb, out=pb)
+            pb *= 1 / pb.sum(axis=-1, keepdims=True)                  # P
+            xp.matmul(pb, v3[lo:hi], out=out[lo:hi])                  # [n, T, S] @ [n, S, dv] -> [n, T, dv]
+
+        _parallel(kernel, q3, T * S, uses_blas=True)
         ctx.scale = scale
         if any(ctx.needs_input_grad):
-            ctx.save_for_backward(q, k, v, p, out)
-        return out
+            ctx.save_for_backward(q3, k3, v3, p, out)
+            ctx.shapes = (q.shape, k.shape, v.shape)
+        return out.reshape(lead + out.shape[1:])
 
     @staticmethod
     def backward(ctx: Context, g: Any) -> tuple:
-        q, k, v, p, out = ctx.saved
+        q, k, v, p, out = ctx.saved                                   # [BH, ...] views / buffers
         xp = _xp(g)
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
-        gq = gk = gv = None
-        if need_v:
-            gv = xp.swapaxes(p, -1, -2) @ g                           # [..., S, T] @ [..., T, dv] -> [..., S, dv]
-        if need_q or need_k:
-            ds = g @ xp.swapaxes(v, -1, -2)                           # dP: [..., T, dv] @ [..., dv, S] -> [..., T, S]
-            ds -= (g * out).sum(axis=-1, keepdims=True)               # - rowsum(dP * P): [..., T, 1]
-            ds *= p                                                   # dS [..., T, S]
-            if need_q:
-                gq = ds @ k                                           # [..., T, S] @ [..., S, dh] -> [..., T, dh]
-                gq *= ctx.scale
-            if need_k:
-                gk = xp.swapaxes(ds, -1, -2) @ q                      # [..., S, T] @ [..., T, dh] -> [..., S, dh]
-                gk *= ctx.scale
-        return gq, gk, gv
+        g3 = g.reshape(out.shape)                                     # [..., T, dv] -> [BH, T, dv]
+        gq = xp.empty(q.shape, dtype=g.dtype) if need_q else None     # [BH, T, dh]
+        gk = xp.empty(k.shape, dtype=g.dtype) if need_k else None     # [BH, S, dh]
+        gv = xp.empty(v.shape, dtype=g.dtype) if need_v else None     # [BH, S, dv]
+
+        def kernel(lo: int, hi: int) -> None:
+            pb, gb = p[lo:hi], g3[lo:hi]
+            if need_v:
+                xp.matmul(xp.swapaxes(pb, -1, -2), gb, out=gv[lo:hi])  # [n, S, T] @ [n, T, dv] -> [n, S, dv]
+            if need_q or need_k:
+                ds = gb @ xp.swapaxes(v[lo:hi], -1, -2)               # dP: [n, T, dv] @ [n, dv, S] -> [n, T, S]
+                ds -= (gb * out[lo:hi]).sum(axis=-1, keepdims=True)   # - rowsum(dP * P): [n, T, 1]
+                ds *= pb                                              # dS [n, T, S]
+                if need_q:
+                    gqb = xp.matmul(ds, k[lo:hi], out=gq[lo:hi])      # [n, T, S] @ [n, S, dh] -> [n, T, dh]
+                    gqb *= ctx.scale
+                if need_k:
+                    gkb = xp.matmul(xp.swapaxes(ds, -1, -2), q[lo:hi], out=gk[lo:hi])  # [n, S, dh]
+                    gkb *= ctx.scale
+
+        _parallel(kernel, p, p.shape[1] * p.shape[2], uses_blas=True)
+        q_shape, k_shape, v_shape = ctx.shapes
+        return (gq.reshape(q_shape) if need_q else None, gk.reshape(k_shape) if need_k else None,
+                gv.reshape(v_shape) if need_v else None)
 
 
 def rms_norm(x: Any, weight: Any, eps: float = 1e-6) -> Tensor:
