@@ -32,3 +32,11 @@ def backend(request):
         yield request.param
     finally:
         B.set_device("cpu")
+
+
+@pytest.fixture
+def threads():
+    """``threads(n)`` sets the kernel/BLAS thread count for one test; restored afterwards."""
+    before = B.get_num_threads()
+    yield B.set_num_threads
+    B.set_num_threads(before)

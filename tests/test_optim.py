@@ -60,14 +60,16 @@ def _grads(shapes, n_steps, dtype, seed=1):
 
 @pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-12), (np.float32, 1e-6)])
 @pytest.mark.parametrize("wd", [0.0, 0.1])
-def test_adamw_matches_torch(dtype, rtol, wd):
-    inits = _init(SHAPES, dtype)
+def test_adamw_matches_torch(dtype, rtol, wd, threads):
+    threads(2)                     # the (700, 300) parameter is 4 update chunks, split over threads
+    shapes = SHAPES + [(700, 300)]
+    inits = _init(shapes, dtype)
     ours = [P(a.copy()) for a in inits]
     theirs = [torch.tensor(a.copy(), requires_grad=True) for a in inits]
     opt = optim.AdamW(ours, lr=3e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=wd)
     topt = torch.optim.AdamW(theirs, lr=3e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=wd,
                              foreach=False)
-    for k, gs in enumerate(_grads(SHAPES, 20, dtype)):
+    for k, gs in enumerate(_grads(shapes, 20, dtype)):
         for p, t, g in zip(ours, theirs, gs):
             p.grad = g.copy()
             t.grad = torch.tensor(g.copy())

@@ -20,14 +20,6 @@ from tests.oracle import torch_layers as TL
 from tests.oracle.compare import assert_close, check_against_torch
 
 
-@pytest.fixture
-def threads():
-    """Set the kernel/BLAS thread count for one test; restore it afterwards."""
-    before = B.get_num_threads()
-    yield B.set_num_threads
-    B.set_num_threads(before)
-
-
 def rnd(*shape, seed=0, mean=0.3, std=1.0):
     return np.random.default_rng(seed).normal(mean, std, size=shape)
 

@@ -236,7 +236,8 @@ def get_num_threads() -> int:
 
 def parallel_rows(fn: Callable[[int, int], None], a: Any, *, block_rows: int | None = None,
                   min_rows: int = 1, uses_blas: bool = False) -> None:
-    """Call ``fn(lo, hi)`` on row ranges that cover ``[0, a.shape[0])``, on several threads.
+    """Call ``fn(lo, hi)`` on row ranges that cover ``[0, a.shape[0])``, on several threads
+    (``a`` an array, or a row count for work on host arrays).
 
     The rows are cut into ``get_num_threads()`` contiguous ranges of at least ``min_rows``
     rows (small inputs stay on one thread); the calling thread takes the first range,
@@ -246,10 +247,10 @@ def parallel_rows(fn: Callable[[int, int], None], a: Any, *, block_rows: int | N
     meanwhile, so that the two levels of threading do not fight over the cores. On CuPy
     (one GPU kernel per op already) ``fn(0, n)`` runs once."""
     global _pool
-    n = int(a.shape[0])
+    n = a if isinstance(a, int) else int(a.shape[0])
     if n == 0:
         return
-    if array_module(a) is not np:
+    if not isinstance(a, int) and array_module(a) is not np:
         fn(0, n)
         return
     workers = max(1, min(_num_threads, n // max(1, min_rows)))
@@ -292,11 +293,13 @@ def keep_freed_memory() -> bool:
     it applied).
 
     By default glibc serves every block over 32 MB (less before its threshold adapts)
-    with a fresh ``mmap`` and gives it back to the OS on ``free``; the next step's array of
-    the same size then page-faults all its pages in again, at a cost of about 15% of a
-    training step of the ``small`` config. With the mmap threshold at 256 MB and the trim
-    threshold at 1 GB those blocks come from the heap and are reused. The command-line
-    entry points call this once; it changes the process's allocator, not NumPy."""
+    with a fresh ``mmap`` and hands it back to the OS on ``free``, and it trims the heap
+    whenever its free top passes a few MB. A training step frees most of its memory at the
+    end, so the next step page-faults all of it in again: about 15% of a step of the
+    ``small`` config. With the mmap threshold at 256 MB and the trim threshold at 2 GB
+    (``mallopt`` takes a C int) those blocks come from the heap and are reused; the resident size then stays near the
+    peak of a step instead of falling between steps. The command-line entry points call
+    this once; it changes the process's allocator, not NumPy."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -305,6 +308,8 @@ def keep_freed_memory() -> bool:
     except OSError:                                                 # musl or no glibc
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3                    # from <malloc.h>
-    ok = libc.mallopt(m_mmap_threshold, 256 << 20) == 1
-    ok = libc.mallopt(m_trim_threshold, 1 << 30) == 1 and ok
+    mallopt = libc.mallopt
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    ok = mallopt(m_mmap_threshold, 256 << 20) == 1
+    ok = mallopt(m_trim_threshold, (2 << 30) - 1) == 1 and ok     # the largest C int
     return ok

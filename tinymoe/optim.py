@@ -305,17 +305,28 @@ class AdamW(Optimizer):
                 # stay in the CPU cache instead of 10 trips to memory per parameter, and the
                 # scratch buffer is one chunk instead of a parameter-sized array (787 MB for
                 # the openmoe-base embedding). (On a GPU one whole-array pass is best.)
+                # The chunks are spread over threads (B.parallel_rows), one scratch per range.
                 pf, mf, vf = (a.reshape(-1) for a in arrays)    # views of contiguous arrays
                 gf = g.reshape(-1)                               # a view, or a copy if g is strided
-                tmp = xp.empty(min(_CHUNK, pf.size), dtype=pf.dtype)
-                for lo in range(0, pf.size, _CHUNK):
-                    hi = min(lo + _CHUNK, pf.size)
-                    _adamw_update(xp, pf[lo:hi], gf[lo:hi], mf[lo:hi], vf[lo:hi], tmp[:hi - lo], coef)
+                _chunked_adamw(xp, pf, gf, mf, vf, coef)
             else:
                 _adamw_update(xp, p.data, g, s["exp_avg"], s["exp_avg_sq"], xp.empty_like(p.data), coef)
 
 
 _CHUNK = 1 << 16   # elements per optimizer chunk: 256 KB in float32, 5 arrays fit in L2/L3
+
+
+def _chunked_adamw(xp: Any, p: Any, g: Any, m: Any, v: Any, coef: "_AdamCoef") -> None:
+    """``_adamw_update`` on flat arrays, chunk by chunk; ranges of chunks run on threads."""
+    size = p.size
+
+    def kernel(first: int, last: int) -> None:                # chunk indices [first, last)
+        tmp = xp.empty(min(_CHUNK, size), dtype=p.dtype)       # this range's scratch
+        for c in range(first, last):
+            lo, hi = c * _CHUNK, min((c + 1) * _CHUNK, size)
+            _adamw_update(xp, p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi], tmp[:hi - lo], coef)
+
+    B.parallel_rows(kernel, -(-size // _CHUNK))                # ceil(size / _CHUNK) chunks
 
 
 class _AdamCoef:
