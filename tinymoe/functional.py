@@ -268,7 +268,7 @@ def _sigmoid(xp: Any, a: Any, out: Any = None) -> Any:
     with B.np.errstate(over="ignore"):
         xp.exp(s, out=s)
     s += 1
-    xp.reciprocal(s, out=s)                                     # in [0, 1]
+    xp.divide(1.0, s, out=s)                                    # in [0, 1] (NumPy: faster than reciprocal)
     return s
 
 
@@ -277,15 +277,24 @@ def _rows(a: Any) -> Any:
     return a.reshape(-1, a.shape[-1])
 
 
+def _rowdot(xp: Any, a: Any, b: Any) -> Any:
+    """sum(a * b, axis=-1) without an [..., n] temporary: ``vecdot`` (NumPy >= 2), else einsum."""
+    vecdot = getattr(xp, "vecdot", None)
+    if vecdot is not None:
+        return vecdot(a, b)
+    return xp.einsum("...i,...i->...", a, b)
+
+
 def _block(row_size: int, target: int = 1 << 16) -> int:
     """Rows per cache block: about ``target`` elements (256 KB of float32) per array."""
     return builtins.max(1, target // builtins.max(1, row_size))
 
 
-def _parallel(kernel: Any, a: Any, row_size: int, uses_blas: bool = False) -> None:
-    """``kernel(lo, hi)`` over the rows of ``a`` (``row_size`` elements each) in cache-sized
-    blocks, spread over threads when every thread gets at least ~32k elements."""
-    B.parallel_rows(kernel, a, block_rows=_block(row_size), min_rows=_block(row_size, 1 << 15),
+def _parallel(kernel: Any, a: Any, row_size: int, uses_blas: bool = False, block: int = 1 << 16) -> None:
+    """``kernel(lo, hi)`` over the rows of ``a`` (``row_size`` elements each) in blocks of
+    about ``block`` elements (cache-sized), spread over threads when every thread gets at
+    least ~32k elements."""
+    B.parallel_rows(kernel, a, block_rows=_block(row_size, block), min_rows=_block(row_size, 1 << 15),
                     uses_blas=uses_blas)
 
 
@@ -860,7 +869,7 @@ class RMSNorm(Function):
 
         def kernel(lo: int, hi: int) -> None:                         # a block of rows
             xb = x2[lo:hi]
-            r[lo:hi] = 1 / xp.sqrt((xb * xb).mean(axis=-1, keepdims=True) + eps)   # [n, 1]
+            r[lo:hi, 0] = 1 / xp.sqrt(_rowdot(xp, xb, xb) * (1.0 / d) + eps)      # [n] = 1/rms
             yb = xp.multiply(xb, r[lo:hi], out=y[lo:hi])              # xhat = x r
             yb *= weight                                              # [n, d] * [d]
 
@@ -887,7 +896,7 @@ class RMSNorm(Function):
                 xp.multiply(gb, xhat, out=gxhat[lo:hi])
             if need_x:
                 gh = xp.multiply(gb, w, out=gx[lo:hi])                # g w
-                dot = (gh * xhat).mean(axis=-1, keepdims=True)        # [n, 1]
+                dot = _rowdot(xp, gh, xhat)[:, None] * (1.0 / d)      # mean(gh xhat): [n, 1]
                 xhat *= dot
                 gh -= xhat
                 gh *= rb                                              # dx = r (gh - xhat mean(gh xhat))
@@ -917,8 +926,12 @@ class SwiGLU(Function):
         y = xp.empty(a.shape, dtype=a.dtype)                          # [M, f]
 
         def kernel(lo: int, hi: int) -> None:
-            yb = _sigmoid(xp, a[lo:hi], out=y[lo:hi])                 # s
-            yb *= a[lo:hi]                                            # silu(a) = a s
+            ab = a[lo:hi]
+            yb = xp.negative(ab, out=y[lo:hi])                        # -a
+            with B.np.errstate(over="ignore"):                       # exp(-a) = inf -> silu = -0
+                xp.exp(yb, out=yb)
+            yb += 1
+            xp.divide(ab, yb, out=yb)                                 # silu(a) = a / (1 + exp(-a))
             yb *= u[lo:hi]                                            # silu(a) u
 
         _parallel(kernel, a, a.shape[1])
@@ -1080,7 +1093,7 @@ class CausalAttention(Function):
             pb *= 1 / pb.sum(axis=-1, keepdims=True)                  # P
             xp.matmul(pb, v3[lo:hi], out=out[lo:hi])                  # [n, T, S] @ [n, S, dv] -> [n, T, dv]
 
-        _parallel(kernel, q3, T * S, uses_blas=True)
+        _parallel(kernel, q3, T * S, uses_blas=True, block=1 << 18)   # ~1 MB of P per block
         ctx.scale = scale
         if any(ctx.needs_input_grad):
             ctx.save_for_backward(q3, k3, v3, p, out)
@@ -1103,7 +1116,7 @@ class CausalAttention(Function):
                 xp.matmul(xp.swapaxes(pb, -1, -2), gb, out=gv[lo:hi])  # [n, S, T] @ [n, T, dv] -> [n, S, dv]
             if need_q or need_k:
                 ds = gb @ xp.swapaxes(v[lo:hi], -1, -2)               # dP: [n, T, dv] @ [n, dv, S] -> [n, T, S]
-                ds -= (gb * out[lo:hi]).sum(axis=-1, keepdims=True)   # - rowsum(dP * P): [n, T, 1]
+                ds -= _rowdot(xp, gb, out[lo:hi])[..., None]          # - rowsum(dP * P): [n, T, 1]
                 ds *= pb                                              # dS [n, T, S]
                 if need_q:
                     gqb = xp.matmul(ds, k[lo:hi], out=gq[lo:hi])      # [n, T, S] @ [n, S, dh] -> [n, T, dh]
@@ -1112,7 +1125,7 @@ class CausalAttention(Function):
                     gkb = xp.matmul(xp.swapaxes(ds, -1, -2), q[lo:hi], out=gk[lo:hi])  # [n, S, dh]
                     gkb *= ctx.scale
 
-        _parallel(kernel, p, p.shape[1] * p.shape[2], uses_blas=True)
+        _parallel(kernel, p, p.shape[1] * p.shape[2], uses_blas=True, block=1 << 18)
         q_shape, k_shape, v_shape = ctx.shapes
         return (gq.reshape(q_shape) if need_q else None, gk.reshape(k_shape) if need_k else None,
                 gv.reshape(v_shape) if need_v else None)
