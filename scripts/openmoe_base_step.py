@@ -2,6 +2,7 @@
 
     python scripts/openmoe_base_step.py [--seq 512] [--preset openmoe-base] [--profile]
                                         [--optimizer none|adamw|adafactor] [--steps N]
+                                        [--threads N] [--system-malloc]
 
 Prints the time of each phase (build, forward, backward and, with ``--optimizer``, the
 gradient clip + optimizer step), the resident memory after each phase and the peak RSS
@@ -22,9 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402  (script: host data only)
-
-from tinymoe import backend as B  # noqa: E402
+from tinymoe import backend as B  # noqa: E402  (first: before NumPy loads, see backend.py)
 from tinymoe.config import count_parameters, get_preset  # noqa: E402
 from tinymoe.nn.model import OpenMoE  # noqa: E402
 from tinymoe.optim import Adafactor, AdamW, clip_grad_norm_, param_groups_for_decay  # noqa: E402
@@ -56,7 +55,14 @@ def main() -> None:
                     help="also clip the gradients to norm 1 and take one optimizer step")
     ap.add_argument("--steps", type=int, default=1, help="training steps to run (default 1)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: TINYMOE_DEVICE or cpu)")
+    ap.add_argument("--threads", type=int, default=None, help="BLAS + kernel threads (default: every core)")
+    ap.add_argument("--system-malloc", action="store_true",
+                    help="leave glibc's malloc settings alone (the CLI calls B.keep_freed_memory())")
     args = ap.parse_args()
+    if not args.system_malloc:
+        B.keep_freed_memory()
+    if args.threads:
+        B.set_num_threads(args.threads)
     if args.device:
         B.set_device(args.device)
 
@@ -71,7 +77,7 @@ def main() -> None:
     t_build = time.perf_counter() - t0
     print(f"build     {t_build:7.2f} s   rss {rss_gb():6.2f} GB")
 
-    rng = np.random.default_rng(0)
+    rng = B.default_rng(0)
     ids = rng.integers(0, cfg.vocab_size, size=(args.batch, args.seq + 1))
     x, y = ids[:, :-1], ids[:, 1:]
 
