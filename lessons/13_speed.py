@@ -8,6 +8,8 @@
 # - how to **profile** a training step with `cProfile` and attribute the time to tinymoe's
 #   operations (forward and backward of each `Function`), the routing and the optimizer;
 # - why tiny models are limited by Python overhead and larger ones by matrix multiplies;
+# - why NumPy's elementwise work needs help to use more than one core, and how tinymoe's
+#   fused kernels spread their rows over threads;
 # - how to run the very same code on a GPU with CuPy (`tinymoe.set_device("cuda")`).
 
 # %%
@@ -222,7 +224,53 @@ fig.suptitle("Lesson 13: where the time of a training step goes")
 show(fig, "13_speed.png")
 
 # %% [markdown]
-# ## 6. The same code on a GPU
+# ## 6. Two kinds of threads
+#
+# BLAS spreads each matmul over every core. NumPy's elementwise ufuncs (`exp`, `*`, `+` ...)
+# run on one core, though they release Python's GIL while they loop. So tinymoe's fused
+# kernels (SwiGLU, attention, RMSNorm, RoPE, cross-entropy, the AdamW update) cut their rows
+# into cache-sized blocks and hand the blocks to a small pool of Python threads
+# (`tinymoe.backend.parallel_rows`). `tinymoe.backend.set_num_threads(n)` sets both kinds,
+# like `torch.set_num_threads`. The cell times the SwiGLU gate, forward and backward, on
+# one thread and on two, and checks that the answer does not change.
+
+# %%
+from tinymoe import backend as B
+from tinymoe import functional as F
+
+rows = 512 if FAST else 4096
+rng = np.random.default_rng(0)
+gate_np = rng.standard_normal((rows, 1024)).astype(np.float32)
+up_np = rng.standard_normal((rows, 1024)).astype(np.float32)
+
+
+def swiglu_fwd_bwd() -> tuple:
+    gate = tinymoe.tensor(gate_np, requires_grad=True)
+    up = tinymoe.tensor(up_np, requires_grad=True)
+    y = F.swiglu(gate, up)                                   # [rows, 1024]
+    y.sum().backward()
+    return y.numpy(), gate.grad, up.grad
+
+
+before = B.get_num_threads()
+results, timings = {}, {}
+for n in (1, 2):
+    B.set_num_threads(n)
+    results[n] = swiglu_fwd_bwd()
+    ts = []
+    for _ in range(3 if FAST else 7):
+        t0 = time.perf_counter()
+        swiglu_fwd_bwd()
+        ts.append(time.perf_counter() - t0)
+    timings[n] = statistics.median(ts)
+    print(f"{n} thread(s): SwiGLU forward+backward on [{rows}, 1024] in {1e3 * timings[n]:.2f} ms")
+B.set_num_threads(before)
+for n in results:                                            # self-check: same bits on any thread count
+    assert all(np.array_equal(a, b) for a, b in zip(results[1], results[n])), f"{n} threads changed the result"
+print("results identical on every thread count")
+
+# %% [markdown]
+# ## 7. The same code on a GPU
 #
 # tinymoe reads its array module at call time (`backend.xp`): NumPy on the CPU, CuPy after
 # `tinymoe.set_device("cuda")`. Nothing else changes. The cell below runs only when CuPy sees a
@@ -251,7 +299,8 @@ else:
 # 1. **Against PyTorch.** Run `python -m tinymoe bench --config small --compare-torch` and
 #    compare tokens/s and MFU with the PyTorch eager twin of the same model.
 #    *Hint:* both sides are timed in the same run, interleaved, so machine load affects both.
-# 2. **Threads.** Re-run this lesson with `OPENBLAS_NUM_THREADS=1`, then 2. On a busy machine
-#    one thread can even be faster: why? *Hint:* BLAS threads that wait for a busy core spin.
+# 2. **Threads.** Run `python -m tinymoe bench --config mini --threads 1`, then `--threads 2`.
+#    On a machine busy with other work one thread can even be faster: why? *Hint:* a thread
+#    that waits for a busy core holds up the others at the end of every matmul and kernel.
 # 3. **float64.** Build the model with `dtype="float64"`. How much slower is a step, and why is
 #    float64 still the right choice for gradient checks (lesson 1)?

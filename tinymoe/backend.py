@@ -193,7 +193,16 @@ def _cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-_num_threads: int = _cpu_count()
+def _default_threads() -> int:
+    """What BLAS will use: OPENBLAS_NUM_THREADS or OMP_NUM_THREADS when set, else every core."""
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(var, "").strip()
+        if value.isdigit() and int(value) >= 1:
+            return int(value)
+    return _cpu_count()
+
+
+_num_threads: int = _default_threads()
 _pool: ThreadPoolExecutor | None = None
 _blas: Any = None                                                   # threadpoolctl controller
 
@@ -214,8 +223,9 @@ def _blas_controller() -> Any:
 def set_num_threads(n: int) -> None:
     """Use ``n`` threads for BLAS (through threadpoolctl) and for the row-parallel kernels.
 
-    The default is every core this process may run on. ``n = 1`` makes every op run on
-    the calling thread (the lessons and a busy machine want that)."""
+    The default follows ``OPENBLAS_NUM_THREADS`` / ``OMP_NUM_THREADS`` when set, else every
+    core this process may run on. ``n = 1`` makes every op run on the calling thread (a
+    machine busy with other work wants that)."""
     global _num_threads, _pool
     n = int(n)
     if n < 1:
