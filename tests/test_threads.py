@@ -63,6 +63,20 @@ def test_parallel_rows_uses_several_threads_and_raises_worker_errors(threads):
         B.parallel_rows(boom, np.zeros((8, 1)))
 
 
+def test_nested_parallel_rows_runs_inline(threads):
+    """A kernel that itself calls parallel_rows must not wait on the pool it runs in."""
+    threads(2)
+    out = np.zeros((8, 4))
+
+    def inner(lo, hi):
+        def cell(a, b):
+            out[lo:hi, a:b] += 1
+        B.parallel_rows(cell, np.zeros((4, 1)))             # 4 columns, split again if allowed
+
+    B.parallel_rows(inner, out)
+    assert np.all(out == 1), out
+
+
 def test_parallel_rows_empty_and_small_inputs(threads):
     threads(2)
     calls = []

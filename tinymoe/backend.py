@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 from typing import Any, Callable
@@ -204,6 +205,7 @@ def _default_threads() -> int:
 
 _num_threads: int = _default_threads()
 _pool: ThreadPoolExecutor | None = None
+_POOL_PREFIX = "tinymoe-kernel"
 _blas: Any = None                                                   # threadpoolctl controller
 
 
@@ -264,6 +266,8 @@ def parallel_rows(fn: Callable[[int, int], None], a: Any, *, block_rows: int | N
         fn(0, n)
         return
     workers = max(1, min(_num_threads, n // max(1, min_rows)))
+    if threading.current_thread().name.startswith(_POOL_PREFIX):
+        workers = 1                                                 # nested call: never wait on the pool
     controller = _blas_controller() if uses_blas and workers > 1 else None
     if uses_blas and controller is None:
         workers = 1                                                 # cannot hold BLAS to 1 thread
@@ -277,7 +281,7 @@ def parallel_rows(fn: Callable[[int, int], None], a: Any, *, block_rows: int | N
         run(0, n)
         return
     if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=_num_threads - 1, thread_name_prefix="tinymoe")
+        _pool = ThreadPoolExecutor(max_workers=_num_threads - 1, thread_name_prefix=_POOL_PREFIX)
     bounds = [n * i // workers for i in range(workers + 1)]
     if controller is not None:
         with controller.limit(limits=1):
