@@ -7,11 +7,16 @@ One MoE forward on tokens x [N, d] (the batch [B, T] flattened in order):
    on the plain logits array by :func:`tinymoe.routing.route`; they are not differentiable.
    :class:`RouterFunction` turns them into three differentiable outputs of z: the combine
    weights [N, k], the load-balance loss and the router z-loss (hand-written backward).
-3. :class:`Dispatch` gathers each kept assignment's token into its row of a zero buffer
-   [E, n_groups * C, d] (one index gather, no Python loop over tokens).
-4. :class:`Experts` runs every expert's SwiGLU as one batched matmul over that buffer:
-   ``swiglu(buf @ W_gate, buf @ W_up) @ W_down`` -> [E, n_groups * C, d]. Empty slots are
-   zero rows and give zero outputs (no biases).
+3. Conceptually each kept assignment has a row of a dispatch buffer [E, n_groups * C, d]
+   (expert e, group g, slot s; :class:`Dispatch` builds exactly that buffer, empty slots
+   zero). Computing on the empty slots is wasted work (at initialisation half the slots or
+   more are empty), so the layer sorts the kept assignments by their buffer row and keeps
+   only those: :class:`GatherRows` takes their tokens into packed rows [M, d], expert 0's
+   rows first, then expert 1's, and so on.
+4. :class:`Experts` runs every expert's SwiGLU on its own rows as grouped matmuls
+   (:class:`GroupedMatmul`, one GEMM per expert on ``load[e]`` rows):
+   ``swiglu(x_e W_gate[e], x_e W_up[e]) W_down[e]`` -> [M, d]. (Given the full buffer
+   [E, R, d] instead, it runs one batched matmul over it, empty slots included.)
 5. :class:`Combine` adds ``weight * expert_out[row]`` back to each token (a scatter-add
    of rows). A dropped assignment has no row: it contributes exactly 0 and gets 0 gradient;
    a token whose every assignment was dropped gets y = 0 (it still flows through the
@@ -31,12 +36,12 @@ from typing import Any
 from tinymoe import backend as B
 from tinymoe import functional as F
 from tinymoe import routing
-from tinymoe.autograd import Context, Function, Tensor, is_grad_enabled
+from tinymoe.autograd import Context, Function, Tensor
 from tinymoe.config import ModelConfig
 from tinymoe.nn.module import Module, Parameter
 
-__all__ = ["Router", "Experts", "MoE", "MoEStats", "RouterFunction", "Dispatch", "Combine",
-           "route_differentiable", "dispatch", "combine"]
+__all__ = ["Router", "Experts", "MoE", "MoEStats", "RouterFunction", "Dispatch", "Combine", "GatherRows",
+           "GroupedMatmul", "route_differentiable", "dispatch", "combine", "gather_rows", "grouped_matmul"]
 
 
 # --------------------------------------------------------------------------------------
@@ -145,7 +150,7 @@ class Dispatch(Function):
 
 class Combine(Function):
     """``y[token[m]] += weight[token[m], rank[m]] * out[flat_pos[m]]`` for the M kept
-    assignments: expert_out [E, R, d], weight [N, k] -> y [N, d].
+    assignments: expert_out [E, R, d] (or packed rows [M, d]), weight [N, k] -> y [N, d].
 
     Backward: d expert_out[flat_pos[m]] = w_m * g_y[token[m]] (rows that hold no kept
     assignment get 0); d weight[token[m], rank[m]] = <g_y[token[m]], out[flat_pos[m]]>
@@ -172,7 +177,10 @@ class Combine(Function):
         g_rows = g[token]                                                 # [N, d] -> [M, d]
         g_out = g_weight = None
         if ctx.needs_input_grad[0]:
-            g_out = xp.zeros((out_shape[0] * out_shape[1], d), dtype=g.dtype)  # [E * R, d]
+            n_rows = 1
+            for n_ in out_shape[:-1]:
+                n_rows *= n_
+            g_out = xp.zeros((n_rows, d), dtype=g.dtype)                  # [E * R, d] (or [M, d] packed)
             g_out[flat_pos] = g_rows * w[:, None]
             g_out = g_out.reshape(out_shape)                              # [E, R, d]
         if ctx.needs_input_grad[1]:
@@ -180,6 +188,80 @@ class Combine(Function):
             g_weight = xp.zeros(weight_shape, dtype=g.dtype)              # [N, k]
             g_weight[token, rank] = (g_rows * rows).sum(axis=1)
         return g_out, g_weight, None, None, None, None
+
+
+class GatherRows(Function):
+    """``x[token]``: x [N, d], token [M] (a token may appear up to k times) -> [M, d], the
+    packed dispatch. Backward: the rows of g go back to their tokens, summed over repeats
+    (``scatter_add_rows``)."""
+
+    @staticmethod
+    def forward(ctx: Context, x: Any, token: Any) -> Any:
+        ctx.save_for_backward(token)
+        ctx.n_tokens = x.shape[0]
+        return x[token]                                                   # [N, d] -> [M, d]
+
+    @staticmethod
+    def backward(ctx: Context, g: Any) -> tuple:
+        (token,) = ctx.saved
+        return B.scatter_add_rows(ctx.n_tokens, token, g), None           # [M, d] -> [N, d]
+
+
+class GroupedMatmul(Function):
+    """A grouped GEMM (as in MegaBlocks / Tutel): rows sorted by expert, one matmul each.
+
+        y[o_e : o_e + n_e] = x[o_e : o_e + n_e] @ W[e]      o_e = n_0 + ... + n_{e-1}
+
+    x [M, a], W [E, a, b], sizes n_e (host ints, sum M) -> y [M, b]. Backward per expert:
+    dx_e = dy_e W[e]^T and dW[e] = x_e^T dy_e (zero for an expert without rows). Only the
+    M kept rows are computed, never the empty capacity slots.
+    """
+
+    @staticmethod
+    def forward(ctx: Context, x: Any, w: Any, sizes: tuple[int, ...]) -> Any:
+        xp = B.array_module(x)
+        if len(sizes) != w.shape[0] or sum(sizes) != x.shape[0]:
+            raise ValueError(f"grouped_matmul: sizes {list(sizes)} do not split {x.shape[0]} rows "
+                             f"over {w.shape[0]} experts")
+        y = xp.empty((x.shape[0], w.shape[2]), dtype=x.dtype)             # [M, b]
+        lo = 0
+        for e, n in enumerate(sizes):
+            if n:
+                xp.matmul(x[lo:lo + n], w[e], out=y[lo:lo + n])           # [n_e, a] @ [a, b] -> [n_e, b]
+            lo += n
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, w if ctx.needs_input_grad[0] else None)
+        ctx.sizes, ctx.w_shape = sizes, w.shape
+        return y
+
+    @staticmethod
+    def backward(ctx: Context, g: Any) -> tuple:
+        x, w = ctx.saved
+        xp = B.array_module(g)
+        need_x, need_w = ctx.needs_input_grad[:2]
+        gx = xp.empty((g.shape[0], ctx.w_shape[1]), dtype=g.dtype) if need_x else None   # [M, a]
+        gw = xp.empty(ctx.w_shape, dtype=g.dtype) if need_w else None                     # [E, a, b]
+        lo = 0
+        for e, n in enumerate(ctx.sizes):
+            ge = g[lo:lo + n]                                             # [n_e, b]
+            if need_x and n:
+                xp.matmul(ge, w[e].T, out=gx[lo:lo + n])                  # [n_e, b] @ [b, a] -> [n_e, a]
+            if need_w:
+                if n:
+                    xp.matmul(x[lo:lo + n].T, ge, out=gw[e])              # [a, n_e] @ [n_e, b] -> [a, b]
+                else:
+                    gw[e] = 0
+            lo += n
+        return gx, gw, None
+
+
+def gather_rows(x: Tensor, token: Any) -> Tensor:
+    """The rows ``x[token]`` -> [M, d] (see :class:`GatherRows`)."""
+    return GatherRows.apply(x, token)
+
+
+def grouped_matmul(x: Tensor, w: Tensor, sizes: Any) -> Tensor:
+    """Per-expert matmuls on rows sorted by expert: x [M, a], w [E, a, b], sizes [E] -> [M, b]."""
+    return GroupedMatmul.apply(x, w, sizes=tuple(int(n) for n in B.to_numpy(sizes)))
 
 
 def dispatch(x: Tensor, flat_pos: Any, token: Any, n_experts: int, rows_per_expert: int) -> Tensor:
@@ -221,8 +303,10 @@ class Router(Module):
 class Experts(Module):
     """E SwiGLU experts stacked: w_gate, w_up [E, d, f], w_down [E, f, d] (no biases).
 
-    forward(buf [E, R, d]) = swiglu(buf @ w_gate, buf @ w_up) @ w_down -> [E, R, d], one
-    batched matmul per weight over all experts.
+    ``forward(x [M, d], load [E])``: packed rows sorted by expert, ``load[e]`` of them for
+    expert e -> [M, d], grouped matmuls (:class:`GroupedMatmul`) on the rows that exist.
+    ``forward(buf [E, R, d])``: the full dispatch buffer -> [E, R, d], one batched matmul
+    per weight over all experts, empty slots included (the picture of lesson 5).
     """
 
     def __init__(self, n_experts: int, d_model: int, d_ff: int, *, std: float = 0.02,
@@ -234,27 +318,16 @@ class Experts(Module):
         self.w_up = Parameter(_normal(rng, (n_experts, d_model, d_ff), std, dt))
         self.w_down = Parameter(_normal(rng, (n_experts, d_ff, d_model), std, dt))
 
-    def forward(self, buf: Tensor, load: Any = None) -> Tensor:
-        """buf [E, R, d] -> [E, R, d]. ``load`` [E] (kept assignments per expert, optional):
-        without a graph (generation, eval), experts that received no token are skipped."""
-        if load is not None and not is_grad_enabled():
-            active = B.to_numpy(load).nonzero()[0]                        # host ints: experts with rows
-            if len(active) < self.n_experts:
-                return Tensor(self._forward_active(buf.data, active.tolist()))
-        h = F.swiglu(buf @ self.w_gate, buf @ self.w_up)                   # [E, R, d] -> [E, R, f]
+    def forward(self, x: Tensor, load: Any = None) -> Tensor:
+        if x.ndim == 2:                                                   # packed rows [M, d]
+            if load is None:
+                raise ValueError("Experts: packed rows [M, d] need load [E] (rows per expert)")
+            sizes = tuple(int(n) for n in B.to_numpy(load))
+            gate = grouped_matmul(x, self.w_gate, sizes)                  # [M, d] -> [M, f]
+            up = grouped_matmul(x, self.w_up, sizes)                      # [M, d] -> [M, f]
+            return grouped_matmul(F.swiglu(gate, up), self.w_down, sizes)  # [M, f] -> [M, d]
+        h = F.swiglu(x @ self.w_gate, x @ self.w_up)                      # [E, R, d] -> [E, R, f]
         return h @ self.w_down                                            # [E, R, f] -> [E, R, d]
-
-    def _forward_active(self, buf: Any, active: list[int]) -> Any:
-        """Inference only: run the listed experts, zeros for the others. Decoding one token
-        reaches k of E experts, and reading every expert's weights (E * 3 d f numbers)
-        dominated a decode step; this reads only the active ones."""
-        xp = B.array_module(buf)
-        out = xp.zeros(buf.shape, dtype=buf.dtype)                        # [E, R, d]
-        for e in active:                                                  # at most min(E, k N) experts
-            x = buf[e]                                                    # [R, d]
-            h = F.swiglu(x @ self.w_gate.data[e], x @ self.w_up.data[e]).data  # [R, d] -> [R, f]
-            out[e] = h @ self.w_down.data[e]                              # [R, f] -> [R, d]
-        return out
 
     def extra_repr(self) -> str:
         return f"n_experts={self.n_experts}, d_model={self.d_model}, d_ff={self.d_ff}"
@@ -311,9 +384,12 @@ class MoE(Module):
             logits, cfg.top_k, cf, group, cfg.min_capacity, cfg.capacity_mode,
             cfg.slot_priority, cfg.renormalize, rng)                      # [N, k], [], []
         flat_pos, token, rank = routing.dispatch_indices(result)          # [M] each
-        buf = dispatch(tokens, flat_pos, token, cfg.n_experts, result.rows_per_expert)  # [E, R, d]
-        out = self.experts(buf, load=result.load_after)                   # [E, R, d]
-        y = combine(out, weight, flat_pos, token, rank, n)                # [N, d]
+        xp = B.array_module(flat_pos)
+        order = xp.argsort(flat_pos, kind="stable")                       # by buffer row: expert-major
+        token, rank = token[order], rank[order]                           # [M]
+        buf = gather_rows(tokens, token)                                  # [N, d] -> [M, d], kept rows only
+        out = self.experts(buf, load=result.load_after)                   # [M, d]
+        y = combine(out, weight, xp.arange(len(token)), token, rank, n)   # [N, d]
         stats = MoEStats.from_result(result, self.layer_idx, (bsz, seq))
         return y.reshape(bsz, seq, d), aux, z, stats
 
