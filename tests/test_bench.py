@@ -55,6 +55,8 @@ def test_model_flops_counts_shapes():
     n = 2 * 4 * d * d + 3 * d * ff + (d * 4 + 2 * 3 * d * ff + 3 * d * ff) + d * V
     assert f["n_active_matmul_params"] == n
     assert f["train_per_token"] == 6 * n + 12 * 2 * 64 * 64
+    half = model_flops(cfg, seq=64, kept_fraction=0.5)       # dropped assignments are not computed
+    assert half["n_active_matmul_params"] == n - 0.5 * 2 * 3 * d * ff
 
 
 def test_bench_bad_input():

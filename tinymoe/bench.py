@@ -27,11 +27,12 @@ config's shapes, no causal halving):
                                                   multiply-adds each per layer)
     train    = 6 N_active + 12 L T d_attn         (backward = 2x forward)
 
-with T the sequence length and d_attn = n_heads * head_dim. Experts are counted at k per
-token although with capacity some assignments are dropped (OpenMoE's cf 1.25 keeps at most
-1.25 G of the k G assignments of a group, and at initialisation many fewer): both tinymoe
-and the twin compute only the kept assignments, so ratios are fair; MFU = achieved model
-FLOP/s / GEMM roof, which counts the dropped assignments' FLOPs as if they were done.
+with T the sequence length and d_attn = n_heads * head_dim. MFU = achieved model FLOP/s /
+GEMM roof, with k experts per token (the usual "active parameters" count). Capacity drops
+assignments, though (OpenMoE's cf 1.25 keeps at most 1.25 G of the k G assignments of a
+group, at initialisation far fewer), and a dropped assignment is never computed, by
+tinymoe or by the twin; so the report adds the MFU with the expert term counted at the
+share of assignments kept on the benchmark batch (measured by one forward before timing).
 
 Memory: ``peak`` is the process's peak resident set during the phase (Linux: VmHWM, reset
 before each phase through /proc/self/clear_refs; elsewhere ``ru_maxrss``, the peak since
@@ -140,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
                 for r in phases.values():
                     if "flops_per_s" in r:
                         r["mfu"] = r["flops_per_s"] / again["flops_per_s"]
+                        r["mfu_kept"] = r["flops_per_s_kept"] / again["flops_per_s"]
         else:
             roof["seconds"] = roof["seconds"] + again["seconds"]
     report["load_after"] = _load()
@@ -152,19 +154,23 @@ def run(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- FLOPs
 
-def model_flops(cfg: ModelConfig, seq: int) -> dict[str, float]:
-    """Model FLOPs per token of ``cfg`` at sequence length ``seq`` (see the module docstring)."""
+def model_flops(cfg: ModelConfig, seq: int, kept_fraction: float = 1.0) -> dict[str, float]:
+    """Model FLOPs per token of ``cfg`` at sequence length ``seq`` (see the module docstring).
+
+    ``kept_fraction``: the share of the k expert assignments per token that capacity keeps
+    (1.0 counts all k; ``bench`` measures it on its batch, since dropped assignments are
+    never computed)."""
     d, da, f, V = cfg.d_model, cfg.attn_dim, cfg.d_ff, cfg.vocab_size
     n_moe = len(cfg.moe_layers)
     n_dense = cfg.n_layers - n_moe
     attn = cfg.n_layers * 4 * d * da
     dense = n_dense * 3 * d * f
-    moe = n_moe * (d * cfg.n_experts + cfg.top_k * 3 * d * cfg.expert_ff
+    moe = n_moe * (d * cfg.n_experts + kept_fraction * cfg.top_k * 3 * d * cfg.expert_ff
                    + (3 * d * f if cfg.shared_ffn else 0))
     head = d * V
     n_active = attn + dense + moe + head
     attn_scores = cfg.n_layers * seq * da                       # multiply-adds per token / 2
-    return {"n_active_matmul_params": float(n_active),
+    return {"n_active_matmul_params": float(n_active), "kept_fraction": float(kept_fraction),
             "forward_per_token": 2.0 * n_active + 4.0 * attn_scores,
             "train_per_token": 6.0 * n_active + 12.0 * attn_scores,
             "decode_per_token": 2.0 * n_active}
@@ -367,6 +373,16 @@ class _Tinymoe:
     def sync(self) -> None:
         B.synchronize()
 
+    def kept_fraction(self) -> float:
+        """Share of the k expert assignments per token that capacity keeps on this batch
+        (mean over MoE layers; 1.0 for a dense model). The twin drops the same ones."""
+        with no_grad():
+            routing = self.model(self.x, rng=B.default_rng(0)).routing
+        if not routing:
+            return 1.0
+        k = self.cfg.top_k
+        return sum(float(B.to_numpy(s.load_after).sum()) / (s.kept.shape[0] * k) for s in routing) / len(routing)
+
     def forward(self) -> float:
         with no_grad():
             return float(self.model(self.x, targets=self.y, rng=self.route_rng).loss.item())
@@ -551,12 +567,15 @@ def _bench_model(args: argparse.Namespace, report: dict[str, Any], roof: dict[st
     if "generate" in phases and (gen_prompt < 1 or gen_new < 1 or gen_prompt + gen_new > cfg.max_seq_len):
         raise ValueError(f"--gen-prompt={gen_prompt} + --gen-new={gen_new} must be >= 1 each and fit "
                          f"max_seq_len={cfg.max_seq_len}")
+    tokens = batch * seq
+    tm = _Tinymoe(cfg, batch, seq, args.optimizer, args.seed)
     flops = model_flops(cfg, seq)
+    kept = model_flops(cfg, seq, tm.kept_fraction())
+    flops["kept_fraction"] = kept["kept_fraction"]
+    flops["train_per_token_kept"] = kept["train_per_token"]
+    flops["forward_per_token_kept"] = kept["forward_per_token"]
     report.update(config=args.config, describe=cfg.describe(), batch=batch, seq=seq, optimizer=args.optimizer,
                   steps=args.steps, warmup=args.warmup, flops=flops, side=args.side)
-    tokens = batch * seq
-
-    tm = _Tinymoe(cfg, batch, seq, args.optimizer, args.seed)
     th = None
     if torch is not None:
         th = _Torch(torch, cfg, tm.model.state_dict(), tm.x, tm.y, args.optimizer)
@@ -597,8 +616,11 @@ def _bench_model(args: argparse.Namespace, report: dict[str, Any], roof: dict[st
             med = statistics.median(ts)
             r = results[name][phase]
             r.update(seconds=med, all_seconds=ts, tokens_per_s=tokens / med,
-                     flops_per_s=per_token[phase] * tokens / med)
+                     flops_per_s=per_token[phase] * tokens / med,
+                     flops_per_s_kept=per_token[phase] * (kept["train_per_token"] / flops["train_per_token"])
+                     * tokens / med)
             r["mfu"] = r["flops_per_s"] / roof["flops_per_s"]
+            r["mfu_kept"] = r["flops_per_s_kept"] / roof["flops_per_s"]
         if phase in ("fwd_bwd", "step") and tm is not None:
             bad = _check_float32(tm.model, cfg.dtype)
             results["tinymoe"][phase]["dtype_check"] = bad or "ok"
@@ -758,7 +780,7 @@ def _format_report(r: dict[str, Any]) -> str:
               f"batch [{r['batch']}, {r['seq']}], optimizer {r['optimizer']}, median of {r['steps']} "
               f"(warm-up {r['warmup']})",
               f"model FLOPs/token: forward {_h(f['forward_per_token'])}, train {_h(f['train_per_token'])} "
-              f"(6 N + 12 L T d_attn, N = {_h(f['n_active_matmul_params'])} active matmul params)", ""]
+              f"(6 N + 12 L T d_attn, N = {_h(f['n_active_matmul_params'])} active matmul params, k experts per token)", ""]
     res = r["results"]
     names = [n for n in ("tinymoe", "torch") if n in res]
     head = f"{'phase':<11}" + "".join(f"| {n + ' tok/s':>14} {'MFU':>6} {'peak':>9} {'+peak':>9} " for n in names)
@@ -791,6 +813,13 @@ def _format_report(r: dict[str, Any]) -> str:
         lines.append(f"generate: batch 1, {g['prompt']}-token prompt (prefill "
                      + ", ".join(f"{n} {1e3 * res[n]['generate']['prefill_seconds']:.1f} ms" for n in names)
                      + f"), then {g['new_tokens']} new tokens, decode tokens/s{extra}")
+    timed = [ph for ph in ("forward", "fwd_bwd", "step") if ph in res[names[0]]]
+    if timed and f.get("kept_fraction", 1.0) < 1.0:
+        lines.append(f"MFU above counts k experts per token; capacity kept {100 * f['kept_fraction']:.0f}% of the "
+                     "assignments on this batch, and counting only those: "
+                     + "; ".join(f"{ph} " + " / ".join(f"{100 * res[n][ph]['mfu_kept']:.1f}%" for n in names)
+                                 for ph in timed)
+                     + (" (tinymoe / torch)" if len(names) == 2 else ""))
     for n in names:
         dc = res[n].get("step", res[n].get("fwd_bwd", {})).get("dtype_check")
         if dc is not None:
