@@ -89,11 +89,15 @@ assert list(tie_idx[0]) == [0, 1], "ties must go to the lower expert index"
 # `slot`, `probs`, `load_before`, `load_after`, `dropped_fraction`, `confidence`, ...
 #
 # Inside, three steps run as whole-array operations:
-# 1. **dispatch**: an index gather copies each token into the next free row (its *slot*) of
-#    its experts' buffers: `buf [E, C, d]`;
-# 2. **experts**: one batched matmul per weight runs all experts at once:
+# 1. **dispatch**: each kept assignment owns a row (its *slot*) of its expert's buffer
+#    `buf [E, C, d]`; an index gather copies the token there;
+# 2. **experts**: every expert runs its SwiGLU on its rows,
 #    `swiglu(buf @ W_gate, buf @ W_up) @ W_down`, `[E, C, d] -> [E, C, d]`;
 # 3. **combine**: a scatter-add sends `w * expert_out[row]` back to each token.
+#
+# (`MoE.forward` drops the empty slots before step 2: it packs the filled rows expert by
+# expert and runs one matmul per expert on exactly those rows, a "grouped GEMM". The
+# answer is the same; only the zero rows are no longer computed.)
 
 # %%
 y, aux, zl, stats = moe(x)                                    # [1, T, d], [], [], MoEStats

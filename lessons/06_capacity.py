@@ -28,8 +28,8 @@ rng = np.random.default_rng(0)
 # %% [markdown]
 # ## 1. Why capacity
 #
-# The experts run as one batched matmul over a buffer `[E, C, d]` (lesson 5). Fixed shapes
-# are what accelerators (and OpenMoE's TPU/XLA code) want, and they bound each expert's work.
+# Each expert gets a buffer of `C` rows per group (lesson 5). Fixed shapes are what
+# accelerators (and OpenMoE's TPU/XLA code) want, and they bound each expert's work.
 # Tokens are cut into **groups** of $G$ contiguous tokens (OpenMoE: 4096; tinymoe's default:
 # one sequence); each expert has $C$ slots per group:
 #
