@@ -293,8 +293,8 @@ def _block(row_size: int, target: int = 1 << 16) -> int:
 def _parallel(kernel: Any, a: Any, row_size: int, uses_blas: bool = False, block: int = 1 << 16) -> None:
     """``kernel(lo, hi)`` over the rows of ``a`` (``row_size`` elements each) in blocks of
     about ``block`` elements (cache-sized), spread over threads when every thread gets at
-    least ~32k elements."""
-    B.parallel_rows(kernel, a, block_rows=_block(row_size, block), min_rows=_block(row_size, 1 << 15),
+    least ~64k elements (below that, handing work to a thread costs more than it saves)."""
+    B.parallel_rows(kernel, a, block_rows=_block(row_size, block), min_rows=_block(row_size, 1 << 16),
                     uses_blas=uses_blas)
 
 
