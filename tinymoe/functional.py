@@ -257,14 +257,13 @@ class Tanh(Function):
         return g * (1 - out * out)
 
 
-def _sigmoid(xp: Any, a: Any, out: Any = None) -> Any:
-    """Logistic 1 / (1 + exp(-a)), four passes in place on one output buffer (``out`` if
-    given, else a fresh one).
+def _sigmoid(xp: Any, a: Any) -> Any:
+    """Logistic 1 / (1 + exp(-a)), four passes in place on one fresh output buffer.
 
     For a < -88 (float32) exp(-a) overflows to inf and the result is 1/inf = 0, the
     correctly rounded value, so the overflow warning is silenced; no sign branch needed.
     (The branchy exp(-|a|) / where form made five full-size temporaries: ~15x slower.)"""
-    s = xp.negative(a, out=out)                                 # -a
+    s = xp.negative(a)                                          # -a, a fresh buffer
     with B.np.errstate(over="ignore"):
         xp.exp(s, out=s)
     s += 1
