@@ -21,7 +21,7 @@ from _lesson import FAST, plt, shared_run, show
 import tinymoe
 from tinymoe import analysis as A
 from tinymoe.checkpoint import load_model
-from tinymoe.data import builtin_corpus, eval_batches
+from tinymoe.data import builtin_corpus
 from tinymoe.nn.model import OpenMoE
 
 ckpt = shared_run()
@@ -43,9 +43,9 @@ per_domain = 16 if FAST else 96                                     # windows pe
 windows, domains = [], []
 for d, name in enumerate(corpus.names):
     toks = np.asarray(tok.encode(corpus.domains[name].val[: (per_domain + 2) * (T + 1) * 4]), dtype=np.int64)
-    b = next(eval_batches(toks, batch_size=per_domain, seq_len=T, max_batches=1))
-    windows.append(np.concatenate([b.x, b.y[:, -1:]], axis=1))      # [n, T+1]
-    domains.append(np.full(b.x.shape[0], d))
+    w = A.token_windows(toks, T, per_domain)                        # [n, T+1]
+    windows.append(w)
+    domains.append(np.full(w.shape[0], d))
 windows, domains = np.concatenate(windows), np.concatenate(domains)
 trace = A.collect_routing(model, windows, domains, batch_size=16, domain_names=corpus.names)
 print(f"routed {trace.n_tokens:,} tokens; MoE layers {trace.layers}; held-out CE {trace.ce:.3f}")

@@ -20,7 +20,7 @@ from _lesson import FAST, plt, shared_run, show
 
 from tinymoe import analysis as A
 from tinymoe.checkpoint import load_model
-from tinymoe.data import builtin_corpus, eval_batches, multi_turn_text
+from tinymoe.data import builtin_corpus, multi_turn_text
 
 ckpt = shared_run()
 model, tok, cfg = load_model(ckpt)
@@ -51,9 +51,9 @@ n_win = 12 if FAST else 64
 windows, domains = [], []
 for d, name in enumerate(corpus.names):
     toks = np.asarray(tok.encode(corpus.domains[name].val[: (n_win + 2) * (T + 1) * 4]), dtype=np.int64)
-    b = next(eval_batches(toks, batch_size=n_win, seq_len=T, max_batches=1))
-    windows.append(np.concatenate([b.x, b.y[:, -1:]], axis=1))        # [n, T+1]
-    domains.append(np.full(b.x.shape[0], d))
+    w = A.token_windows(toks, T, n_win)                               # [n, T+1]
+    windows.append(w)
+    domains.append(np.full(w.shape[0], d))
 datasets = {"in-distribution": (np.concatenate(windows), np.concatenate(domains))}
 mixed = multi_turn_text(corpus, tok, n_seqs=len(corpus.names) * n_win, seq_len=T + 1,
                         segment_len=(min(16, T // 4), min(64, T // 2)), split="val", seed=0)

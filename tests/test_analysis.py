@@ -450,3 +450,12 @@ def test_analyze_command_errors_are_one_line(tmp_path, capsys):
     run_dir, data = _toy_checkpoint(tmp_path)
     assert A.run(parser.parse_args([str(run_dir), "--max-tokens", "0"])) == 2
     assert "--max-tokens=0" in capsys.readouterr().err
+
+
+def test_token_windows_are_contiguous_and_disjoint():
+    tokens = np.arange(1000)
+    w = A.token_windows(tokens, seq_len=16, n_windows=5)
+    assert w.shape == (5, 17)
+    assert np.all(np.diff(w, axis=1) == 1), "each window is a contiguous run of tokens"
+    starts = np.sort(w[:, 0])
+    assert np.all(np.diff(starts) >= 17), f"windows overlap: starts {starts}"

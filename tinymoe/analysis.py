@@ -55,7 +55,7 @@ __all__ = [
     "key_expert_counts", "majority_expert", "predictor_accuracy", "specialization_predictors",
     "routing_std", "max_routing_std", "shuffled_routing_std", "expert_share_by_domain",
     "top_tokens_per_expert", "majority_agreement", "early_routing", "position_in_group",
-    "drop_by_position", "drop_quarters", "token_label",
+    "drop_by_position", "drop_quarters", "token_label", "token_windows",
     # report sections
     "specialization_report", "drop_report",
     # collection from a model
@@ -758,9 +758,9 @@ def plot_drop_vs_position(drops: Mapping[str, Any], path: str | Path) -> str:
 # the whole analysis of one model
 # =====================================================================================
 
-def _windows(tokens: Array, seq_len: int, n_windows: int) -> Array:
+def token_windows(tokens: Array, seq_len: int, n_windows: int) -> Array:
     """Up to ``n_windows`` non-overlapping windows [n, T+1] of a 1-D token array, spread
-    evenly over it (tinymoe.data.eval_batches)."""
+    evenly over it (tinymoe.data.eval_batches): inputs and the next-token target of each."""
     from tinymoe.data import eval_batches  # noqa: PLC0415
 
     batch = next(eval_batches(tokens, batch_size=max(n_windows, 1), seq_len=seq_len,
@@ -867,7 +867,7 @@ def analyze(model: Any, tokenizer: Any, corpus: Any, *, excluded: Sequence[str] 
 
     # 1. specialization: every domain's held-out text, at the eval capacity factor
     t0 = time.perf_counter()
-    win = [_windows(val_tok[n], T, max(2, max_tokens // T)) for n in names]   # [n_d, T+1]
+    win = [token_windows(val_tok[n], T, max(2, max_tokens // T)) for n in names]   # [n_d, T+1]
     report["specialization"] = specialization_report(
         model, tokenizer, win, names, excluded, batch_size, min_count, n_top, seed,
         init_model, init_tokens)
@@ -976,7 +976,7 @@ def _drop_datasets(tokenizer: Any, val_text: Mapping[str, str], val_tok: Mapping
     from tinymoe.data import Corpus, DomainText, multi_turn_text  # noqa: PLC0415
 
     def from_domains(doms: list[str], per: int) -> dict[str, Any]:
-        w = [_windows(val_tok[n], T, per) for n in doms]
+        w = [token_windows(val_tok[n], T, per) for n in doms]
         d = [np.full(x.shape[0], names.index(n), dtype=np.int64) for x, n in zip(w, doms)]
         return {"windows": np.concatenate(w), "domain": np.concatenate(d), "domain_names": names}
 

@@ -23,8 +23,7 @@ from typing import Any, Callable
 # back-to-back matmuls just as fast (measured: the `small` training step went from 3.25 s
 # to 2.67 s on 2 cores). OpenBLAS reads the variable once, when it loads: this takes effect
 # only when tinymoe is imported before NumPy, and a value set by the user wins.
-OPENBLAS_THREAD_TIMEOUT_SET = "numpy" not in sys.modules and "OPENBLAS_THREAD_TIMEOUT" not in os.environ
-if OPENBLAS_THREAD_TIMEOUT_SET:
+if "numpy" not in sys.modules and "OPENBLAS_THREAD_TIMEOUT" not in os.environ:
     os.environ["OPENBLAS_THREAD_TIMEOUT"] = "16"
 
 import numpy as np  # noqa: E402  (host arrays: data loading, checkpoints, analysis)
