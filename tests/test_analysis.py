@@ -434,7 +434,7 @@ def test_analyze_command_end_to_end(tmp_path, capsys):
     # from the main checkpoint, its compare curves from the --compare one
     kw = dict(excluded=["digits"], max_tokens=1024, drop_tokens=512, min_count=4, n_bins=8)
     corpus = load_corpus(data)
-    direct = {name: {(c["dataset"], c["setting"]): c for c in A._json_ready(
+    direct = {name: {(c["dataset"], c["setting"]): c for c in json_ready(
         A.analyze(_toy_model(seed), ByteTokenizer(), corpus, **kw))["drops"]["curves"]}
         for name, seed in (("main", 0), ("other", 1))}
     for ds in names:
