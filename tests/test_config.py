@@ -1,6 +1,6 @@
 """Tests for tinymoe.config: validation, presets, (de)serialisation, parameter counting.
 
-Expected counts are written out by hand from the shapes in DESIGN.md / openmoe-facts.md,
+Expected counts are written out by hand from the shapes in docs/openmoe-facts.md (§1, §4, §13),
 never taken from the code under test.
 """
 from __future__ import annotations
@@ -144,7 +144,7 @@ def test_head_dim_and_expert_ff():
 
 def test_capacity_formulas():
     base = get_preset("openmoe-base")
-    assert base.capacity(4096) == 320            # round(1.25 * 4096 / 16), facts
+    assert base.capacity(4096) == 320            # round(1.25 * 4096 / 16), docs/openmoe-facts.md §7
     assert base.capacity(4096, training=False) == 512   # round(2.0 * 4096 / 16)
     assert base.capacity(8) == 4                 # min_capacity wins
     assert base.replace(capacity_mode="k_scaled").capacity(4096) == 640  # ceil(2*1.25*4096/16)
@@ -250,7 +250,7 @@ def test_mini_is_about_2_3m():
 
 
 def test_openmoe_base_paper_count():
-    # openmoe-facts "Param count": paper dims (ff 3072, 3 matrices per SwiGLU) + one tied
+    # docs/openmoe-facts.md §13: paper dims (ff 3072, 3 matrices per SwiGLU) + one tied
     # embedding. FFNs: 9 dense + 3 x (1 shared + 16 experts) = 60 in total, 18 active.
     d, V, ff = 768, 256_384, 3072
     emb = V * d                        # 196,902,912

@@ -65,7 +65,7 @@ class ModelConfig:
         n_experts (E), top_k (k), moe_every (MoE on block i when (i+1) % moe_every == 0;
         moe_every > n_layers gives a dense model), shared_ffn.
 
-    Router (see DESIGN.md "The router")
+    Router (see docs/router.md)
         capacity_factor (train) / eval_capacity_factor: C = max(round(cf*G/E), min_capacity)
             with capacity_mode "openmoe" (flaxformer, no k), or
             C = max(ceil(k*cf*G/E), min_capacity) with "k_scaled" (DeepSpeed).

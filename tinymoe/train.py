@@ -15,7 +15,7 @@ share), held-out evaluation per domain (nats per token and per byte), ``log.json
 JSON object per event), ``curves.png``, routing snapshots on a fixed probe batch for the
 routing analysis, and checkpoints.
 
-Reliability (DESIGN.md "Reliability promises"):
+Reliability (docs/architecture.md §8, "Reliability promises"):
 
 - Resume is exact: the checkpoint holds weights, optimizer state, the batch sampler's
   RNG state (the data position) and the routing RNG, so N steps + resume + N steps gives

@@ -1,5 +1,5 @@
-"""Torch twins of the building blocks, written from the spec (DESIGN.md, openmoe-facts.md),
-not from tinymoe's code. Plain eager torch, used only as a test oracle.
+"""Torch twins of the building blocks, written from the spec (docs/architecture.md,
+docs/openmoe-facts.md), not from tinymoe's code. Plain eager torch, used only as a test oracle.
 
 Conventions shared with the spec: Linear weights stored [in, out] (y = x @ W), no biases
 unless asked; RMSNorm is T5LayerNorm (scale only); RoPE is rotate-half with base 10000;

@@ -1,4 +1,4 @@
-"""Torch twin of the whole OpenMoE decoder (DESIGN.md "The model", openmoe-facts.md),
+"""Torch twin of the whole OpenMoE decoder (docs/architecture.md §5, docs/openmoe-facts.md),
 written from the spec as one plain function over a dict of named parameters.
 
     h = E[ids]

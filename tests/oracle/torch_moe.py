@@ -1,4 +1,4 @@
-"""Torch twin of the MoE layer (DESIGN.md "The router"), written from the spec.
+"""Torch twin of the MoE layer (docs/router.md, docs/architecture.md §6), written from the spec.
 
 Routing decisions come from the routing twin (``torch_routing.twin_route``: softmax,
 top-k with ties to the lower index, capacity, slot priority). The layer itself is written

@@ -1,4 +1,4 @@
-"""Torch twin of the tinymoe router spec (DESIGN.md "The router"), written from the spec.
+"""Torch twin of the tinymoe router spec (docs/router.md), written from the spec.
 
 Plain, loop-friendly torch in the style of flaxformer's TokensChooseMaskedRouter: one
 group at a time, slots by ``cumsum(one_hot) - 1`` over the priority-ordered assignments.
