@@ -34,7 +34,7 @@ np = B.np  # host NumPy, for the references
 
 
 # --------------------------------------------------------------------------------------
-# thread-split helpers (also used by functional.py: the sigmoid, the cross-entropy)
+# helpers: the in-place sigmoid and the thread split (functional.py uses them too)
 # --------------------------------------------------------------------------------------
 
 def _sigmoid(xp: Any, a: Any) -> Any:
@@ -147,6 +147,7 @@ def rms_norm(x: Any, weight: Any, eps: float = 1e-6) -> Tensor:
     """RMSNorm over the last axis: x [..., d], weight [d] -> [..., d] (see ``RMSNorm``)."""
     return RMSNorm.apply(x, weight, eps=float(eps))
 
+
 def rms_norm_reference(x: Any, w: Any, eps: float = 1e-6) -> Any:
     """Reference for :class:`RMSNorm`: ``y = x / sqrt(mean(x^2) + eps) * w`` over the last axis."""
     rms = np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)      # [..., 1]
@@ -220,6 +221,7 @@ def swiglu(gate: Any, up: Any) -> Tensor:
     """silu(gate) * up, fused: gate [..., f], up [..., f] -> [..., f] (see ``SwiGLU``)."""
     return SwiGLU.apply(gate, up)
 
+
 def swiglu_reference(gate: Any, up: Any) -> Any:
     """Reference for :class:`SwiGLU`: ``silu(gate) * up = gate * sigmoid(gate) * up``."""
     sigmoid = 1.0 / (1.0 + np.exp(-gate))
@@ -240,7 +242,6 @@ def rope_tables(seq_len: int, head_dim: int, base: float = 10000.0, dtype: Any =
     """
     if head_dim % 2 != 0:
         raise ValueError(f"rope: head_dim={head_dim} is odd; RoPE needs an even head dimension")
-    np = B.np
     inv_freq = base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)    # [dh/2]
     angles = np.outer(np.arange(seq_len, dtype=np.float64), inv_freq)              # [L, dh/2]
     angles = np.concatenate([angles, angles], axis=1)                              # [L, dh]
@@ -310,6 +311,7 @@ def rope(x: Any, cos: Any, sin: Any) -> Tensor:
     cos = cos.data if isinstance(cos, Tensor) else cos
     sin = sin.data if isinstance(sin, Tensor) else sin
     return RoPE.apply(x, cos, sin)
+
 
 def rope_reference(x: Any, cos: Any, sin: Any) -> Any:
     """Reference for :class:`RoPE`: ``x cos + rotate_half(x) sin``, ``rotate_half([x1, x2]) = [-x2, x1]``;
@@ -419,6 +421,7 @@ def causal_attention(q: Any, k: Any, v: Any, scale: float | None = None, causal:
     -> [..., T, dv]; query i attends to keys j <= i + (S - T). scale defaults to 1/sqrt(dh).
     ``causal=False`` drops the mask (every query sees every key)."""
     return CausalAttention.apply(q, k, v, scale=scale, causal=causal)
+
 
 def causal_attention_reference(q: Any, k: Any, v: Any, scale: float | None = None, causal: bool = True) -> Any:
     """Reference for :class:`CausalAttention`: ``softmax(scale q k^T + mask) v``, query i

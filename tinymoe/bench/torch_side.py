@@ -38,14 +38,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-import numpy as np
 import torch
 import torch.nn.functional as TF
 from torch import nn
 
+from tinymoe import backend as B
 from tinymoe.config import ModelConfig
 from tinymoe.routing import capacity
 from tinymoe.train import TrainConfig
+
+np = B.np
 
 __all__ = ["TorchOpenMoE", "TorchOutput", "TorchSide", "setup_torch", "torch_gemm_roof"]
 
@@ -57,11 +59,12 @@ class _Loader:
     asked, and remembers how to cut them back into tinymoe's names (for the tests)."""
 
     def __init__(self, state: Mapping[str, Any], dtype: torch.dtype, device: torch.device):
+        # state: name -> NumPy or CuPy array (copied through the host)
         self.state, self.dtype, self.device = state, dtype, device
         self.sources: list[tuple[nn.Parameter, tuple[str, ...], int]] = []
 
     def __call__(self, *names: str, dim: int = -1) -> nn.Parameter:
-        parts = [torch.as_tensor(np.asarray(self.state[n]), dtype=self.dtype, device=self.device) for n in names]
+        parts = [torch.as_tensor(B.to_numpy(self.state[n]), dtype=self.dtype, device=self.device) for n in names]
         p = nn.Parameter(torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0].clone())
         self.sources.append((p, names, dim))
         return p
