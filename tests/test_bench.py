@@ -201,3 +201,19 @@ def test_torch_side_cache_in_chunks_equals_full_forward():
         parts = [th(ids[:, lo:hi], cache=cache, start=lo).logits for lo, hi in ((0, 5), (5, 6), (6, 11), (11, 14))]
     got = torch.cat(parts, dim=1)
     assert (got - full).abs().max() <= 1e-12 * full.abs().max()
+
+
+def test_bench_imports_torch_only_for_compare_torch(monkeypatch, capsys):
+    """``import tinymoe.bench`` loads no torch; without torch, --compare-torch is a one-line
+    error with exit status 2."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    import tinymoe.bench  # noqa: PLC0415
+    code = "import sys, tinymoe.bench, tinymoe.functional; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    monkeypatch.setitem(sys.modules, "torch", None)           # as if torch were not installed
+    monkeypatch.delitem(sys.modules, "tinymoe.bench.torch_side", raising=False)
+    monkeypatch.delattr(tinymoe.bench, "torch_side", raising=False)
+    assert main(["bench", "--config", "toy", "--steps", "1", "--compare-torch"]) == 2
+    assert "--compare-torch needs PyTorch" in capsys.readouterr().err
