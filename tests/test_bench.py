@@ -61,3 +61,159 @@ def test_model_flops_counts_shapes():
 
 def test_bench_bad_input():
     assert main(["bench", "--config", "toy", "--steps", "0"]) != 0
+
+
+# ---- the torch side: the same model, the same decisions, the same loss ----------------------
+# tinymoe/bench/torch_side.py is written for speed (SDPA, fused projections, vectorised
+# routing, kept rows by expert); these tests hold it to tinymoe's function on the same
+# weights and batch, with capacity drops.
+
+import numpy as np  # noqa: E402
+
+from tinymoe import backend as B  # noqa: E402
+from tinymoe.autograd import no_grad  # noqa: E402
+from tinymoe.bench.tinymoe_side import TinymoeSide, bench_train_config  # noqa: E402
+from tinymoe.nn.model import OpenMoE  # noqa: E402
+
+DROP_CASES = {
+    # 4 groups of 8 tokens, C = round(1.0 * 8 / 4) = 2 slots for 16 assignments per expert-group
+    "position": dict(capacity_factor=1.0, eval_capacity_factor=1.5, min_capacity=1, group_size=8),
+    # one group per sequence (G = 16), C = ceil(2 * 0.5 * 16 / 4) = 4; untied head, Mixtral weights
+    "probability": dict(capacity_factor=0.5, eval_capacity_factor=1.0, min_capacity=1, capacity_mode="k_scaled",
+                        slot_priority="probability", renormalize=True, tie_embeddings=False),
+}
+
+
+def _float32_tolerance(cfg, seq, n_tokens):
+    """Relative bound on a float32 loss or logit difference between the two sides.
+
+    A dot product or sum of n terms carries a relative error of at most ~n u (u = eps / 2);
+    to first order the errors of the steps along the computation add up, the RMSNorms keep
+    every step's condition number O(1). Per block: the norm (d), Q/K/V (d), attention scores
+    and P v (T), the output projection (d_attn), the FFN norm and input (2 d), the FFN output
+    (f), the router softmax (E); then the final norm and the head (2 d), the cross-entropy's
+    logsumexp (V) and its mean over N tokens. Two float32 sides: twice that, in eps."""
+    per_block = 4 * cfg.d_model + seq + cfg.attn_dim + max(cfg.d_ff, cfg.expert_ff) + cfg.n_experts
+    path = cfg.n_layers * per_block + 2 * cfg.d_model + cfg.vocab_size + n_tokens
+    return 2 * path * float(np.finfo(np.float32).eps)
+
+
+def _pair(case, dtype, batch=2, seq=16, seed=3):
+    torch_side = pytest.importorskip("tinymoe.bench.torch_side")
+    cfg = get_preset("toy").replace(dtype=dtype, **DROP_CASES[case])
+    tm = OpenMoE(cfg, seed=seed)
+    th = torch_side.TorchOpenMoE(cfg, tm.state_dict())
+    ids = np.random.default_rng(seed).integers(0, cfg.vocab_size, size=(batch, seq + 1))
+    return torch_side, cfg, tm, th, ids[:, :-1], ids[:, 1:]
+
+
+def _decision_margin(stats, cfg):
+    """How far the routing decisions are from a tie: the smallest gap between a token's k-th
+    and (k+1)-th router probability and, under priority "probability", between two
+    probabilities that slot order compares (same group, same rank)."""
+    p = -np.sort(-B.to_numpy(stats.probs), axis=1)                              # [N, E] descending
+    margin = float((p[:, cfg.top_k - 1] - p[:, cfg.top_k]).min())
+    if cfg.slot_priority == "probability":
+        top = B.to_numpy(stats.topk_prob).reshape(stats.n_groups, stats.group_size, cfg.top_k)
+        margin = min(margin, float(np.diff(np.sort(top, axis=1), axis=1).min()))
+    return margin
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("case", list(DROP_CASES))
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_torch_side_same_loss_logits_and_kept_as_tinymoe(case, dtype, mode):
+    torch_side, cfg, tm, th, x, y = _pair(case, dtype)
+    torch = torch_side.torch
+    if mode == "eval":                                        # eval capacity factor on both sides
+        tm.eval()
+        th.eval()
+    with no_grad():
+        ours = tm(x, targets=y)
+    with torch.no_grad():
+        theirs = th(torch.as_tensor(x), torch.as_tensor(y))
+    rtol = 1e-11 if dtype == "float64" else _float32_tolerance(cfg, x.shape[1], x.size)
+    for name, a, b in (("loss", ours.loss, theirs.loss), ("ce", ours.ce, theirs.ce),
+                       ("aux", ours.aux_loss, theirs.aux), ("z", ours.z_loss, theirs.z),
+                       ("logits", ours.logits, theirs.logits)):
+        a, b = a.numpy().astype(np.float64), b.numpy().astype(np.float64)
+        assert np.abs(a - b).max() <= rtol * np.abs(a).max(), (name, np.abs(a - b).max(), rtol)
+    assert len(ours.routing) == len(theirs.kept) == 1
+    stats = ours.routing[0]
+    if dtype == "float32":
+        # float32 decisions can only differ at a near-tie: the probabilities' float32 error,
+        # measured against the float64 model, must be far below the closest decision
+        exact = OpenMoE(cfg.replace(dtype="float64"), seed=3)
+        (exact.eval() if mode == "eval" else exact.train())
+        with no_grad():
+            p64 = B.to_numpy(exact(x).routing[0].probs)
+        err = float(np.abs(B.to_numpy(stats.probs) - p64).max())
+        assert _decision_margin(stats, cfg) > 10 * err, (_decision_margin(stats, cfg), err)
+    kept = B.to_numpy(stats.kept)
+    assert 0 < kept.sum() < kept.size, "the case must drop some assignments and keep others"
+    np.testing.assert_array_equal(theirs.kept[0].numpy(), kept)
+
+
+@pytest.mark.parametrize("case", list(DROP_CASES))
+def test_torch_side_same_gradients_as_tinymoe(case):
+    """float64: every parameter's gradient (fused QKV and gate|up cut back into tinymoe's names)."""
+    torch_side, cfg, tm, th, x, y = _pair(case, "float64")
+    torch = torch_side.torch
+    tm(x, targets=y).loss.backward()
+    th(torch.as_tensor(x), torch.as_tensor(y)).loss.backward()
+    grads = th.tinymoe_named(lambda p: p.grad)
+    names = [n for n, _ in tm.named_parameters()]
+    assert sorted(grads) == sorted(names)
+    for name, p in tm.named_parameters():
+        ours, theirs = B.to_numpy(p.grad), grads[name]
+        assert np.abs(ours - theirs).max() <= 1e-9 * np.abs(ours).max(), name
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_torch_side_greedy_generation_matches_tinymoe(dtype):
+    """The bench's two generate() on a toy model: the same greedy tokens, a prefill with
+    eval-capacity drops (G = 8 prompt tokens, C = round(1.0 * 8 / 4) = 2) then one token at
+    a time through each side's own KV cache."""
+    torch_side = pytest.importorskip("tinymoe.bench.torch_side")
+    cfg = get_preset("toy").replace(dtype=dtype, capacity_factor=0.5, eval_capacity_factor=1.0, min_capacity=1,
+                                    init_std=0.3)        # weights large enough for a varied sequence
+    train_cfg = bench_train_config("adamw")
+    tm = TinymoeSide(cfg, batch=2, seq=16, train_cfg=train_cfg, seed=4)
+    th = torch_side.TorchSide(cfg, tm.model.state_dict(), tm.x, tm.y, train_cfg)
+    prompt = np.random.default_rng(5).integers(0, cfg.vocab_size, size=(1, 8))
+    ours, theirs = tm.generate(prompt, 24)[2], th.generate(prompt, 24)[2]
+    assert ours == theirs
+    assert len(set(ours)) > 3                                 # a sequence, not one token repeated
+
+
+def test_torch_side_cache_in_chunks_equals_full_forward():
+    """The torch side's cached forward (prefill at 0, a chunk at start > 0 with its
+    bottom-right causal mask, single tokens) gives the logits of one full forward (dropless,
+    so that routing does not depend on how the tokens are cut)."""
+    torch_side = pytest.importorskip("tinymoe.bench.torch_side")
+    torch = torch_side.torch
+    cfg = get_preset("toy").replace(dtype="float64", capacity_factor=None, eval_capacity_factor=None)
+    th = torch_side.TorchOpenMoE(cfg, OpenMoE(cfg, seed=6).state_dict()).eval()
+    ids = torch.as_tensor(np.random.default_rng(7).integers(0, cfg.vocab_size, size=(2, 14)))
+    with torch.inference_mode():
+        full = th(ids).logits
+        cache = th.new_cache(2, 14)
+        parts = [th(ids[:, lo:hi], cache=cache, start=lo).logits for lo, hi in ((0, 5), (5, 6), (6, 11), (11, 14))]
+    got = torch.cat(parts, dim=1)
+    assert (got - full).abs().max() <= 1e-12 * full.abs().max()
+
+
+def test_bench_imports_torch_only_for_compare_torch(monkeypatch, capsys):
+    """``import tinymoe.bench`` loads no torch; without torch, --compare-torch is a one-line
+    error with exit status 2."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    import tinymoe.bench  # noqa: PLC0415
+    code = "import sys, tinymoe.bench, tinymoe.functional; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    monkeypatch.setitem(sys.modules, "torch", None)           # as if torch were not installed
+    monkeypatch.delitem(sys.modules, "tinymoe.bench.torch_side", raising=False)
+    monkeypatch.delattr(tinymoe.bench, "torch_side", raising=False)
+    assert main(["bench", "--config", "toy", "--steps", "1", "--compare-torch"]) == 2
+    assert "--compare-torch needs PyTorch" in capsys.readouterr().err

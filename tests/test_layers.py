@@ -187,6 +187,72 @@ def test_rms_norm_finite_differences():
     _finite_difference_check(lambda a, b: F.rms_norm(a, b, 1e-6), [x, w])
 
 
+# ---- second oracle: the plain NumPy references beside the kernels ----------------------------
+# Each kernel's forward against its ``*_reference`` (tinymoe/functional_fused.py), computed
+# in float64 on the same inputs. Tolerances come from the computation, not from a run:
+# with eps the machine epsilon of the kernel's dtype (2 u), a sum of n terms carries a
+# relative error of at most ~n u (Higham, Accuracy and Stability, eq. 3.4), and each further
+# elementwise op one u; eps instead of u leaves room for the reference's own float64 error.
+# Shapes are large enough that the kernels cut their rows into several blocks.
+
+EPS = {np.float64: float(np.finfo(np.float64).eps), np.float32: float(np.finfo(np.float32).eps)}
+
+
+def _kernel_and_reference(kernel, reference, arrays, dtype):
+    """(kernel forward on ``arrays`` cast to dtype, reference on the same values in float64)."""
+    cast = [np.asarray(a, dtype=dtype) for a in arrays]
+    ours = kernel(*[tinymoe.Tensor(B.to_device(a)) for a in cast]).numpy()
+    return ours, reference(*[a.astype(np.float64) for a in cast])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_matches_reference(backend, dtype):
+    """y = x w / rms: mean over d squares (n = d terms, all >= 0: well conditioned), then
+    sqrt, divide, multiply: |dy| <= (d + 8) eps |y|."""
+    d = 512
+    x, w = rnd(300, d, seed=40), rnd(d, seed=41, std=0.5)
+    ours, ref = _kernel_and_reference(lambda a, b: F.rms_norm(a, b, 1e-6),
+                                      lambda a, b: F.rms_norm_reference(a, b, 1e-6), [x, w], dtype)
+    np.testing.assert_allclose(ours, ref, rtol=(d + 8) * EPS[dtype], atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swiglu_matches_reference(backend, dtype):
+    """Elementwise: exp, add, divide, two multiplies, a few eps each (silu's condition
+    number |a s'(a) / s(a)| stays below 1.3 on the range used): |dy| <= 8 eps |y|."""
+    gate, up = rnd(200, 700, seed=42, std=3.0), rnd(200, 700, seed=43)
+    ours, ref = _kernel_and_reference(F.swiglu, F.swiglu_reference, [gate, up], dtype)
+    np.testing.assert_allclose(ours, ref, rtol=8 * EPS[dtype], atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_matches_reference(backend, dtype):
+    """y1 = x1 cos - x2 sin: two products and a difference, which may cancel, so the bound is
+    absolute: |dy| <= 4 eps (|x1 cos| + |x2 sin|) <= 8 eps max|x| (the tables are the same
+    rounded values on both sides)."""
+    Bsz, H, T, dh = 4, 8, 128, 64
+    cos, sin = (B.to_numpy(t) for t in F.rope_tables(T, dh, 10000.0, dtype))
+    x = rnd(Bsz, H, T, dh, seed=44)
+    ours, ref = _kernel_and_reference(lambda a: F.rope(a, cos, sin),
+                                      lambda a: F.rope_reference(a, cos.astype(np.float64), sin.astype(np.float64)),
+                                      [x], dtype)
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=8 * EPS[dtype] * np.abs(x).max())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,S", [(96, 96), (5, 101)])
+def test_causal_attention_matches_reference(backend, dtype, T, S):
+    """A score is a dot product of dh terms: |ds| <= dh eps max_ij sum_c |q_ic k_jc| scale.
+    Softmax turns a score error ds into a relative error <= 2 ds of each p (plus ~S eps
+    for its sum), and out = sum_j p_j v_j adds S eps more: |dout| <= (2 |ds| + (S + 8) eps)
+    max|v|."""
+    Bsz, H, dh = 2, 4, 32
+    q, k, v = rnd(Bsz, H, T, dh, seed=45), rnd(Bsz, H, S, dh, seed=46), rnd(Bsz, H, S, dh, seed=47, mean=-0.2)
+    ours, ref = _kernel_and_reference(F.causal_attention, F.causal_attention_reference, [q, k, v], dtype)
+    ds = dh * EPS[dtype] * (np.abs(q) @ np.swapaxes(np.abs(k), -1, -2)).max() / np.sqrt(dh)
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=(2 * ds + (S + 8) * EPS[dtype]) * np.abs(v).max())
+
+
 # ---- layers vs torch twins --------------------------------------------------------------------
 
 def _load_random(ours, theirs, seed, std=0.5, mean=0.3, scale_by_fan_in=False):

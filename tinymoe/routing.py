@@ -221,6 +221,29 @@ def assign_slots(expert_index: Array, probs_of_choice: Array | None, capacity: i
     return slot, kept
 
 
+def assign_slots_reference(expert_index: Array, capacity: int, n_experts: int,
+                           order: Array | None = None) -> tuple[Array, Array]:
+    """Reference for :func:`assign_slots` in plain NumPy (host arrays): the one-hot cumsum
+    of flaxformer's TokensChooseMaskedRouter, O(k G E) per group.
+
+    ``expert_index [n_groups, G, k]``; ``order [n_groups, k, G]`` (None: token order, i.e.
+    priority "position"). The queue of a group is k-major (every rank-0 choice, then every
+    rank-1 choice ...); an assignment's slot is ``cumsum(one_hot(queue)) - 1`` at its expert.
+    Returns ``(slot [n_groups, G, k] with -1 where dropped, kept [n_groups, G, k])``.
+    """
+    np = B.np
+    n_groups, g, k = expert_index.shape
+    order = np.broadcast_to(np.arange(g), (n_groups, k, g)) if order is None else order  # [ng, k, G]
+    gi, ji = np.arange(n_groups)[:, None, None], np.arange(k)[None, :, None]
+    queue = expert_index[gi, order, ji].reshape(n_groups, k * g)                   # [ng, k*G]
+    one_hot = np.eye(n_experts, dtype=np.int64)[queue]                              # [ng, k*G, E]
+    queue_slot = ((np.cumsum(one_hot, axis=1) - 1) * one_hot).sum(axis=2)          # [ng, k*G]
+    slot = np.empty((n_groups, g, k), dtype=np.int64)
+    slot[gi, order, ji] = queue_slot.reshape(n_groups, k, g)                        # back to token order
+    kept = slot < capacity
+    return np.where(kept, slot, -1), kept
+
+
 def expert_fraction(expert_index: Array, n_experts: int, n_groups: int,
                     dtype: Any = None) -> Array:
     """``f[g, i]`` = fraction of group g's tokens that have expert i among their top-k
