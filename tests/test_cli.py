@@ -74,7 +74,8 @@ def test_bad_flags_and_values(tmp_path, capsys):
         return InProcess(capsys, *args)
 
     one_line_error(cli("train", "--top-k", "x"), match="top_k='x' must be an integer")
-    one_line_error(cli("train", "--steps", "1.5"), match="invalid int value")
+    one_line_error(cli("train", "--steps", "1.5"), match="steps='1.5' must be an integer")
+    one_line_error(cli("train", "--config", "toy", "--out", ""), match="out_dir='' is empty")
     one_line_error(cli("train", "--config", "toy", "--top-k", "9"), match="top_k=9 > n_experts=4")
     one_line_error(cli("train", "--config", "nope"), match="unknown preset")
     one_line_error(cli("train", "--config", "toy", "--d-model", "30", "--out", tmp_path),

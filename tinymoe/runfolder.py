@@ -199,9 +199,10 @@ class RunFolder:
         removed = remove_stale_temps(path) + remove_stale_temps(path / "snapshots")
         if removed:
             mb = sum(_size(p) for p in removed) / 2 ** 20
+            more = ", ..." if len(removed) > 1 else ""
+            size = f"; {mb:.0f} MB" if mb >= 1 else ""
             notes.append(f"note: removed {len(removed)} temporary file(s) of writers that are "
-                         f"no longer running ({removed[0].name}{', ...' if len(removed) > 1 else ''}"
-                         f"{f'; {mb:.0f} MB' if mb >= 1 else ''})")
+                         f"no longer running ({removed[0].name}{more}{size})")
         return cls(path, lock, created, notes)
 
     def __enter__(self) -> "RunFolder":

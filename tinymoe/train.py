@@ -388,9 +388,9 @@ def train_step(model: Any, optimizer: Optimizer, batches: Iterable[Batch], *, lr
         out.loss.backward()                                      # grads += dL/dtheta
         dropped, busiest = routing_summary(out.routing)
         n += 1
-        for k, v in (("loss", loss), ("ce", float(out.ce.item())), ("aux", float(out.aux_loss.item())),
-                     ("z", float(out.z_loss.item())), ("dropped", dropped), ("busiest", busiest)):
-            sums[k] += v
+        for k, v in (("loss", loss), ("ce", out.ce.item()), ("aux", out.aux_loss.item()),
+                     ("z", out.z_loss.item()), ("dropped", dropped), ("busiest", busiest)):
+            sums[k] += float(v)
     if bad is None:
         if n > 1:
             scale_grads_(params, 1.0 / n)                        # mean over micro-batches
