@@ -368,6 +368,47 @@ def test_evaluating_restores_mode_and_grad():
     assert [m.training for m in model.modules()] == before and is_grad_enabled()
 
 
+def test_interrupt_mid_step_resumes_exactly(tmp_path, monkeypatch):
+    # Ctrl-C after update 3 drew its batch: the checkpoint is step 2 with the data
+    # position *before* update 3's batch, so resuming gives the straight run bit for bit
+    straight = train(toy(), tcfg(tmp_path, "straight"), progress=False)
+    real, calls = BatchSampler.next, []
+
+    def next_batch(self):
+        batch = real(self)                       # the data position has moved on
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return batch
+
+    monkeypatch.setattr(BatchSampler, "next", next_batch)
+    first = train(toy(), tcfg(tmp_path, "split"), progress=False)
+    monkeypatch.setattr(BatchSampler, "next", real)
+    assert first.status == "interrupted" and first.step == 2, first.message
+    assert "checkpoint saved" in first.message
+    second = train(None, tcfg(tmp_path, "split", resume=first.checkpoint), progress=False)
+    a, b = load_checkpoint(straight.checkpoint), load_checkpoint(second.checkpoint)
+    for k, v in a.model_state.items():
+        assert np.array_equal(v, b.model_state[k]), k
+
+
+def test_interrupt_during_the_weight_update_saves_nothing(tmp_path, monkeypatch):
+    from tinymoe.optim import AdamW
+
+    real = AdamW.step
+
+    def step(self):
+        real(self)
+        if self.steps == 3:                      # as if Ctrl-C came before the last weight
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(AdamW, "step", step)
+    res = train(toy(), tcfg(tmp_path, save_every=1), progress=False)
+    assert res.status == "interrupted" and res.step == 2
+    assert res.message.startswith("interrupted during the weight update of step 3")
+    assert load_checkpoint(res.checkpoint).step == 2
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_saves_a_loadable_checkpoint(tmp_path, sig):
     out = tmp_path / "run"
