@@ -365,7 +365,7 @@ class _Interrupt:
             signal.signal(sig, old)
 
 
-
+# ---------------------------------------------------------------------------- the loop
 def train(model_cfg: ModelConfig | None, train_cfg: TrainConfig, progress: bool = True,
           on_step: Callable[[int, Any], None] | None = None) -> TrainResult:
     """Train (or resume) an OpenMoE model; see the module docstring.
