@@ -2,7 +2,7 @@
 # # Lesson 9 — Training a small MoE on a laptop
 #
 # **What you will learn**
-# - the training loop, written out by hand once: batch, forward, loss, backward, clip,
+# - the training loop, one update at a time (`train_step`): batch, forward, loss, backward, clip,
 #   optimizer step, learning-rate schedule;
 # - AdamW and Adafactor (what OpenMoE used), and why Adafactor needs so little memory;
 # - how to train with `tinymoe.train.train` (the function behind `python -m tinymoe train`)
@@ -31,9 +31,9 @@ from tinymoe.config import get_preset, memory_bytes
 from tinymoe.data import BatchSampler, builtin_corpus, encode_corpus, unigram_entropy
 from tinymoe.generate import generate
 from tinymoe.nn.model import OpenMoE
-from tinymoe.optim import AdamW, clip_grad_norm_, inverse_sqrt, param_groups_for_decay, set_lr, warmup_cosine
+from tinymoe.optim import AdamW, inverse_sqrt, param_groups_for_decay, warmup_cosine
 from tinymoe.tokenizer import ByteTokenizer
-from tinymoe.train import TrainConfig, train
+from tinymoe.train import TrainConfig, train, train_step
 
 # %% [markdown]
 # ## 1. The data
@@ -62,6 +62,24 @@ print(repr(corpus.domains["arith"].train[:60]))
 # g \leftarrow g\cdot\min\Big(1, \frac{1}{\lVert g\rVert_2}\Big),\qquad \theta \leftarrow \mathrm{opt}(\theta, g, \eta_t).$$
 #
 # Weight decay is applied to matrices only (not to norm scales): `param_groups_for_decay`.
+#
+# `tinymoe.train.train_step` is that update, the same function the trainer calls; in
+# llm.c's order it does
+#
+# ```python
+# optimizer.zero_grad()                       # forget old gradients
+# set_lr(optimizer, lr)                       # this step's rate from the schedule
+# for batch in batches:                       # grad_accum micro-batches (here: one)
+#     out = model(batch.x, targets=batch.y)   # forward: logits [B, T, V] + the three losses
+#     out.loss.backward()                     # backward: gradients add up in every .grad
+# scale_grads_(params, 1 / n)                 # mean over micro-batches (when n > 1)
+# clip_grad_norm_(params, 1.0)                # global-norm clipping
+# optimizer.step(); optimizer.zero_grad()     # the update, in place
+# ```
+#
+# and returns the loss, its parts, the gradient norm and the routing stats (dropped
+# fraction, busiest expert's share). A NaN/inf loss or gradient norm skips the update
+# (`stats.bad` says why).
 
 # %%
 cfg = get_preset("toy" if FAST else "mini")
@@ -72,16 +90,12 @@ n_steps = 6 if FAST else 20
 losses = []
 with timer(f"{n_steps} updates by hand"):
     for step in range(n_steps):
-        set_lr(opt, warmup_cosine(step, base_lr=3e-3, warmup_steps=5, total_steps=n_steps))
-        batch = sampler.next()                                       # x, y: [8, 64] ints
-        out = model(batch.x, targets=batch.y)                        # forward: logits [8, 64, V] + losses
-        out.loss.backward()                                          # gradients into every .grad
-        gnorm = clip_grad_norm_(model.parameters(), 1.0)             # global-norm clipping
-        opt.step()                                                   # AdamW update, in place
-        opt.zero_grad()                                              # forget the gradients
-        losses.append(out.ce.item())
-        print(f"step {step + 1:2d}: ce {out.ce.item():.3f}  aux {out.aux_loss.item():.3f}  "
-              f"|g| {gnorm:.2f}  dropped {out.routing[0].dropped_fraction:.0%}")
+        lr = warmup_cosine(step, base_lr=3e-3, warmup_steps=5, total_steps=n_steps)
+        stats = train_step(model, opt, [sampler.next()], lr=lr, grad_clip=1.0)  # x, y: [8, 64]
+        assert stats.bad is None, stats.bad
+        losses.append(stats.ce)
+        print(f"step {step + 1:2d}: ce {stats.ce:.3f}  aux {stats.aux:.3f}  "
+              f"|g| {stats.grad_norm:.2f}  dropped {stats.dropped:.0%}")
 assert abs(losses[0] - math.log(cfg.vocab_size)) < 0.5, "the first loss should be close to ln V (a random model)"
 assert min(losses[-3:]) < losses[0] - 0.3, (
     f"the loss did not go down ({losses[0]:.3f} -> {losses[-1]:.3f}): is opt.step() or backward() missing?")

@@ -74,7 +74,8 @@ def test_bad_flags_and_values(tmp_path, capsys):
         return InProcess(capsys, *args)
 
     one_line_error(cli("train", "--top-k", "x"), match="top_k='x' must be an integer")
-    one_line_error(cli("train", "--steps", "1.5"), match="invalid int value")
+    one_line_error(cli("train", "--steps", "1.5"), match="steps='1.5' must be an integer")
+    one_line_error(cli("train", "--config", "toy", "--out", ""), match="out_dir='' is empty")
     one_line_error(cli("train", "--config", "toy", "--top-k", "9"), match="top_k=9 > n_experts=4")
     one_line_error(cli("train", "--config", "nope"), match="unknown preset")
     one_line_error(cli("train", "--config", "toy", "--d-model", "30", "--out", tmp_path),
@@ -157,3 +158,88 @@ def test_nan_run_ends_with_one_error_line(tmp_path, capsys):
                   "--out", tmp_path, "--quiet")
     one_line_error(p, code=1, match="at step")
     assert p.stderr.startswith("error: ") and ("nan" in p.stderr or "inf" in p.stderr)
+
+
+def test_help_comes_from_field_docstrings_and_lists_choices(capsys):
+    from dataclasses import fields
+
+    from tinymoe.config import ModelConfig, preset_names
+    from tinymoe.flags import field_docs
+    from tinymoe.train import OPTIMIZERS, SCHEDULES, TOKENIZERS, TrainConfig
+
+    p = InProcess(capsys, "train", "--help")
+    text = " ".join(p.stdout.split())              # argparse wraps lines
+    for cls in (TrainConfig, ModelConfig):
+        docs = field_docs(cls)
+        for f in fields(cls):
+            assert f.name in docs, f"{cls.__name__}.{f.name} has no field docstring"
+            if f.name not in ("out_dir", "resume", "device", "overwrite"):
+                flag = "--" + f.name.replace("_", "-")
+                assert f"{flag} " in text and docs[f.name][:40] in text, flag
+    for names in (preset_names(), SCHEDULES, OPTIMIZERS, TOKENIZERS,
+                  ("position", "probability", "random")):
+        assert "one of: " + ", ".join(names) in text, names
+
+
+def test_flag_types_follow_the_annotations():
+    import argparse
+    from dataclasses import dataclass
+
+    from tinymoe.flags import add_dataclass_flags
+
+    @dataclass
+    class Demo:
+        flag: bool = False
+        "a switch"
+        rate: float | None = None
+        "a rate"
+        names: tuple[str, ...] = ()
+        "some names"
+        count: int | None = None
+        "a count"
+
+    p = argparse.ArgumentParser()
+    add_dataclass_flags(p, Demo, "d__")
+    a = p.parse_args(["--flag", "yes", "--rate", "none", "--names", "a, b,", "--count", "3"])
+    assert (a.d__flag, a.d__rate, a.d__names, a.d__count) == (True, None, ("a", "b"), 3)
+    a = p.parse_args(["--flag", "off", "--rate", "0.5"])
+    assert (a.d__flag, a.d__rate, a.d__names) == (False, 0.5, None)
+    assert "a rate" in p.format_help()
+
+    @dataclass
+    class Bad:
+        mapping: dict = None
+        "no flag type for this"
+
+    with pytest.raises(TypeError, match="mapping"):
+        add_dataclass_flags(argparse.ArgumentParser(), Bad, "b__")
+
+
+def test_second_run_in_a_folder_and_full_disk_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import numpy as np
+
+    from tinymoe.runfolder import RunFolder
+
+    out = tmp_path / "run"
+    out.mkdir()
+    args = ("train", "--config", "toy", "--steps", "4", "--batch-size", "2", "--seq-len", "16",
+            "--max-chars", "5000", "--eval-batches", "1", "--save-every", "2", "--snapshot-every", "0",
+            "--out", out,
+            "--quiet")
+    with RunFolder.open(out):
+        one_line_error(InProcess(capsys, *args),
+                       match=f"in use by another training run (pid {os.getpid()} on host")
+    real, calls = np.savez, []
+
+    def savez(f, **arrays):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(f, **arrays)
+
+    monkeypatch.setattr(np, "savez", savez)
+    one_line_error(InProcess(capsys, *args),
+                   match=f"could not write {out / 'checkpoint.npz'}: No space left on device "
+                         "[ENOSPC]; the last good checkpoint (step 2) is kept")

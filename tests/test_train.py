@@ -179,12 +179,17 @@ def test_nonfinite_weights_are_never_saved(tmp_path):
 
 
 def test_huge_lr_stops_cleanly(tmp_path):
-    res = train(toy(), tcfg(tmp_path, steps=30, lr=1e12, min_lr=0.0, grad_clip=0.0,
-                            weight_decay=0.0, save_every=1), progress=False)
+    # a good checkpoint first, then a session at lr 1e12 that saves after every update:
+    # whatever it saves (or keeps) must be finite, unconditionally
+    good = train(toy(), tcfg(tmp_path, steps=2, weight_decay=0.0), progress=False)
+    res = train(None, tcfg(tmp_path, steps=30, lr=1e12, min_lr=0.0, grad_clip=0.0,
+                           weight_decay=0.0, save_every=1, resume=good.checkpoint),
+                progress=False)
     assert res.status == "nan", res.message
-    if res.checkpoint is not None:
-        ck = load_checkpoint(res.checkpoint)
-        assert all(np.isfinite(v).all() for v in ck.model_state.values())
+    assert res.checkpoint is not None
+    ck = load_checkpoint(res.checkpoint)
+    assert _finite_state(ck)
+    assert f"(step {ck.step}) is kept" in res.message
 
 
 def test_logs_curves_snapshots(tmp_path):
@@ -229,7 +234,183 @@ def test_eval_nats_per_byte_with_bpe():
     assert n_bytes > targets.size          # BPE tokens hold several bytes
 
 
-def test_ctrl_c_saves_a_loadable_checkpoint(tmp_path):
+def _finite_state(ck):
+    arrays = list(ck.model_state.values()) + [
+        v for st in ck.optimizer_state["state"].values() for k, v in st.items() if k != "step"]
+    return all(np.isfinite(a).all() for a in arrays)
+
+
+def test_exploded_weights_never_replace_the_last_good_checkpoint(tmp_path):
+    # issue 11 item 3: lr 1e9 makes the weights huge but finite before the loss is NaN;
+    # such a state used to be saved over the good checkpoint (and resuming hit NaN at once)
+    first = train(toy(), tcfg(tmp_path, steps=6), progress=False)
+    assert first.status == "done"
+    res = train(None, tcfg(tmp_path, steps=20, save_every=1, lr=1e9, min_lr=0.0,
+                           resume=first.checkpoint), progress=False)
+    assert res.status == "nan", res.message
+    ck = load_checkpoint(res.checkpoint)
+    assert f"the last good checkpoint (step {ck.step}) is kept" in res.message, res.message
+    assert _finite_state(ck)
+    # the kept checkpoint really is good: resuming it with a sane rate trains on
+    again = train(None, tcfg(tmp_path, steps=ck.step + 2, resume=res.checkpoint),
+                  progress=False)
+    assert again.status == "done", again.message
+    assert all(math.isfinite(x) for x in again.losses)
+
+
+def test_one_run_per_folder(tmp_path):
+    from tinymoe.runfolder import LOCK_NAME, RunFolder, RunFolderBusy
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with RunFolder.open(run):                     # as if another run were training here
+        with pytest.raises(RunFolderBusy, match=f"in use by another training run .pid {os.getpid()} on host"):
+            train(toy(), tcfg(tmp_path), progress=False)
+    assert not (run / LOCK_NAME).exists()         # released (and removed) at exit
+    # a lock file left by a dead process is taken over, with a note
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    (run / LOCK_NAME).write_text(json.dumps({"pid": int(dead), "host": "elsewhere"}))
+    with RunFolder.open(run) as rf:
+        assert any(f"left by pid {dead}" in n for n in rf.notes), rf.notes
+    res = train(toy(), tcfg(tmp_path), progress=False)
+    assert res.status == "done" and not (run / LOCK_NAME).exists()
+
+
+def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
+    from tinymoe.checkpoint import temp_writer_pid
+
+    run = tmp_path / "run"
+    first = train(toy(), tcfg(tmp_path, stop_at=2), progress=False)
+    # a writer killed in the middle of a save (os._exit: no cleanup, like kill -9)
+    code = ("import os, sys; from tinymoe.checkpoint import atomic_write_bytes; "
+            "atomic_write_bytes(sys.argv[1], lambda f: (f.write(b'x' * 1000), os._exit(9)))")
+    for target in (run / "checkpoint.npz", run / "snapshots" / "step_2.npz"):
+        p = subprocess.run([sys.executable, "-c", code, str(target)], cwd=REPO,
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert p.returncode == 9
+    left = [q for q in run.rglob("*.tmp")]
+    assert len(left) == 2 and all(temp_writer_pid(q.name) is not None for q in left)
+    alive = run / f".checkpoint.npz.{os.getpid()}.0123abcd.tmp"   # a live writer's: kept
+    alive.write_bytes(b"y")
+    res = train(None, tcfg(tmp_path, resume=first.checkpoint), progress=False)
+    assert res.status == "done"
+    assert sorted(run.rglob("*.tmp")) == [alive]
+
+
+def test_full_disk_names_the_file_and_is_logged(tmp_path, monkeypatch):
+    import errno
+    from tinymoe.runfolder import RunFolderError
+
+    real = np.savez
+    calls = []
+
+    def savez(f, **arrays):                      # the second checkpoint hits a full disk
+        calls.append(1)
+        if len(calls) == 2:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(f, **arrays)
+
+    monkeypatch.setattr(np, "savez", savez)
+    run = tmp_path / "run"
+    with pytest.raises(RunFolderError) as e:
+        train(toy(), tcfg(tmp_path, steps=6, save_every=2), progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert f"could not write {run / 'checkpoint.npz'}: No space left on device" in msg
+    assert "the last good checkpoint (step 2) is kept" in msg
+    monkeypatch.setattr(np, "savez", real)
+    assert load_checkpoint(run).step == 2
+    assert not list(run.glob("*.tmp"))
+    end = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
+    assert end["event"] == "end" and end["status"] == "error" and end["message"] == msg
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        train(toy(), tcfg(tmp_path, steps=2, snapshot_every=1, eval_every=1), progress=False)
+    finally:
+        os.umask(old)
+    run = tmp_path / "run"
+    files = [run / "checkpoint.npz", run / "curves.png", run / "log.jsonl",
+             *(run / "snapshots").iterdir()]
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in files}
+    assert set(modes.values()) == {oct(0o640)}, modes
+
+
+def test_resume_of_a_finished_run_and_schedule_notice(tmp_path, capsys):
+    done = train(toy(), tcfg(tmp_path, steps=3), progress=False)
+    with pytest.raises(ValueError, match="has finished at step 3 .--steps 3.; to train it further "
+                                         "resume with --steps M"):
+        train(None, tcfg(tmp_path, steps=3, resume=done.checkpoint), progress=False)
+    with pytest.raises(ValueError, match="--stop-at 2: the checkpoint .* is already at step 3"):
+        train(None, tcfg(tmp_path, steps=6, stop_at=2, resume=done.checkpoint), progress=False)
+    capsys.readouterr()
+    train(None, tcfg(tmp_path, steps=5, stop_at=4, resume=done.checkpoint), progress=False)
+    err = capsys.readouterr().err
+    assert "note: resuming with steps 3 -> 5 changes the learning-rate schedule" in err, err
+    train(None, tcfg(tmp_path, steps=5, resume=done.checkpoint), progress=False)
+    assert "schedule" not in capsys.readouterr().err     # same --steps: no notice
+
+
+def test_evaluating_restores_mode_and_grad():
+    from tinymoe.autograd import is_grad_enabled
+
+    model = OpenMoE(toy())
+    model.blocks[0].train(False)                 # a mixed state is restored as it was
+    before = [m.training for m in model.modules()]
+    with pytest.raises(RuntimeError):
+        with model.evaluating():
+            assert not any(m.training for m in model.modules()) and not is_grad_enabled()
+            raise RuntimeError
+    assert [m.training for m in model.modules()] == before and is_grad_enabled()
+
+
+def test_interrupt_mid_step_resumes_exactly(tmp_path, monkeypatch):
+    # Ctrl-C after update 3 drew its batch: the checkpoint is step 2 with the data
+    # position *before* update 3's batch, so resuming gives the straight run bit for bit
+    straight = train(toy(), tcfg(tmp_path, "straight"), progress=False)
+    real, calls = BatchSampler.next, []
+
+    def next_batch(self):
+        batch = real(self)                       # the data position has moved on
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return batch
+
+    monkeypatch.setattr(BatchSampler, "next", next_batch)
+    first = train(toy(), tcfg(tmp_path, "split"), progress=False)
+    monkeypatch.setattr(BatchSampler, "next", real)
+    assert first.status == "interrupted" and first.step == 2, first.message
+    assert "checkpoint saved" in first.message
+    second = train(None, tcfg(tmp_path, "split", resume=first.checkpoint), progress=False)
+    a, b = load_checkpoint(straight.checkpoint), load_checkpoint(second.checkpoint)
+    for k, v in a.model_state.items():
+        assert np.array_equal(v, b.model_state[k]), k
+
+
+def test_interrupt_during_the_weight_update_saves_nothing(tmp_path, monkeypatch):
+    from tinymoe.optim import AdamW
+
+    real = AdamW.step
+
+    def step(self):
+        real(self)
+        if self.steps == 3:                      # as if Ctrl-C came before the last weight
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(AdamW, "step", step)
+    res = train(toy(), tcfg(tmp_path, save_every=1), progress=False)
+    assert res.status == "interrupted" and res.step == 2
+    assert res.message.startswith("interrupted during the weight update of step 3")
+    assert load_checkpoint(res.checkpoint).step == 2
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_saves_a_loadable_checkpoint(tmp_path, sig):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "tinymoe", "train", "--config", "toy", "--steps", "100000",
            "--batch-size", "2", "--seq-len", "16", "--max-chars", str(MAX_CHARS),
@@ -243,7 +424,8 @@ def test_ctrl_c_saves_a_loadable_checkpoint(tmp_path):
         assert proc.poll() is None, proc.communicate()
         assert time.time() < deadline, "no checkpoint within 60 s"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    assert (out / "train.lock").exists()
+    proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
@@ -251,3 +433,4 @@ def test_ctrl_c_saves_a_loadable_checkpoint(tmp_path):
     ck = load_checkpoint(out)
     assert ck.step >= 3
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert not (out / "train.lock").exists()

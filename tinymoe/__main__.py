@@ -8,13 +8,17 @@
     python -m tinymoe params --config openmoe-base
     python -m tinymoe analyze ... / bench ...            (see their --help)
 
-Every ``TrainConfig`` field is a ``train`` flag (``--batch-size``, ``--lr`` ...) and
-every ``ModelConfig`` field is a model flag (``--d-model``, ``--n-experts``,
-``--capacity-factor none`` for dropless ...), generated from the dataclasses. Bad flags
-or values end with one line on stderr and exit status 2; so do bad configs, a missing
-data path or a corrupt checkpoint (set TINYMOE_DEBUG=1 to see the traceback instead).
-Exit status of ``train``: 0 finished (or stopped at --stop-at), 1 stopped on NaN/inf,
-130 interrupted by Ctrl-C (checkpoint saved).
+Every subcommand is a :class:`Command`: a name, a help line, and ``add_arguments(p)`` /
+``run(args)`` (for ``analyze`` and ``bench``: those two functions of their module, imported
+only when that command runs). Every ``TrainConfig`` field is a ``train`` flag
+(``--batch-size``, ``--lr`` ...) and every ``ModelConfig`` field is a model flag
+(``--d-model``, ``--n-experts``, ``--capacity-factor none`` for dropless ...), with types
+from the field annotations and help from the field docstrings (:mod:`tinymoe.flags`).
+Bad flags or values end with one line on stderr and exit status 2; so do bad configs, a
+missing data path, a corrupt checkpoint, a run folder in use or a failed write (set
+TINYMOE_DEBUG=1 to see the traceback instead). Exit status of ``train``: 0 finished (or
+stopped at --stop-at), 1 stopped on NaN/inf, 130 interrupted by Ctrl-C or SIGTERM
+(checkpoint saved).
 """
 from __future__ import annotations
 
@@ -22,11 +26,11 @@ import argparse
 import importlib
 import os
 import sys
-from dataclasses import fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "Command", "COMMANDS"]
 
 EXIT_BAD_INPUT = 2
 
@@ -38,73 +42,58 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: ``add_arguments(parser)`` wires its flags, ``run(args)`` runs it and
+    returns the exit status. ``module`` names a module that provides both, imported only
+    when the command is used (:meth:`load`)."""
+
+    name: str
+    help: str
+    description: str = ""
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+    run: Callable[[argparse.Namespace], int] | None = None
+    module: str | None = None
+
+    def load(self) -> "Command":
+        """This command with ``add_arguments``/``run`` of its module (ImportError if absent)."""
+        if self.module is None:
+            return self
+        mod = importlib.import_module(self.module)
+        for attr in ("add_arguments", "run"):
+            if not hasattr(mod, attr):
+                raise ImportError(f"{mod.__name__} has no {attr}()")
+        return Command(self.name, self.help, self.description or (mod.__doc__ or "").split("\n")[0],
+                       mod.add_arguments, mod.run)
 
 
-# ---------------------------------------------------------------------------- flag types
-def _model_type(name: str) -> Callable[[str], Any]:
-    """Parse a model flag value with the config's own rules (ints, floats, 'none', bools)."""
-    from tinymoe.config import parse_overrides  # noqa: PLC0415
+# ---------------------------------------------------------------------------- shared flags
+def _choices() -> dict[str, Sequence[str]]:
+    """Fields whose value is one of a fixed set (validated by the dataclasses)."""
+    from tinymoe.config import CAPACITY_MODES, DTYPES, SLOT_PRIORITIES  # noqa: PLC0415
+    from tinymoe.train import OPTIMIZERS, SCHEDULES, TOKENIZERS  # noqa: PLC0415
 
-    def convert(text: str) -> Any:
-        try:
-            return parse_overrides({name: text})[name]
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    convert.__name__ = name
-    return convert
-
-
-def _optional(kind: Callable[[str], Any]) -> Callable[[str], Any]:
-    def convert(text: str) -> Any:
-        return None if text.strip().lower() in ("none", "null") else kind(text)
-
-    convert.__name__ = kind.__name__
-    return convert
-
-
-def _domains(text: str) -> tuple[str, ...]:
-    return tuple(d.strip() for d in text.split(",") if d.strip())
-
-
-_TRAIN_TYPES: dict[str, Callable[[str], Any]] = {
-    "int": int, "float": float, "str": str, "int | None": _optional(int),
-    "str | None": _optional(str), "tuple[str, ...]": _domains,
-}
-# TrainConfig fields with a hand-written flag
-_TRAIN_SPECIAL = {"out_dir", "resume", "device", "overwrite"}
+    return {"schedule": SCHEDULES, "optimizer": OPTIMIZERS, "tokenizer": TOKENIZERS,
+            "capacity_mode": CAPACITY_MODES, "slot_priority": SLOT_PRIORITIES, "dtype": DTYPES}
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> list[str]:
     from tinymoe.config import ModelConfig  # noqa: PLC0415
+    from tinymoe.flags import add_dataclass_flags  # noqa: PLC0415
 
     g = p.add_argument_group("model (override any field of the preset)")
-    names = []
-    for f in fields(ModelConfig):
-        g.add_argument(_flag(f.name), dest=f"model__{f.name}", type=_model_type(f.name),
-                       default=None, metavar=f.name.upper())
-        names.append(f.name)
-    return names
+    return add_dataclass_flags(g, ModelConfig, "model__", choices=_choices(),
+                               default_note="default: the preset's")
 
 
-def _add_train_flags(p: argparse.ArgumentParser) -> list[str]:
-    from tinymoe.train import TrainConfig  # noqa: PLC0415
+def _add_config_flag(p: argparse.ArgumentParser, extra: str = "") -> None:
+    from tinymoe.config import DEFAULT_PRESET, preset_names  # noqa: PLC0415
 
-    g = p.add_argument_group("training")
-    names = []
-    for f in fields(TrainConfig):
-        if f.name in _TRAIN_SPECIAL:
-            continue
-        kind = _TRAIN_TYPES[str(f.type)]
-        g.add_argument(_flag(f.name), dest=f"train__{f.name}", type=kind, default=None,
-                       metavar=f.name.upper(), help=f"default: {f.default!r}")
-        names.append(f.name)
-    return names
+    p.add_argument("--config", default=None, metavar="PRESET",
+                   help=f"model preset, one of: {', '.join(preset_names())} "
+                        f"(default: {DEFAULT_PRESET}{extra})")
 
 
-# ---------------------------------------------------------------------------- parser
 def _threads(text: str) -> int:
     try:
         n = int(text)
@@ -121,80 +110,42 @@ def _add_threads_flag(p: argparse.ArgumentParser) -> None:
                         "1 is faster on a machine busy with other work)")
 
 
-def build_parser(extra: str | None = None) -> _Parser:
-    """The full parser; ``extra`` ("analyze" or "bench") also wires that module's flags."""
-    parser = _Parser(prog="python -m tinymoe", allow_abbrev=False,
-                     description="tinymoe: OpenMoE (a Mixture-of-Experts decoder) on NumPy.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,generate,params,analyze,bench}",
-                                parser_class=_Parser)
-    sub.required = True
-
-    t = sub.add_parser("train", help="train or resume a model", allow_abbrev=False,
-                       description="Train an OpenMoE model (default: preset mini on the "
-                                   "built-in corpus) or resume one.")
-    t.add_argument("--config", default=None, help="preset name (default: mini; with "
-                   "--resume: the checkpoint's config)")
-    t.add_argument("--out", "--out-dir", dest="out", default=None,
-                   help="run folder (default: runs/<config>; with --resume: the checkpoint's folder)")
-    t.add_argument("--resume", default=None, metavar="CKPT",
-                   help="checkpoint file or run folder to continue from")
-    t.add_argument("--overwrite", action="store_true",
-                   help="allow replacing a checkpoint already in the run folder")
-    t.add_argument("--device", choices=("cpu", "cuda"), default=None)
-    _add_threads_flag(t)
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_train_flags(t)
-    _add_model_flags(t)
-
-    gen = sub.add_parser("generate", help="sample text from a checkpoint", allow_abbrev=False,
-                         description="Continue a prompt with a trained model (KV cache); "
-                                     "tokens are streamed to stdout.")
-    gen.add_argument("checkpoint", metavar="CKPT", help="checkpoint file or run folder")
-    src = gen.add_mutually_exclusive_group()
-    src.add_argument("--prompt", default="", help="prompt text (default: empty -> BOS)")
-    src.add_argument("--prompt-ids", default=None, metavar="IDS",
-                     help="prompt as comma-separated token ids, e.g. 1,2,3")
-    gen.add_argument("--max-new-tokens", type=int, default=200)
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=None)
-    gen.add_argument("--top-p", type=float, default=None)
-    gen.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--no-echo", action="store_true", help="do not print the prompt first")
-    gen.add_argument("--device", choices=("cpu", "cuda"), default=None)
-    _add_threads_flag(gen)
-
-    pa = sub.add_parser("params", help="parameter counts and memory of a config",
-                        allow_abbrev=False,
-                        description="Parameter / memory table of a preset with overrides.")
-    pa.add_argument("--config", default=None, help="preset name (default: mini)")
-    pa.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. n_experts=32")
-    _add_model_flags(pa)
-
-    for name, helptext in (("analyze", "routing analysis of a checkpoint (the paper's findings)"),
-                           ("bench", "throughput, MFU, memory vs a PyTorch twin")):
-        sp = sub.add_parser(name, help=helptext, allow_abbrev=False)
-        if name == extra:
-            _load_optional(name).add_arguments(sp)
-    return parser
+def _add_device_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="array library: NumPy (cpu) or CuPy (cuda) (default: cpu)")
 
 
-def _load_optional(name: str) -> Any:
-    """``tinymoe.analysis`` / ``tinymoe.bench``; ImportError when it is not there."""
-    module = importlib.import_module(f"tinymoe.{'analysis' if name == 'analyze' else name}")
-    for attr in ("add_arguments", "run"):
-        if not hasattr(module, attr):
-            raise ImportError(f"{module.__name__} has no {attr}()")
-    return module
-
-
-# ---------------------------------------------------------------------------- commands
 def _given(args: argparse.Namespace, prefix: str) -> dict[str, Any]:
     return {k[len(prefix):]: v for k, v in vars(args).items()
             if k.startswith(prefix) and v is not None}
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+# ---------------------------------------------------------------------------- train
+# TrainConfig fields with a hand-written flag
+_TRAIN_SPECIAL = ("out_dir", "resume", "device", "overwrite")
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    from tinymoe.flags import add_dataclass_flags  # noqa: PLC0415
+    from tinymoe.train import TrainConfig  # noqa: PLC0415
+
+    _add_config_flag(p, "; with --resume: the checkpoint's config")
+    p.add_argument("--out", "--out-dir", dest="out", default=None,
+                   help="run folder (default: runs/<config>; with --resume: the checkpoint's "
+                        "folder); one run at a time")
+    p.add_argument("--resume", default=None, metavar="CKPT",
+                   help="checkpoint file or run folder to continue from")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow replacing a checkpoint already in the run folder")
+    _add_device_flag(p)
+    _add_threads_flag(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("training")
+    add_dataclass_flags(g, TrainConfig, "train__", skip=_TRAIN_SPECIAL, choices=_choices())
+    _add_model_flags(p)
+
+
+def _train_run(args: argparse.Namespace) -> int:
     from tinymoe.checkpoint import load_checkpoint  # noqa: PLC0415
     from tinymoe.config import DEFAULT_PRESET, get_preset  # noqa: PLC0415
     from tinymoe.train import TrainConfig, train  # noqa: PLC0415
@@ -209,14 +160,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
             model_cfg = ckpt.model_config.replace(**model_over)
         base = {**ckpt.train_config, "resume": None, "stop_at": None, "device": None,
                 "overwrite": False}
+        out = args.out if args.out is not None else str(Path(ckpt.path).parent)
         tcfg = TrainConfig.from_dict({**base, **train_over, "resume": ckpt.path,
-                                      "out_dir": args.out or str(Path(ckpt.path).parent),
-                                      "device": args.device, "overwrite": args.overwrite})
+                                      "out_dir": out, "device": args.device,
+                                      "overwrite": args.overwrite})
     else:
         name = args.config or DEFAULT_PRESET
         model_cfg = get_preset(name, **model_over)
-        tcfg = TrainConfig(**train_over, out_dir=args.out or f"runs/{name}",
-                           device=args.device, overwrite=args.overwrite)
+        out = args.out if args.out is not None else f"runs/{name}"
+        tcfg = TrainConfig(**train_over, out_dir=out, device=args.device,
+                           overwrite=args.overwrite)
     result = train(model_cfg, tcfg, progress=not args.quiet)
     if result.eval and result.status in ("done", "stopped"):
         for dom, v in result.eval.items():
@@ -227,7 +180,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return {"done": 0, "stopped": 0, "nan": 1, "interrupted": 130}[result.status]
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
+# ---------------------------------------------------------------------------- generate
+def _generate_arguments(gen: argparse.ArgumentParser) -> None:
+    gen.add_argument("checkpoint", metavar="CKPT", help="checkpoint file or run folder")
+    src = gen.add_mutually_exclusive_group()
+    src.add_argument("--prompt", default="", help="prompt text (default: empty -> BOS)")
+    src.add_argument("--prompt-ids", default=None, metavar="IDS",
+                     help="prompt as comma-separated token ids, e.g. 1,2,3")
+    gen.add_argument("--max-new-tokens", type=int, default=200,
+                     help="tokens to sample (default: 200)")
+    gen.add_argument("--temperature", type=float, default=1.0,
+                     help="divide the logits by this (default: 1.0)")
+    gen.add_argument("--top-k", type=int, default=None,
+                     help="sample among the k most likely tokens only (default: all)")
+    gen.add_argument("--top-p", type=float, default=None,
+                     help="nucleus sampling: the smallest set of tokens with probability >= p "
+                          "(default: off)")
+    gen.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    gen.add_argument("--no-echo", action="store_true", help="do not print the prompt first")
+    _add_device_flag(gen)
+    _add_threads_flag(gen)
+
+
+def _generate_run(args: argparse.Namespace) -> int:
     from tinymoe import backend as B  # noqa: PLC0415
     from tinymoe.checkpoint import load_model  # noqa: PLC0415
     from tinymoe.generate import check_sampling_args, generate, parse_prompt_ids  # noqa: PLC0415
@@ -259,7 +235,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_params(args: argparse.Namespace) -> int:
+# ---------------------------------------------------------------------------- params
+def _params_arguments(pa: argparse.ArgumentParser) -> None:
+    _add_config_flag(pa)
+    pa.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. n_experts=32")
+    _add_model_flags(pa)
+
+
+def _params_run(args: argparse.Namespace) -> int:
     from tinymoe.config import DEFAULT_PRESET, params_command, parse_overrides  # noqa: PLC0415
 
     overrides = parse_overrides(args.overrides)
@@ -268,32 +251,64 @@ def _cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+COMMANDS: dict[str, Command] = {c.name: c for c in (
+    Command("train", "train or resume a model",
+            "Train an OpenMoE model (default: preset mini on the built-in corpus) or resume one.",
+            _train_arguments, _train_run),
+    Command("generate", "sample text from a checkpoint",
+            "Continue a prompt with a trained model (KV cache); tokens are streamed to stdout.",
+            _generate_arguments, _generate_run),
+    Command("params", "parameter counts and memory of a config",
+            "Parameter / memory table of a preset with overrides.",
+            _params_arguments, _params_run),
+    Command("analyze", "routing analysis of a checkpoint (the paper's findings)",
+            module="tinymoe.analysis"),
+    Command("bench", "throughput, MFU, memory vs a PyTorch twin", module="tinymoe.bench"),
+)}
+
+
+# ---------------------------------------------------------------------------- parser
+def build_parser(extra: str | None = None) -> _Parser:
+    """The full parser. Commands backed by a module (``analyze``, ``bench``) get their flags
+    only when named by ``extra`` (so other commands never import them)."""
+    parser = _Parser(prog="python -m tinymoe", allow_abbrev=False,
+                     description="tinymoe: OpenMoE (a Mixture-of-Experts decoder) on NumPy.")
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}",
+                                parser_class=_Parser)
+    sub.required = True
+    for cmd in COMMANDS.values():
+        if cmd.module is not None and cmd.name == extra:
+            cmd = cmd.load()
+        sp = sub.add_parser(cmd.name, help=cmd.help, allow_abbrev=False,
+                            description=cmd.description or None)
+        if cmd.add_arguments is not None:
+            cmd.add_arguments(sp)
+    return parser
+
+
 # ---------------------------------------------------------------------------- main
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[0] if argv and argv[0] in ("analyze", "bench") else None
-    module = None
-    if extra is not None:
+    cmd = COMMANDS.get(argv[0]) if argv else None
+    if cmd is not None and cmd.module is not None:
         try:
-            module = _load_optional(extra)
+            cmd = cmd.load()
         except ImportError as e:
-            print(f"error: '{extra}' is not available in this installation ({e})", file=sys.stderr)
+            print(f"error: '{cmd.name}' is not available in this installation ({e})",
+                  file=sys.stderr)
             return 1
-    args = build_parser(extra).parse_args(argv)
+    args = build_parser(cmd.name if cmd is not None else None).parse_args(argv)
+    cmd = cmd if cmd is not None and cmd.run is not None else COMMANDS[args.command]
+    from tinymoe import backend as B  # noqa: PLC0415
     from tinymoe.backend import DeviceError  # noqa: PLC0415
     from tinymoe.checkpoint import CheckpointError  # noqa: PLC0415
-
-    commands = {"train": _cmd_train, "generate": _cmd_generate, "params": _cmd_params}
-    from tinymoe import backend as B  # noqa: PLC0415
 
     B.keep_freed_memory()                        # reuse big freed blocks (see its docstring)
     try:
         if getattr(args, "threads", None) is not None:
             B.set_num_threads(args.threads)
-        if module is not None:
-            return int(module.run(args) or 0)
-        return commands[args.command](args)
+        return int(cmd.run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

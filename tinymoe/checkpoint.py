@@ -12,9 +12,10 @@ Layout of the file (a NumPy ``savez`` zip, read with ``allow_pickle=False``):
     model/<name>   each model weight, by its dotted parameter name
     optim/<i>/<k>  optimizer state array ``k`` of parameter number ``i``
 
-Writing is atomic: the file is written to a temporary name in the same folder, flushed
-and fsync'ed, then renamed over the target with ``os.replace`` (a crash leaves either
-the old file or the new one, never half of one). Reading checks, in order: the zip can
+Writing is atomic: the file is written to a temporary name in the same folder
+(``.checkpoint.npz.<pid>.<random>.tmp``, so leftovers of a killed writer can be told
+apart and removed), flushed and fsync'ed, then renamed over the target with
+``os.replace`` (a crash leaves either the old file or the new one, never half of one). Reading checks, in order: the zip can
 be read (a truncated file fails here), the format name and version, the checksum (a file
 edited by hand fails here), that every listed array is present with its dtype and shape,
 and that the weights match the stored model config name by name and shape by shape
@@ -26,7 +27,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import re
+import secrets
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +42,7 @@ np = B.np
 __all__ = [
     "FORMAT_NAME", "FORMAT_VERSION", "CHECKPOINT_NAME", "CheckpointError", "Checkpoint",
     "save_checkpoint", "load_checkpoint", "load_model", "resolve_checkpoint_path",
-    "atomic_write_bytes",
+    "atomic_write_bytes", "temp_path", "temp_writer_pid",
 ]
 
 FORMAT_NAME = "tinymoe-checkpoint"
@@ -91,13 +93,42 @@ class Checkpoint:
 
 
 # ---------------------------------------------------------------------------- writing
+def temp_path(path: Path) -> Path:
+    """A fresh temporary name beside ``path`` that records the writer's pid:
+    ``.<name>.<pid>.<random>.tmp`` (so a run can tell a dead writer's leftovers,
+    :func:`temp_writer_pid`, from a live writer's file)."""
+    return path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+
+
+_TEMP_RE = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
+
+
+def temp_writer_pid(name: str) -> int | None:
+    """The pid recorded in a temporary file name of :func:`temp_path`; None for any other name."""
+    m = _TEMP_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], write: Any) -> Path:
     """Call ``write(fileobj)`` on a temporary file beside ``path``, fsync, then rename it
     over ``path`` (``os.replace`` is atomic on POSIX and Windows). On any error, or
-    Ctrl-C, the temporary file is removed and ``path`` is untouched."""
+    Ctrl-C, the temporary file is removed and ``path`` is untouched.
+
+    The temporary file is created like any other file (mode 0666 minus the umask, so the
+    result has the same permissions as ``log.jsonl``) and named by :func:`temp_path`; a
+    writer killed with SIGKILL leaves it behind, and the next run in that folder removes
+    it (``tinymoe.runfolder.remove_stale_temps``).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    while True:
+        tmp = temp_path(path)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                         0o666)
+            break
+        except FileExistsError:  # pragma: no cover (a 32-bit random name taken)
+            continue
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

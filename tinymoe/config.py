@@ -89,31 +89,60 @@ class ModelConfig:
     """
 
     vocab_size: int
+    "token ids 0 .. vocab_size-1 (set to the tokenizer's when training)"
     d_model: int
+    "width of the residual stream"
     n_layers: int
+    "number of decoder blocks"
     n_heads: int
+    "attention heads per block"
     d_ff: int
+    "hidden width of the dense SwiGLU FFNs and of the shared FFN in MoE blocks"
     n_experts: int
+    "experts per MoE layer (E)"
     top_k: int
+    "experts each token is routed to (k)"
     moe_every: int
+    "block i is an MoE block when (i + 1) % moe_every == 0 (> n_layers: a dense model)"
     max_seq_len: int
+    "longest sequence (RoPE and the KV cache are sized for it)"
     d_ff_expert: int | None = None
+    "hidden width of each expert's SwiGLU (none: d_ff)"
     d_head: int | None = None
+    "width of one attention head, even (none: d_model // n_heads)"
     shared_ffn: bool = True
+    "MoE blocks also run a shared dense SwiGLU with its own RMSNorm (OpenMoE)"
     capacity_factor: float | None = 1.25
+    "expert capacity factor in training (0 or none: dropless)"
     eval_capacity_factor: float | None = 2.0
+    "expert capacity factor in eval mode (0 or none: dropless)"
     min_capacity: int = 4
+    "lower bound of the expert capacity C"
     capacity_mode: str = "openmoe"
+    ("openmoe: C = max(round(cf*G/E), min_capacity) (no k); "
+     "k_scaled: C = max(ceil(k*cf*G/E), min_capacity) (DeepSpeed)")
     group_size: int | None = None
+    "tokens per routing group G (none: one sequence per group)"
     slot_priority: str = "position"
+    ("who gets capacity first: position (OpenMoE: first choices in token order), "
+     "probability (batch-prioritised) or random")
     renormalize: bool = False
+    ("renormalise the top-k combine weights to sum 1 (Mixtral) instead of raw softmax "
+     "probabilities (OpenMoE)")
     aux_loss_coef: float = 0.01
+    "weight of the load-balance loss L_aux = E * sum_i f_i P_i (Switch eq. 4-6)"
     z_loss_coef: float = 1e-4
+    "weight of the router z-loss mean(logsumexp(z)^2) (ST-MoE)"
     tie_embeddings: bool = True
+    "the LM head is the embedding transposed"
     rope_base: float = 10000.0
+    "RoPE frequency base"
     norm_eps: float = 1e-6
+    "RMSNorm epsilon"
     init_std: float = 0.02
+    "standard deviation of the normal weight init"
     dtype: str = "float32"
+    "floating-point type of weights and activations"
 
     def __post_init__(self) -> None:
         self.validate()

@@ -8,10 +8,11 @@ or mis-shaped.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
 from tinymoe import backend as B
-from tinymoe.autograd import Tensor
+from tinymoe.autograd import Tensor, no_grad
 
 
 class Parameter(Tensor):
@@ -88,6 +89,20 @@ class Module:
 
     def eval(self) -> "Module":
         return self.train(False)
+
+    @contextmanager
+    def evaluating(self) -> Iterator["Module"]:
+        """``with model.evaluating():`` eval mode (e.g. the eval capacity factor) and no
+        autograd graph inside the block; the previous mode (of every submodule) is
+        restored on exit, also after an exception."""
+        modes = [(m, m.training) for m in self.modules()]
+        self.eval()
+        try:
+            with no_grad():
+                yield self
+        finally:
+            for m, mode in modes:
+                object.__setattr__(m, "training", mode)
 
     def zero_grad(self) -> None:
         for p in self.parameters():
