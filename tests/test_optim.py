@@ -4,8 +4,6 @@ hand, state_dict round trips and error messages."""
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +11,8 @@ import torch
 
 from tinymoe import optim
 
-sys.path.insert(0, str(Path(__file__).parent))
-from oracle.torch_adafactor import TorchAdafactor  # noqa: E402
+from tests.oracle.compare import assert_close, default_tol, f32_tol
+from tests.oracle.torch_adafactor import TorchAdafactor
 
 
 class P:
@@ -26,16 +24,8 @@ class P:
 
 
 def _assert_close(ours, ref, rtol, what):
-    ours, ref = np.asarray(ours), np.asarray(ref)
-    diff = np.abs(ours - ref)
-    rel = diff / np.maximum(np.abs(ref), 1e-30)
-    # relative to the tensor scale, so elements crossing zero do not dominate
-    scale_rel = diff.max() / max(np.abs(ref).max(), 1e-30)
-    assert ours.shape == ref.shape, f"{what}: shape {ours.shape} vs {ref.shape}"
-    assert scale_rel <= rtol, (
-        f"{what}: max abs diff {diff.max():.3e}, max rel {rel.max():.3e}, scale-rel {scale_rel:.3e} > {rtol}; "
-        f"ours {ours.ravel()[:4]} ref {ref.ravel()[:4]}"
-    )
+    """Relative to the tensor's scale, so elements crossing zero do not dominate."""
+    assert_close(what, ours, ref, rtol)
 
 
 SHAPES = [(7,), (5, 3), (2, 4, 6), (3, 1)]
@@ -58,7 +48,9 @@ def _grads(shapes, n_steps, dtype, seed=1):
 # --------------------------------------------------------------------------- AdamW
 
 
-@pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-12), (np.float32, 1e-6)])
+# float32: elementwise updates (n = 1); over 20 steps each rounds p once and adds an update
+# of a few roundings on a step 20x smaller than p: depth 20.
+@pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-12), (np.float32, f32_tol(1, depth=20))])
 @pytest.mark.parametrize("wd", [0.0, 0.1])
 def test_adamw_matches_torch(dtype, rtol, wd, threads):
     threads(2)                     # the (700, 300) parameter is 4 update chunks, split over threads
@@ -217,7 +209,8 @@ def test_adafactor_default_factoring_threshold_and_float32():
     for j, (p, t) in enumerate(zip(ours, theirs)):
         assert p.data.dtype == np.float32
         assert all(v.dtype == np.float32 for k, v in opt.state[j].items() if k != "step")
-        _assert_close(p.data, t.numpy(), 1e-5, f"float32 param {j}")
+        # float64 reference; row/column means over <= 300 entries, 5 steps
+        _assert_close(p.data, t.numpy(), f32_tol(300, depth=5), f"float32 param {j}")
 
 
 def test_adafactor_openmoe_schedule_sets_lr():
@@ -242,8 +235,10 @@ def test_adafactor_bad_config():
 
 
 @pytest.mark.parametrize("max_norm", [0.5, 1e6])
-@pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-12), (np.float32, 1e-5)])
-def test_clip_grad_norm_matches_torch(max_norm, dtype, rtol):
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_clip_grad_norm_matches_torch(max_norm, dtype):
+    n = sum(int(np.prod(s)) for s in SHAPES)       # the norm sums all elements
+    rtol = 1e-12 if dtype == np.float64 else default_tol(dtype, n)
     rng = np.random.default_rng(10)
     gs = [(rng.standard_normal(s) + 0.2).astype(dtype) for s in SHAPES]
     ours = [P(np.zeros(s, dtype)) for s in SHAPES] + [P(np.zeros(2, dtype))]  # last: no grad
@@ -262,7 +257,8 @@ def test_clip_grad_norm_matches_torch(max_norm, dtype, rtol):
     assert ours[-1].grad is None
     if max_norm < total:
         new = math.sqrt(sum(float(np.sum(p.grad.astype(np.float64) ** 2)) for p in ours[:-1]))
-        assert abs(new - max_norm) < 1e-5
+        # clipped to max_norm / (total + 1e-6), each grad rounded once more
+        assert abs(new - max_norm) <= max_norm * (1e-6 / total + rtol)
 
 
 def test_clip_grad_norm_nonfinite_leaves_grads():
