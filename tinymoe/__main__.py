@@ -260,7 +260,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_params(args: argparse.Namespace) -> int:
-    from tinymoe.config import DEFAULT_PRESET, params_command, parse_overrides  # noqa: PLC0415
+    from tinymoe.config import DEFAULT_PRESET, parse_overrides  # noqa: PLC0415
+    from tinymoe.params_table import params_command  # noqa: PLC0415
 
     overrides = parse_overrides(args.overrides)
     overrides.update(_given(args, "model__"))
