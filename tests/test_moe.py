@@ -243,6 +243,13 @@ def test_router_init():
     w = B.to_numpy(r.weight.data)
     assert w.shape == (64, 16) and w.dtype == np.float32
     assert abs(w.std() - 0.02) < 0.003 and abs(w.mean()) < 0.003
+    # one seeding rule: an explicit Generator, never a silent default seed
+    with pytest.raises(TypeError, match="rng must be a NumPy Generator"):
+        Router(64, 16, rng=None)
+    with pytest.raises(TypeError, match="rng"):
+        MoE(make_cfg())                                      # no rng at all
+    again = Router(64, 16, rng=B.default_rng(0)).weight.data
+    np.testing.assert_array_equal(B.to_numpy(again), w)      # same Generator seed, same draws
     assert [n for n, _ in r.named_parameters()] == ["weight"]
 
 
