@@ -31,7 +31,7 @@ from tinymoe.config import get_preset, memory_bytes
 from tinymoe.data import BatchSampler, builtin_corpus, encode_corpus, unigram_entropy
 from tinymoe.generate import generate
 from tinymoe.nn.model import OpenMoE
-from tinymoe.optim import AdamW, clip_grad_norm_, inverse_sqrt, param_groups_for_decay, set_lr, warmup_cosine
+from tinymoe.optim import clip_grad_norm_, configure_optimizers, inverse_sqrt, set_lr, warmup_cosine
 from tinymoe.tokenizer import ByteTokenizer
 from tinymoe.train import TrainConfig, train
 
@@ -62,11 +62,14 @@ print(repr(corpus.domains["arith"].train[:60]))
 # g \leftarrow g\cdot\min\Big(1, \frac{1}{\lVert g\rVert_2}\Big),\qquad \theta \leftarrow \mathrm{opt}(\theta, g, \eta_t).$$
 #
 # Weight decay is applied to matrices only (not to norm scales): `param_groups_for_decay`.
+# `configure_optimizers(model, cfg)` builds the optimizer exactly as `python -m tinymoe train`
+# does, from a `TrainConfig` (here AdamW, lr 3e-3, betas (0.9, 0.95), weight decay 0.1).
 
 # %%
 cfg = get_preset("toy" if FAST else "mini")
 model = OpenMoE(cfg, seed=0)
-opt = AdamW(param_groups_for_decay(model.named_parameters(), 0.1), lr=3e-3, betas=(0.9, 0.95))
+opt = configure_optimizers(model, TrainConfig(optimizer="adamw", lr=3e-3, weight_decay=0.1,
+                                              adam_beta1=0.9, adam_beta2=0.95))
 sampler = BatchSampler(train_tok, batch_size=8, seq_len=64, seed=0)   # random windows, any domain
 n_steps = 6 if FAST else 20
 losses = []

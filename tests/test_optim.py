@@ -395,3 +395,41 @@ def test_constructor_errors():
     p = P(np.ones(2))
     with pytest.raises(ValueError, match="more than once"):
         optim.AdamW([{"params": [p]}, {"params": [p]}])
+
+
+# --------------------------------------------------------------------------- configure_optimizers
+
+
+def test_configure_optimizers_builds_the_training_optimizer():
+    """One builder for train, bench and the lessons: decay on matrices only, AdamW with the
+    config's betas and eps 1e-8, Adafactor as OpenMoE ran it; a bad name is one line."""
+    from types import SimpleNamespace
+
+    from tinymoe.train import TrainConfig, build_optimizer
+
+    class Model:
+        def __init__(self):
+            self.w, self.b = P(np.ones((3, 2))), P(np.ones(2))
+
+        def named_parameters(self):
+            return [("w", self.w), ("b", self.b), ("w_tied", self.w)]   # tied: kept once
+
+    m = Model()
+    opt = optim.configure_optimizers(m, TrainConfig(optimizer="adamw", lr=2e-3, weight_decay=0.1,
+                                                    adam_beta1=0.8, adam_beta2=0.9))
+    assert type(opt) is optim.AdamW
+    (dec, nodec) = opt.param_groups
+    assert dec["params"] == [m.w] and nodec["params"] == [m.b]
+    assert (dec["weight_decay"], nodec["weight_decay"]) == (0.1, 0.0)
+    assert dec["lr"] == 2e-3 and dec["betas"] == (0.8, 0.9) and dec["eps"] == 1e-8
+    cfg = SimpleNamespace(optimizer="adafactor", lr=1e-2, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.95)
+    ada = optim.configure_optimizers(m, cfg)
+    assert type(ada) is optim.Adafactor
+    g = ada.param_groups[0]
+    assert (g["lr"], g["decay_rate"], g["beta1"], g["clip_threshold"], g["scale_parameter"],
+            g["relative_step"], g["weight_decay"]) == (1e-2, 0.8, None, 1.0, True, False, 0.01)
+    assert ada.param_groups[1]["weight_decay"] == 0.0
+    assert type(build_optimizer(m, TrainConfig(optimizer="adafactor"))) is optim.Adafactor
+    with pytest.raises(ValueError, match="optimizer='sgd' is not one of adamw, adafactor"):
+        optim.configure_optimizers(m, SimpleNamespace(optimizer="sgd", lr=1.0, weight_decay=0.0,
+                                                      adam_beta1=0.9, adam_beta2=0.9))

@@ -252,15 +252,10 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def build_optimizer(model: Any, cfg: TrainConfig) -> Optimizer:
-    """AdamW, or Adafactor as OpenMoE ran it (decay 0.8, no momentum, update clipping
-    1.0, parameter scaling); either way weight decay applies to matrices only
-    (``param_groups_for_decay``)."""
-    groups = param_groups_for_decay(model.named_parameters(), cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=1e-8)
-    return Adafactor(groups, lr=cfg.lr, decay_rate=0.8, beta1=None,
-                     clip_threshold=1.0, scale_parameter=True, relative_step=False,
-                     weight_decay=cfg.weight_decay)
+    """The run's optimizer: :func:`tinymoe.optim.configure_optimizers` (kept as a name)."""
+    from tinymoe.optim import configure_optimizers  # noqa: PLC0415  (one builder for all)
+
+    return configure_optimizers(model, cfg)
 
 
 def load_data(cfg: TrainConfig) -> Corpus:
