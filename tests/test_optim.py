@@ -23,11 +23,6 @@ class P:
         self.grad = None
 
 
-def _assert_close(ours, ref, rtol, what):
-    """Relative to the tensor's scale, so elements crossing zero do not dominate."""
-    assert_close(what, ours, ref, rtol)
-
-
 SHAPES = [(7,), (5, 3), (2, 4, 6), (3, 1)]
 
 
@@ -69,7 +64,7 @@ def test_adamw_matches_torch(dtype, rtol, wd, threads):
         topt.step()
         for j, (p, t) in enumerate(zip(ours, theirs)):
             assert p.data.dtype == dtype
-            _assert_close(p.data, t.detach().numpy(), rtol, f"step {k} param {j}")
+            assert_close(f"step {k} param {j}", p.data, t.detach().numpy(), rtol)
 
 
 def test_adamw_param_groups_and_lr_changes_match_torch():
@@ -97,7 +92,7 @@ def test_adamw_param_groups_and_lr_changes_match_torch():
         opt.step()
         topt.step()
         for j, (p, t) in enumerate(zip(ours, theirs)):
-            _assert_close(p.data, t.detach().numpy(), 1e-12, f"step {k} param {j}")
+            assert_close(f"step {k} param {j}", p.data, t.detach().numpy(), 1e-12)
 
 
 def test_adamw_updates_in_place_and_keeps_dtype():
@@ -154,7 +149,7 @@ def test_adafactor_matches_torch_reference(cfg):
         opt.step()
         ref.step([torch.tensor(g) for g in gs])
         for j, (p, t) in enumerate(zip(ours, theirs)):
-            _assert_close(p.data, t.numpy(), 1e-10, f"{cfg} step {k} param {j}")
+            assert_close(f"{cfg} step {k} param {j}", p.data, t.numpy(), 1e-10)
     # state memory: factored r + c, per expert E (r + c), unfactored full
     sizes = {k: v.shape for k, v in opt.state[0].items() if k != "step"}
     assert sizes["exp_avg_sq_row"] == (6,) and sizes["exp_avg_sq_col"] == (5,)
@@ -186,7 +181,7 @@ def test_adafactor_clipping_is_active_in_tests():
     ref = TorchAdafactor([t], lr=0.1, min_dim_size_to_factor=2)
     ref.step([torch.tensor(g1)])
     ref.step([torch.tensor(g2)])
-    _assert_close(res[0], t.numpy(), 1e-10, "clipped spike")
+    assert_close("clipped spike", res[0], t.numpy(), 1e-10)
 
 
 def test_adafactor_default_factoring_threshold_and_float32():
@@ -210,7 +205,7 @@ def test_adafactor_default_factoring_threshold_and_float32():
         assert p.data.dtype == np.float32
         assert all(v.dtype == np.float32 for k, v in opt.state[j].items() if k != "step")
         # float64 reference; row/column means over <= 300 entries, 5 steps
-        _assert_close(p.data, t.numpy(), f32_tol(300, depth=5), f"float32 param {j}")
+        assert_close(f"float32 param {j}", p.data, t.numpy(), f32_tol(300, depth=5))
 
 
 def test_adafactor_openmoe_schedule_sets_lr():
@@ -253,7 +248,7 @@ def test_clip_grad_norm_matches_torch(max_norm, dtype):
     assert abs(total - float(ttotal)) <= rtol * float(ttotal), (total, float(ttotal))
     for p, t in zip(ours, theirs):
         assert p.grad.dtype == dtype
-        _assert_close(p.grad, t.grad.numpy(), rtol, "clipped grad")
+        assert_close("clipped grad", p.grad, t.grad.numpy(), rtol)
     assert ours[-1].grad is None
     if max_norm < total:
         new = math.sqrt(sum(float(np.sum(p.grad.astype(np.float64) ** 2)) for p in ours[:-1]))
