@@ -33,15 +33,15 @@ def f32_tol(n: int, depth: int = 1, worst_case: bool = False) -> float:
     One reduction of n terms (a dot product, a row sum; every GEMM and every broadcast
     gradient is made of them) rounds n times, each time by at most u |partial sum|:
 
-    - the rounding errors behave as independent zero-mean variables, so with probability
-      at least ``1 - 2 exp(-LAMBDA^2 / 2)`` (7.5e-6 for LAMBDA = 5) the error is below
-      ``LAMBDA sqrt(n) u`` times the size of the terms (Higham & Mary 2019, "A new
-      approach to probabilistic rounding error analysis", Thm 3.1);
-    - the deterministic worst case is ``gamma_n = n u`` (Higham 2002, "Accuracy and
-      Stability of Numerical Algorithms", eq. 3.4). It also absorbs the cancellation of a
-      sum of random signs (sum |terms| / |sum| ~ sqrt(n)), so it is the bound to use where
-      errors pass through many stages and small gradients come from large cancelling
-      terms (a whole network's backward pass).
+    - the rounding errors behave as independent zero-mean variables, so the error is
+      below ``LAMBDA sqrt(n) u`` times the size of the terms except with a probability
+      that falls like ``exp(-LAMBDA^2 / 2)`` (Higham & Mary, "A new approach to
+      probabilistic rounding error analysis", SIAM J. Sci. Comput. 2019);
+    - the deterministic worst case is ``gamma_n ~ n u`` (Higham, "Accuracy and Stability
+      of Numerical Algorithms", 2nd ed. 2002, section 3.1). It also absorbs the
+      cancellation of a sum of random signs (sum |terms| / |sum| ~ sqrt(n)), so it is the
+      bound to use where errors pass through many stages and small gradients come from
+      large cancelling terms (a whole network's backward pass).
 
     Errors of ``depth`` chained stages add to first order (each stage is O(1)-conditioned:
     normalised layers, softmax), and the two sides round independently (x2):
