@@ -21,7 +21,8 @@ from tinymoe import backend as B
 from tinymoe import routing
 from tinymoe.config import get_preset
 from tinymoe.nn.moe import MoE
-from tinymoe.optim import AdamW
+from tinymoe.optim import configure_optimizers
+from tinymoe.train import TrainConfig
 
 # %% [markdown]
 # ## 1. The load-balance loss
@@ -103,7 +104,8 @@ def train(phases, seed=0, z_coef=0.0, lr=3e-3):
     """phases: list of (steps, aux_coef). Returns per-step history (a dict of arrays)."""
     cfg = get_preset("toy", d_model=d, n_experts=E, top_k=k, d_ff=16, capacity_factor=None)
     moe = MoE(cfg, rng=B.default_rng(seed))
-    opt = AdamW(moe.parameters(), lr=lr, weight_decay=0.0)
+    opt = configure_optimizers(moe, TrainConfig(optimizer="adamw", lr=lr, weight_decay=0.0,
+                                                adam_beta1=0.9, adam_beta2=0.999))
     r = np.random.default_rng(2)                             # same batches for every run
     hist = {"mse": [], "aux": [], "z": [], "share": [], "max_logit": []}
     for steps, aux_coef in phases:

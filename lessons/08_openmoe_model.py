@@ -19,7 +19,8 @@ from _lesson import FAST, plt, show
 
 import tinymoe
 from tinymoe import backend as B
-from tinymoe.config import count_parameters, format_params_table, get_preset, memory_bytes, parameter_shapes
+from tinymoe.config import count_parameters, get_preset, memory_bytes, parameter_shapes
+from tinymoe.params_table import format_params_table
 from tinymoe.nn.model import OpenMoE
 from tinymoe.tokenizer import ByteTokenizer
 

@@ -31,7 +31,7 @@ from tinymoe.config import get_preset, memory_bytes
 from tinymoe.data import BatchSampler, builtin_corpus, encode_corpus, unigram_entropy
 from tinymoe.generate import generate
 from tinymoe.nn.model import OpenMoE
-from tinymoe.optim import AdamW, inverse_sqrt, param_groups_for_decay, warmup_cosine
+from tinymoe.optim import configure_optimizers, inverse_sqrt, warmup_cosine
 from tinymoe.tokenizer import ByteTokenizer
 from tinymoe.train import TrainConfig, train, train_step
 
@@ -80,11 +80,15 @@ print(repr(corpus.domains["arith"].train[:60]))
 # and returns the loss, its parts, the gradient norm and the routing stats (dropped
 # fraction, busiest expert's share). A NaN/inf loss or gradient norm skips the update
 # (`stats.bad` says why).
+#
+# `configure_optimizers(model, cfg)` builds the optimizer exactly as `python -m tinymoe train`
+# does, from a `TrainConfig` (here AdamW, lr 3e-3, betas (0.9, 0.95), weight decay 0.1).
 
 # %%
 cfg = get_preset("toy" if FAST else "mini")
 model = OpenMoE(cfg, seed=0)
-opt = AdamW(param_groups_for_decay(model.named_parameters(), 0.1), lr=3e-3, betas=(0.9, 0.95))
+opt = configure_optimizers(model, TrainConfig(optimizer="adamw", lr=3e-3, weight_decay=0.1,
+                                              adam_beta1=0.9, adam_beta2=0.95))
 sampler = BatchSampler(train_tok, batch_size=8, seq_len=64, seed=0)   # random windows, any domain
 n_steps = 6 if FAST else 20
 losses = []

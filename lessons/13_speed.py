@@ -28,8 +28,9 @@ from tinymoe.autograd import Function
 from tinymoe.config import get_preset
 from tinymoe.data import BatchSampler, builtin_corpus, encode_corpus
 from tinymoe.nn.model import OpenMoE
-from tinymoe.optim import AdamW, clip_grad_norm_, param_groups_for_decay
+from tinymoe.optim import clip_grad_norm_, configure_optimizers
 from tinymoe.tokenizer import ByteTokenizer
+from tinymoe.train import TrainConfig
 
 # %% [markdown]
 # ## 1. Counting the work
@@ -80,7 +81,8 @@ train_tok, _ = encode_corpus(corpus, ByteTokenizer())
 
 def make_step(cfg, batch, seq, seed=0):
     model = OpenMoE(cfg, seed=seed)
-    opt = AdamW(param_groups_for_decay(model.named_parameters(), 0.1), lr=1e-3)
+    opt = configure_optimizers(model, TrainConfig(optimizer="adamw", lr=1e-3, weight_decay=0.1,
+                                                  adam_beta1=0.9, adam_beta2=0.999))
     sampler = BatchSampler(train_tok, batch, seq, seed=seed)
     params = list(model.parameters())
 

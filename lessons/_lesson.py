@@ -1,7 +1,5 @@
 """Set-up shared by the lessons (lesson plumbing, not part of tinymoe).
 
-- Makes ``import tinymoe`` work from a fresh clone (adds the repository root to
-  ``sys.path`` when tinymoe is not installed).
 - ``FAST``: True when the environment variable ``TINYMOE_FAST=1`` is set (the test suite
   runs every lesson this way: same code, smaller sizes, fewer steps).
 - ``OUT``: the folder where figures go: ``$TINYMOE_LESSON_OUT``, else ``lessons/out/``.
@@ -17,13 +15,6 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-
-try:  # a fresh clone without `pip install -e .`
-    import tinymoe  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(ROOT))
-    import tinymoe  # noqa: F401
 
 FAST: bool = os.environ.get("TINYMOE_FAST", "0").strip().lower() not in ("", "0", "false", "no")
 OUT: Path = Path(os.environ.get("TINYMOE_LESSON_OUT") or HERE / "out")

@@ -19,14 +19,11 @@ import pstats
 import resource
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tinymoe import backend as B  # noqa: E402  (first: before NumPy loads, see backend.py)
-from tinymoe.config import count_parameters, get_preset  # noqa: E402
-from tinymoe.nn.model import OpenMoE  # noqa: E402
-from tinymoe.optim import Adafactor, AdamW, clip_grad_norm_, param_groups_for_decay  # noqa: E402
+from tinymoe import backend as B  # first: before NumPy loads, see backend.py
+from tinymoe.config import count_parameters, get_preset
+from tinymoe.nn.model import OpenMoE
+from tinymoe.optim import Adafactor, AdamW, clip_grad_norm_, param_groups_for_decay
 
 
 def rss_gb() -> float:

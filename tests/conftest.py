@@ -2,14 +2,23 @@
 
 NumPy always runs. CuPy runs when it imports and sees a GPU; otherwise its cases are
 skipped with the reason, and the header of the run says which backends are active.
+
+The oracle is imported one way everywhere: ``from tests.oracle... import ...`` (pytest puts
+the repository root on ``sys.path``, as ``tests/`` is a package). Subprocesses the suite
+starts (the lessons, the CLI) get the same root first on ``PYTHONPATH``, so they too run
+this checkout, whether or not (and wherever) tinymoe is installed.
 """
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TINYMOE_FAST", "1")   # lessons run in fast mode inside the suite
+_ROOT = str(Path(__file__).resolve().parents[1])
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != _ROOT])
 
 from tinymoe import backend as B  # noqa: E402
 

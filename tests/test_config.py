@@ -10,9 +10,11 @@ import time
 
 import pytest
 
-from tinymoe.config import (PRESETS, ModelConfig, count_parameters, get_preset,
-                            memory_bytes, parameter_shapes, params_command, parse_overrides)
-from tinymoe.params_table import format_params_table
+from tinymoe import routing
+from tinymoe.config import (CAPACITY_MODES, PRESETS, SLOT_PRIORITIES, ModelConfig, capacity,
+                            count_parameters, get_preset, memory_bytes, parameter_shapes,
+                            parse_overrides)
+from tinymoe.params_table import format_params_table, params_command
 
 TOY = dict(vocab_size=258, d_model=64, n_layers=2, n_heads=4, d_ff=128, n_experts=4,
            top_k=2, moe_every=2, max_seq_len=64)
@@ -149,11 +151,24 @@ def test_capacity_formulas():
     assert base.capacity(8) == 4                 # min_capacity wins
     assert base.replace(capacity_mode="k_scaled").capacity(4096) == 640  # ceil(2*1.25*4096/16)
     assert base.replace(capacity_mode="k_scaled").capacity(100) == 16    # ceil(15.625)
-    assert base.replace(capacity_factor=0).capacity(4096) is None
-    assert base.replace(eval_capacity_factor=None).capacity(4096, training=False) is None
+    assert base.replace(capacity_factor=0).capacity(4096) == 4096          # dropless: C = G
+    assert base.replace(eval_capacity_factor=None).capacity(4096, training=False) == 4096
+    assert base.replace(capacity_factor=0).is_dropless() and not base.is_dropless(training=False)
     # round half to even like jnp.round: 1.25 * 40 / 16 = 3.125 -> 3 then min 0; 2.5 -> 2
     assert base.replace(min_capacity=0).capacity(40) == 3
     assert base.replace(min_capacity=0, capacity_factor=1.0).capacity(40) == 2
+
+
+def test_routing_vocabulary_and_capacity_have_one_definition():
+    """config owns the vocabulary and the formula; routing uses the same objects, and a
+    config's capacity is the routing formula at its fields (dropless: C = G in both)."""
+    assert routing.capacity is capacity
+    assert routing.SLOT_PRIORITIES is SLOT_PRIORITIES and routing.CAPACITY_MODES is CAPACITY_MODES
+    for mode in CAPACITY_MODES:
+        for cf in (None, 0, 0.5, 1.25, 2.0):
+            cfg = get_preset("openmoe-base", capacity_mode=mode, capacity_factor=cf)
+            for g in (8, 100, 4096):
+                assert cfg.capacity(g) == capacity(g, 16, 2, cf, 4, mode)
 
 
 # ---------------------------------------------------------------------- presets

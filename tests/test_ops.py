@@ -1,5 +1,5 @@
 """Every differentiable op of tinymoe.functional against torch: forward and input gradients,
-in float64 (rel <= 1e-9) and float32 (rel <= 1e-4), on broadcasting, size-1 and batch
+in float64 (rel <= 1e-9) and float32 (tests/oracle/compare.py f32_tol), on broadcasting, size-1 and batch
 shapes, plus finite-difference checks for matmul, softmax and cross-entropy."""
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ import tinymoe
 from tinymoe import backend as B
 from tinymoe import functional as F
 from tests.oracle import torch_layers as TL
-from tests.oracle.compare import assert_close, check_against_torch
+from tests.oracle.compare import assert_close, check_against_torch, default_tol
 
 
 def rnd(*shape, seed=0, mean=0.3, std=1.0):
@@ -160,7 +160,8 @@ def test_one_thread_and_two_threads_agree(threads, name):
     two = _run(ours, inputs)
     for i, (a, b) in enumerate(zip(one, two)):
         if name == "causal_attention":
-            assert_close(f"{name} output/grad {i}: 2 threads vs 1", b, a, rtol=1e-6)
+            # another split of the same float32 sums: longest reduction T = 128, 3 stages
+            assert_close(f"{name} output/grad {i}: 2 threads vs 1", b, a, rtol=default_tol(np.float32, 128, 3))
         else:
             assert np.array_equal(a, b), f"{name} output/grad {i}: 2 threads differ from 1, " \
                                          f"max diff {np.max(np.abs(a - b)):.3e}"

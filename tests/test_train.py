@@ -22,9 +22,8 @@ from tinymoe.nn.model import OpenMoE
 from tinymoe.tokenizer import ByteTokenizer, BPETokenizer
 from tinymoe.train import TrainConfig, evaluate, train
 
-sys.path.insert(0, str(Path(__file__).parent))
-from oracle.torch_adafactor import TorchAdafactor  # noqa: E402
-from oracle.torch_model import twin_model  # noqa: E402
+from tests.oracle.torch_adafactor import TorchAdafactor
+from tests.oracle.torch_model import twin_model
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_CHARS = 6000

@@ -243,7 +243,8 @@ def _params_arguments(pa: argparse.ArgumentParser) -> None:
 
 
 def _params_run(args: argparse.Namespace) -> int:
-    from tinymoe.config import DEFAULT_PRESET, params_command, parse_overrides  # noqa: PLC0415
+    from tinymoe.config import DEFAULT_PRESET, parse_overrides  # noqa: PLC0415
+    from tinymoe.params_table import params_command  # noqa: PLC0415
 
     overrides = parse_overrides(args.overrides)
     overrides.update(_given(args, "model__"))

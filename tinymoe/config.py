@@ -12,7 +12,11 @@ Parameter counting is done from shapes only (:func:`parameter_shapes`), so the 3
 is counted instantly without allocating anything. ``parameter_shapes`` is the single
 source of truth for parameter names: the model's ``state_dict`` uses the same names.
 
-This module imports no array library: it is plain Python.
+This module imports no array library: it is plain Python. It is the ground floor of the
+package: the routing vocabulary (``CAPACITY_MODES``, ``SLOT_PRIORITIES``) and the capacity
+formula (:func:`capacity`) are defined here once, and :mod:`tinymoe.routing` uses them.
+The parameter table printed by ``python -m tinymoe params`` lives in
+:mod:`tinymoe.params_table`.
 """
 from __future__ import annotations
 
@@ -25,9 +29,11 @@ from typing import Any, Iterable
 __all__ = [
     "ModelConfig", "PRESETS", "DEFAULT_PRESET", "get_preset", "preset_names",
     "parameter_shapes", "count_parameters", "memory_bytes", "parse_overrides",
-    "format_params_table", "params_command",
+    "CAPACITY_MODES", "SLOT_PRIORITIES", "capacity",
 ]
 
+# The routing vocabulary (see tinymoe.routing for what each choice does). Adding a choice
+# means adding it here and implementing it in tinymoe.routing.
 CAPACITY_MODES = ("openmoe", "k_scaled")
 SLOT_PRIORITIES = ("position", "probability", "random")
 DTYPES = ("float32", "float64")
@@ -41,6 +47,37 @@ _FLOAT_FIELDS = ("aux_loss_coef", "z_loss_coef", "rope_base", "norm_eps", "init_
 _OPT_FLOAT_FIELDS = ("capacity_factor", "eval_capacity_factor")
 _BOOL_FIELDS = ("shared_ffn", "renormalize", "tie_embeddings")
 _STR_FIELDS = ("capacity_mode", "slot_priority", "dtype")
+
+
+def capacity(group_size: int, n_experts: int, top_k: int, capacity_factor: float | None,
+             min_capacity: int = 4, mode: str = "openmoe") -> int:
+    """Expert capacity C (slots per expert per routing group of ``group_size`` tokens).
+
+    ``"openmoe"`` (flaxformer, no factor k): ``C = max(round(cf * G / E), min_capacity)``,
+    ``round`` = Python's round half to even, as flaxformer's ``int(round(...))`` on a
+    Python float (2.5 -> 2, 3.5 -> 4);
+    ``"k_scaled"`` (DeepSpeed / Tutel): ``C = max(ceil(k * cf * G / E), min_capacity)``;
+    ``cf`` 0 or None: dropless, ``C = G`` (an expert gets at most one assignment per
+    token, so G slots never drop one). C is not capped at G otherwise.
+    """
+    if mode not in CAPACITY_MODES:
+        raise ValueError(f"unknown capacity mode {mode!r}: use one of {CAPACITY_MODES}")
+    if group_size < 1 or n_experts < 1:
+        raise ValueError(f"group_size={group_size} and n_experts={n_experts} must be >= 1")
+    if not 1 <= top_k <= n_experts:
+        raise ValueError(f"top_k={top_k} must be between 1 and n_experts={n_experts}")
+    if min_capacity < 0:
+        raise ValueError(f"min_capacity={min_capacity} must be >= 0")
+    if capacity_factor is None or capacity_factor == 0:
+        return int(group_size)  # dropless
+    cf = float(capacity_factor)
+    if not math.isfinite(cf) or cf < 0:
+        raise ValueError(f"capacity_factor={capacity_factor} must be a finite number >= 0")
+    if mode == "openmoe":
+        c = int(round(cf * group_size / n_experts))
+    else:
+        c = int(math.ceil(top_k * cf * group_size / n_experts))
+    return max(c, int(min_capacity))
 
 
 def _fmt(v: Any) -> str:
@@ -65,11 +102,11 @@ class ModelConfig:
         n_experts (E), top_k (k), moe_every (MoE on block i when (i+1) % moe_every == 0;
         moe_every > n_layers gives a dense model), shared_ffn.
 
-    Router (see docs/router.md)
+    Router (see docs/router.md, :func:`capacity` and :mod:`tinymoe.routing`)
         capacity_factor (train) / eval_capacity_factor: C = max(round(cf*G/E), min_capacity)
             with capacity_mode "openmoe" (flaxformer, no k), or
             C = max(ceil(k*cf*G/E), min_capacity) with "k_scaled" (DeepSpeed).
-            cf = 0 or None means dropless (no token is ever dropped).
+            cf = 0 or None means dropless (C = G: no token is ever dropped).
         group_size: tokens per routing group G; None -> one sequence per group. A group
             size larger than the number of tokens available N means one group of N
             (OpenMoE used 4096; with a [1, 512] batch a group is just those 512 tokens).
@@ -251,23 +288,16 @@ class ModelConfig:
             raise IndexError(f"block index {i} out of range for n_layers={self.n_layers}")
         return (i + 1) % self.moe_every == 0
 
-    def capacity(self, group_tokens: int, training: bool = True) -> int | None:
-        """Expert capacity C for a group of ``group_tokens`` tokens; None when dropless.
+    def is_dropless(self, training: bool = True) -> bool:
+        """True when the capacity factor in force (train or eval) is 0 or None."""
+        return not (self.capacity_factor if training else self.eval_capacity_factor)
 
-        "openmoe" (flaxformer): C = max(round(cf * G / E), min_capacity), no factor k;
-        "k_scaled" (DeepSpeed): C = max(ceil(k * cf * G / E), min_capacity).
-        ``round`` is round-half-to-even, as ``jnp.round`` in flaxformer.
-        """
-        if group_tokens < 1:
-            raise ValueError(f"group_tokens={group_tokens} must be positive")
+    def capacity(self, group_tokens: int, training: bool = True) -> int:
+        """Expert capacity C for a group of ``group_tokens`` tokens (see :func:`capacity`;
+        dropless gives C = group_tokens), at the train or eval capacity factor."""
         cf = self.capacity_factor if training else self.eval_capacity_factor
-        if not cf:  # 0 or None: dropless
-            return None
-        if self.capacity_mode == "openmoe":
-            c = int(round(cf * group_tokens / self.n_experts))
-        else:
-            c = math.ceil(self.top_k * cf * group_tokens / self.n_experts)
-        return max(c, self.min_capacity)
+        return capacity(group_tokens, self.n_experts, self.top_k, cf, self.min_capacity,
+                        self.capacity_mode)
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -547,17 +577,3 @@ def memory_bytes(cfg: ModelConfig, dtype: str | None = None) -> dict[str, int]:
     return {"bytes_per_value": size, "weights": n_params * size, "grads": n_params * size,
             "adamw": 2 * n_params * size, "adafactor": n_adafactor * size}
 
-
-# ---------------------------------------------------------------------- table (display)
-def format_params_table(cfg: ModelConfig, name: str | None = None) -> str:
-    """Readable parameter / memory table; see :mod:`tinymoe.params_table`."""
-    from tinymoe.params_table import format_params_table as _format  # display code
-
-    return _format(cfg, name)
-
-
-def params_command(config_name: str, overrides: dict[str, Any] | None = None) -> str:
-    """Text printed by ``python -m tinymoe params``; see :mod:`tinymoe.params_table`."""
-    from tinymoe.params_table import params_command as _command
-
-    return _command(config_name, overrides)

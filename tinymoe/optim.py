@@ -24,6 +24,8 @@ Contents
 - ``AdamW``: Loshchilov & Hutter 2019, exactly as ``torch.optim.AdamW``.
 - ``Adafactor``: Shazeer & Stern 2018, as OpenMoE / T5X used it (factored second moments,
   update clipping, relative step, parameter scaling, no momentum).
+- ``configure_optimizers(model, cfg)``: the optimizer of a training run, built one way for
+  train, bench and the lessons (nanoGPT's ``configure_optimizers``).
 - schedules ``warmup_cosine``, ``inverse_sqrt`` (OpenMoE), ``constant``; ``set_lr``.
 - ``clip_grad_norm_`` (global L2 norm, like ``torch.nn.utils.clip_grad_norm_``),
   ``scale_grads_``.
@@ -40,7 +42,8 @@ from typing import Any
 from tinymoe import backend as B
 
 __all__ = [
-    "Optimizer", "AdamW", "Adafactor", "param_groups_for_decay",
+    "Optimizer", "AdamW", "Adafactor", "param_groups_for_decay", "configure_optimizers",
+    "OPTIMIZERS",
     "warmup_cosine", "inverse_sqrt", "constant", "set_lr",
     "clip_grad_norm_", "scale_grads_",
 ]
@@ -63,7 +66,10 @@ def _rms(a: Any) -> Any:
 
 
 class Optimizer:
-    """Base class: holds param groups and per-parameter state; subclasses write ``step``.
+    """Base class: holds param groups and per-parameter state; subclasses write
+    ``update_one`` (DeZero's ``update`` -> ``update_one`` split): :meth:`step` walks the
+    parameters that have a gradient, checks their group's hyperparameters, creates their
+    state on the first step, counts the step and calls ``update_one(p, group, state)``.
 
     ``params``: an iterable of parameters, or of dicts ``{"params": [...], **overrides}``.
     ``defaults``: the hyperparameters (every key a group may override).
@@ -129,6 +135,23 @@ class Optimizer:
                 p.grad = None
 
     def step(self) -> None:
+        """One update of every parameter that has a gradient (``p.grad is None``: skipped)."""
+        self.steps += 1
+        for i, group, p in self._indexed_params():
+            if p.grad is None:
+                continue
+            self._check_group(group)  # lr may have been set by a schedule
+            s = self.state.get(i)
+            if s is None:
+                xp = B.array_module(p.data)
+                s = self.state[i] = {"step": 0}
+                for k, shape in self._expected_state_shapes(p, group).items():
+                    s[k] = xp.zeros(shape, dtype=p.data.dtype)
+            s["step"] += 1
+            self.update_one(p, group, s)
+
+    def update_one(self, p: Any, group: dict[str, Any], state: dict[str, Any]) -> None:
+        """Update ``p.data`` in place from ``p.grad``; ``state["step"]`` is already counted."""
         raise NotImplementedError
 
     # ---- checkpointing
@@ -277,40 +300,31 @@ class AdamW(Optimizer):
         shape = tuple(p.data.shape)
         return {"exp_avg": shape, "exp_avg_sq": shape}
 
-    def step(self) -> None:
-        """One AdamW update of every parameter that has a gradient."""
-        self.steps += 1
-        for i, group, p in self._indexed_params():
-            g = p.grad
-            if g is None:
-                continue
-            self._check_group(group)  # lr may have been set by a schedule
-            xp = B.array_module(p.data)
-            lr = float(group["lr"])
-            b1, b2 = (float(b) for b in group["betas"])
-            eps, wd = float(group["eps"]), float(group["weight_decay"])
-            s = self.state.get(i)
-            if s is None:
-                s = self.state[i] = {"step": 0, "exp_avg": xp.zeros_like(p.data),
-                                     "exp_avg_sq": xp.zeros_like(p.data)}
-            s["step"] += 1
-            t = s["step"]
-            bias_correction1 = 1.0 - b1 ** t
-            bias_correction2 = 1.0 - b2 ** t
-            coef = _AdamCoef(decay=1.0 - lr * wd, b1=b1, b2=b2, eps=eps, step_size=lr / bias_correction1,
-                             sqrt_bc2=math.sqrt(bias_correction2))
-            arrays = (p.data, s["exp_avg"], s["exp_avg_sq"])
-            if xp is B.np and all(a.flags.c_contiguous for a in arrays):
-                # NumPy: update in chunks of _CHUNK elements, so the ~10 passes over one chunk
-                # stay in the CPU cache instead of 10 trips to memory per parameter, and the
-                # scratch buffer is one chunk instead of a parameter-sized array (787 MB for
-                # the openmoe-base embedding). (On a GPU one whole-array pass is best.)
-                # The chunks are spread over threads (B.parallel_rows), one scratch per range.
-                pf, mf, vf = (a.reshape(-1) for a in arrays)    # views of contiguous arrays
-                gf = g.reshape(-1)                               # a view, or a copy if g is strided
-                _chunked_adamw(xp, pf, gf, mf, vf, coef)
-            else:
-                _adamw_update(xp, p.data, g, s["exp_avg"], s["exp_avg_sq"], xp.empty_like(p.data), coef)
+    def update_one(self, p: Any, group: dict[str, Any], s: dict[str, Any]) -> None:
+        """One AdamW update of ``p`` (step ``s["step"]``, moments ``s["exp_avg"]``,
+        ``s["exp_avg_sq"]``)."""
+        g = p.grad
+        xp = B.array_module(p.data)
+        lr = float(group["lr"])
+        b1, b2 = (float(b) for b in group["betas"])
+        eps, wd = float(group["eps"]), float(group["weight_decay"])
+        t = s["step"]
+        bias_correction1 = 1.0 - b1 ** t
+        bias_correction2 = 1.0 - b2 ** t
+        coef = _AdamCoef(decay=1.0 - lr * wd, b1=b1, b2=b2, eps=eps, step_size=lr / bias_correction1,
+                         sqrt_bc2=math.sqrt(bias_correction2))
+        arrays = (p.data, s["exp_avg"], s["exp_avg_sq"])
+        if xp is B.np and all(a.flags.c_contiguous for a in arrays):
+            # NumPy: update in chunks of _CHUNK elements, so the ~10 passes over one chunk
+            # stay in the CPU cache instead of 10 trips to memory per parameter, and the
+            # scratch buffer is one chunk instead of a parameter-sized array (787 MB for
+            # the openmoe-base embedding). (On a GPU one whole-array pass is best.)
+            # The chunks are spread over threads (B.parallel_rows), one scratch per range.
+            pf, mf, vf = (a.reshape(-1) for a in arrays)    # views of contiguous arrays
+            gf = g.reshape(-1)                               # a view, or a copy if g is strided
+            _chunked_adamw(xp, pf, gf, mf, vf, coef)
+        else:
+            _adamw_update(xp, p.data, g, s["exp_avg"], s["exp_avg_sq"], xp.empty_like(p.data), coef)
 
 
 _CHUNK = 1 << 16   # elements per optimizer chunk: 256 KB in float32, 5 arrays fit in L2/L3
@@ -383,6 +397,32 @@ def param_groups_for_decay(named_params: Iterable[tuple[str, Any]],
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
+
+
+OPTIMIZERS = ("adamw", "adafactor")
+
+
+def configure_optimizers(model: Any, cfg: Any) -> Optimizer:
+    """The optimizer of a training run (nanoGPT's ``configure_optimizers``).
+
+    ``model``: anything with ``named_parameters()``. ``cfg``: anything with ``.optimizer``
+    (one of OPTIMIZERS), ``.lr``, ``.weight_decay``, ``.adam_beta1``, ``.adam_beta2`` (a
+    :class:`tinymoe.train.TrainConfig`, or a ``types.SimpleNamespace`` in a lesson).
+    Weight decay applies to matrices only (:func:`param_groups_for_decay`), and
+
+    - ``"adamw"``: AdamW(lr, betas=(adam_beta1, adam_beta2), eps=1e-8);
+    - ``"adafactor"``: Adafactor as OpenMoE ran it: decay rate 0.8, no momentum, update
+      clipping 1.0, parameter scaling, the given lr (no relative step), decoupled weight
+      decay.
+    """
+    groups = param_groups_for_decay(model.named_parameters(), cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=1e-8)
+    if cfg.optimizer == "adafactor":
+        return Adafactor(groups, lr=cfg.lr, decay_rate=0.8, beta1=None,
+                         clip_threshold=1.0, scale_parameter=True, relative_step=False,
+                         weight_decay=cfg.weight_decay)
+    raise ValueError(f"optimizer={cfg.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
 
 
 # --------------------------------------------------------------------------- Adafactor
@@ -468,72 +508,62 @@ class Adafactor(Optimizer):
         """Number of array elements held in optimizer state (for memory reports)."""
         return sum(int(a.size) for s in self.state.values() for k, a in s.items() if k != "step")
 
-    def step(self) -> None:
-        """One Adafactor update of every parameter that has a gradient."""
-        self.steps += 1
-        for i, group, p in self._indexed_params():
-            g = p.grad
-            if g is None:
-                continue
-            self._check_group(group)  # lr may have been set by a schedule
-            xp = B.array_module(p.data)
-            s = self.state.get(i)
-            if s is None:
-                s = self.state[i] = {"step": 0}
-                for k, shape in self._expected_state_shapes(p, group).items():
-                    s[k] = xp.zeros(shape, dtype=p.data.dtype)
-            s["step"] += 1
-            t = s["step"]
-            eps1, eps2 = (float(e) for e in group["eps"])
+    def update_one(self, p: Any, group: dict[str, Any], s: dict[str, Any]) -> None:
+        """One Adafactor update of ``p`` (step ``s["step"]``, second-moment statistics and
+        optional momentum in ``s``)."""
+        g = p.grad
+        xp = B.array_module(p.data)
+        t = s["step"]
+        eps1, eps2 = (float(e) for e in group["eps"])
 
-            # step size alpha_t (0-d, p's dtype)
-            if group["lr"] is None:
-                min_step = 1e-6 * t if group["warmup_init"] else 1e-2
-                rho = min(min_step, 1.0 / math.sqrt(t))
-            else:
-                rho = float(group["lr"])
-            if group["scale_parameter"]:
-                alpha = xp.maximum(eps2, _rms(p.data)) * rho
-            else:
-                alpha = xp.asarray(rho, dtype=p.data.dtype)
-            beta2 = 1.0 - t ** (-float(group["decay_rate"]))
+        # step size alpha_t (0-d, p's dtype)
+        if group["lr"] is None:
+            min_step = 1e-6 * t if group["warmup_init"] else 1e-2
+            rho = min(min_step, 1.0 / math.sqrt(t))
+        else:
+            rho = float(group["lr"])
+        if group["scale_parameter"]:
+            alpha = xp.maximum(eps2, _rms(p.data)) * rho
+        else:
+            alpha = xp.asarray(rho, dtype=p.data.dtype)
+        beta2 = 1.0 - t ** (-float(group["decay_rate"]))
 
-            # G2 = G^2 + eps1, then the second-moment estimate; u becomes U = G / sqrt(V)
-            u = xp.multiply(g, g)                                  # [..., r, c]
-            u += eps1
-            if "exp_avg_sq_row" in s:
-                row, col = s["exp_avg_sq_row"], s["exp_avg_sq_col"]
-                row *= beta2
-                row += (1.0 - beta2) * u.mean(axis=-1)             # [..., r, c] -> [..., r]
-                col *= beta2
-                col += (1.0 - beta2) * u.mean(axis=-2)             # [..., r, c] -> [..., c]
-                # 1/sqrt(V) = 1/sqrt(R / mean(R)) * 1/sqrt(C), V never built in full
-                row_factor = xp.sqrt(row.mean(axis=-1, keepdims=True) / row)   # [..., r]
-                col_factor = 1.0 / xp.sqrt(col)                                 # [..., c]
-                xp.multiply(g, row_factor[..., :, None], out=u)    # [..., r, c]
-                u *= col_factor[..., None, :]
-            else:
-                v = s["exp_avg_sq"]
-                v *= beta2
-                u *= 1.0 - beta2
-                v += u
-                xp.sqrt(v, out=u)
-                xp.divide(g, u, out=u)
+        # G2 = G^2 + eps1, then the second-moment estimate; u becomes U = G / sqrt(V)
+        u = xp.multiply(g, g)                                  # [..., r, c]
+        u += eps1
+        if "exp_avg_sq_row" in s:
+            row, col = s["exp_avg_sq_row"], s["exp_avg_sq_col"]
+            row *= beta2
+            row += (1.0 - beta2) * u.mean(axis=-1)             # [..., r, c] -> [..., r]
+            col *= beta2
+            col += (1.0 - beta2) * u.mean(axis=-2)             # [..., r, c] -> [..., c]
+            # 1/sqrt(V) = 1/sqrt(R / mean(R)) * 1/sqrt(C), V never built in full
+            row_factor = xp.sqrt(row.mean(axis=-1, keepdims=True) / row)   # [..., r]
+            col_factor = 1.0 / xp.sqrt(col)                                 # [..., c]
+            xp.multiply(g, row_factor[..., :, None], out=u)    # [..., r, c]
+            u *= col_factor[..., None, :]
+        else:
+            v = s["exp_avg_sq"]
+            v *= beta2
+            u *= 1.0 - beta2
+            v += u
+            xp.sqrt(v, out=u)
+            xp.divide(g, u, out=u)
 
-            # update clipping: U^ = U / max(1, RMS(U) / d)
-            if group["clip_threshold"] is not None:
-                u /= xp.maximum(1.0, _rms(u) / float(group["clip_threshold"]))
-            u *= alpha                                             # alpha_t U^
-            if group["beta1"] is not None:
-                b1 = float(group["beta1"])
-                m = s["exp_avg"]
-                m *= b1
-                u *= 1.0 - b1
-                m += u
-                u = m
-            if group["weight_decay"] != 0.0:
-                p.data *= 1.0 - alpha * float(group["weight_decay"])
-            p.data -= u
+        # update clipping: U^ = U / max(1, RMS(U) / d)
+        if group["clip_threshold"] is not None:
+            u /= xp.maximum(1.0, _rms(u) / float(group["clip_threshold"]))
+        u *= alpha                                             # alpha_t U^
+        if group["beta1"] is not None:
+            b1 = float(group["beta1"])
+            m = s["exp_avg"]
+            m *= b1
+            u *= 1.0 - b1
+            m += u
+            u = m
+        if group["weight_decay"] != 0.0:
+            p.data *= 1.0 - alpha * float(group["weight_decay"])
+        p.data -= u
 
 
 # --------------------------------------------------------------------------- schedules

@@ -87,12 +87,11 @@ def format_params_table(cfg: ModelConfig, name: str | None = None) -> str:
     if n_moe:
         g = cfg.group_size
         g_text = f"group of {g} tokens" if g else f"one sequence of {cfg.max_seq_len} tokens"
-        c_train, c_eval = cfg.capacity(g or cfg.max_seq_len, True), \
-            cfg.capacity(g or cfg.max_seq_len, False)
-        cap = lambda v: "dropless" if v is None else f"{v} slots"  # noqa: E731
+        cap = {t: "dropless" if cfg.is_dropless(t) else f"{cfg.capacity(g or cfg.max_seq_len, t)} slots"
+               for t in (True, False)}
         lines.append("")
         lines.append(f"expert capacity ({cfg.capacity_mode}, {g_text}): train "
-                     f"{cap(c_train)}, eval {cap(c_eval)} per expert")
+                     f"{cap[True]}, eval {cap[False]} per expert")
     return "\n".join(lines)
 
 

@@ -13,7 +13,8 @@ token, tokens cut into ``n_groups`` groups of G contiguous tokens. Inside one gr
    ``expert_index[n, j]`` is the rank-j choice of token n (rank 0 = best).
 3. Combine weight of a choice = its raw probability ``p[n, e]`` (OpenMoE), or, with
    ``renormalize=True``, ``p[n, e] / sum_j p[n, e_j]`` (Mixtral). Computed before dropping.
-4. Capacity C per expert per group (:func:`capacity`):
+4. Capacity C per expert per group (:func:`capacity`, defined in :mod:`tinymoe.config`
+   with the vocabulary ``CAPACITY_MODES`` / ``SLOT_PRIORITIES``):
    ``"openmoe"``:  ``C = max(round(cf * G / E), min_capacity)``  (flaxformer; no factor k;
    Python ``round`` = round half to even, the same as flaxformer's ``int(round(...))``
    on a Python float, e.g. 2.5 -> 2, 3.5 -> 4);
@@ -45,23 +46,21 @@ token n in group g with slot s goes to row ``g * C + s`` of expert e, i.e. to ro
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 from tinymoe import backend as B
+from tinymoe.config import CAPACITY_MODES, SLOT_PRIORITIES, capacity
 
 __all__ = [
     "RoutingResult", "route", "softmax", "logsumexp", "softmax_and_logsumexp", "top_k",
-    "capacity", "priority_order", "assign_slots", "expert_fraction", "load_balance_loss", "z_loss", "dispatch_indices",
-    "PRIORITIES", "CAPACITY_MODES",
+    "capacity", "priority_order", "assign_slots", "expert_fraction", "group_mean_prob", "load_balance_loss",
+    "z_loss", "dispatch_indices",
+    "SLOT_PRIORITIES", "CAPACITY_MODES",
 ]
 
 Array = Any  # a NumPy or CuPy array
-
-PRIORITIES = ("position", "probability", "random")
-CAPACITY_MODES = ("openmoe", "k_scaled")
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -116,34 +115,6 @@ def top_k(probs: Array, k: int) -> tuple[Array, Array]:
 _select_top_k = top_k  # ``route`` has an argument named ``top_k``; keep a handle on the function
 
 
-def capacity(group_size: int, n_experts: int, top_k: int, capacity_factor: float | None,
-             min_capacity: int = 4, mode: str = "openmoe") -> int:
-    """Expert capacity C (slots per expert per group).
-
-    ``"openmoe"``:  ``max(round(cf * G / E), min_capacity)``, Python round (half to even);
-    ``"k_scaled"``: ``max(ceil(k * cf * G / E), min_capacity)``;
-    ``cf`` 0 or None: dropless, ``C = G``.
-    """
-    if mode not in CAPACITY_MODES:
-        raise ValueError(f"unknown capacity mode {mode!r}: use one of {CAPACITY_MODES}")
-    if group_size < 1 or n_experts < 1:
-        raise ValueError(f"group_size={group_size} and n_experts={n_experts} must be >= 1")
-    if not 1 <= top_k <= n_experts:
-        raise ValueError(f"top_k={top_k} must be between 1 and n_experts={n_experts}")
-    if min_capacity < 0:
-        raise ValueError(f"min_capacity={min_capacity} must be >= 0")
-    if capacity_factor is None or capacity_factor == 0:
-        return int(group_size)  # dropless
-    cf = float(capacity_factor)
-    if not math.isfinite(cf) or cf < 0:
-        raise ValueError(f"capacity_factor={capacity_factor} must be a finite number >= 0")
-    if mode == "openmoe":
-        c = int(round(cf * group_size / n_experts))
-    else:
-        c = int(math.ceil(top_k * cf * group_size / n_experts))
-    return max(c, int(min_capacity))
-
-
 def priority_order(probs_of_choice: Array, priority: str = "position", rng: Any = None) -> Array:
     """Token order within each (group, rank): ``order[g, j, i]`` = position (0..G-1) of the
     i-th token served at rank j in group g. Shape ``[n_groups, k, G]``, int64.
@@ -152,8 +123,8 @@ def priority_order(probs_of_choice: Array, priority: str = "position", rng: Any 
     (only ``"probability"`` reads its values; the others use its shape and device).
     ``"random"`` needs ``rng``, a host ``numpy.random.Generator``.
     """
-    if priority not in PRIORITIES:
-        raise ValueError(f"unknown priority {priority!r}: use one of {PRIORITIES}")
+    if priority not in SLOT_PRIORITIES:
+        raise ValueError(f"unknown priority {priority!r}: use one of {SLOT_PRIORITIES}")
     xp = B.array_module(probs_of_choice)
     n_groups, g, k = probs_of_choice.shape
     if priority == "position":
@@ -257,17 +228,30 @@ def expert_fraction(expert_index: Array, n_experts: int, n_groups: int,
     return (counts / g).astype(dtype if dtype is not None else xp.float32)  # [ng, E]
 
 
-def load_balance_loss(probs: Array, expert_index: Array, n_experts: int, n_groups: int) -> float:
+def group_mean_prob(probs: Array, n_groups: int) -> Array:
+    """``P[g, i]`` = mean of ``probs[n, i]`` over the tokens n of group g: [N, E] -> [ng, E]."""
+    return probs.reshape(n_groups, -1, probs.shape[-1]).mean(axis=1)  # [ng, G, E] -> [ng, E]
+
+
+def load_balance_loss(probs: Array, expert_index: Array, n_experts: int, n_groups: int, *,
+                      f: Array | None = None, mean_prob: Array | None = None) -> float:
     """``mean_g E * sum_i f[g, i] * P[g, i]`` with ``P[g, i]`` the mean of ``probs[:, i]``
-    over group g (Switch Transformer eq. 4-6, top-k form; equals k at perfect balance)."""
-    f = expert_fraction(expert_index, n_experts, n_groups, dtype=probs.dtype)  # [ng, E]
-    mean_prob = probs.reshape(n_groups, -1, n_experts).mean(axis=1)  # [ng, E]
+    over group g (Switch Transformer eq. 4-6, top-k form; equals k at perfect balance).
+    ``f`` (:func:`expert_fraction`) and ``mean_prob`` (:func:`group_mean_prob`) may be
+    passed when the caller has them already."""
+    if f is None:
+        f = expert_fraction(expert_index, n_experts, n_groups, dtype=probs.dtype)  # [ng, E]
+    if mean_prob is None:
+        mean_prob = group_mean_prob(probs, n_groups)  # [ng, E]
     return float((n_experts * (f * mean_prob).sum(axis=1)).mean())
 
 
-def z_loss(logits: Array) -> float:
-    """Router z-loss ``mean_n logsumexp(z_n)^2`` (ST-MoE eq. 5)."""
-    return float((logsumexp(logits) ** 2).mean())
+def z_loss(logits: Array, *, lse: Array | None = None) -> float:
+    """Router z-loss ``mean_n logsumexp(z_n)^2`` (ST-MoE eq. 5); ``lse`` [N] may be passed
+    when the caller has ``logsumexp(logits)`` already."""
+    if lse is None:
+        lse = logsumexp(logits)  # [N]
+    return float((lse ** 2).mean())
 
 
 # ----------------------------------------------------------------------------- route
@@ -346,8 +330,8 @@ def route(logits: Array, top_k: int, capacity_factor: float | None = 1.25,
         raise ValueError(f"logits must be non-empty, got shape {tuple(logits.shape)}")
     if not 1 <= top_k <= n_experts:
         raise ValueError(f"top_k={top_k} must be between 1 and n_experts={n_experts}")
-    if priority not in PRIORITIES:
-        raise ValueError(f"unknown priority {priority!r}: use one of {PRIORITIES}")
+    if priority not in SLOT_PRIORITIES:
+        raise ValueError(f"unknown priority {priority!r}: use one of {SLOT_PRIORITIES}")
     g = _group_size(n, group_size)
     n_groups = n // g
     cap = capacity(g, n_experts, top_k, capacity_factor, min_capacity, capacity_mode)
@@ -367,8 +351,8 @@ def route(logits: Array, top_k: int, capacity_factor: float | None = 1.25,
     combine_weight = xp.where(kept, weight, xp.zeros((), dtype=weight.dtype))  # [N, k]
 
     f = expert_fraction(expert_index, n_experts, n_groups, dtype=probs.dtype)  # [ng, E]
-    mean_prob = probs.reshape(n_groups, g, n_experts).mean(axis=1)  # [ng, E]
-    aux = float((n_experts * (f * mean_prob).sum(axis=1)).mean())
+    mean_prob = group_mean_prob(probs, n_groups)  # [N, E] -> [ng, E]
+    aux = load_balance_loss(probs, expert_index, n_experts, n_groups, f=f, mean_prob=mean_prob)
 
     load_before = xp.bincount(expert_index.ravel(), minlength=n_experts)  # [E]
     load_after = xp.bincount(expert_index[kept], minlength=n_experts)  # [E]
@@ -381,7 +365,7 @@ def route(logits: Array, top_k: int, capacity_factor: float | None = 1.25,
         renormalize=bool(renormalize),
         dropped_fraction=(n * top_k - n_kept) / (n * top_k),
         confidence=float(topk_prob[:, 0].mean()),
-        aux_loss=aux, z_loss=float((lse ** 2).mean()),
+        aux_loss=aux, z_loss=z_loss(logits, lse=lse),
     )
 
 

@@ -20,8 +20,8 @@ from tinymoe.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from tinymoe.config import ModelConfig
 from tinymoe.data import BatchSampler, Corpus, builtin_corpus, encode_corpus, load_corpus, train_bpe
 from tinymoe.evaluate import token_byte_lengths
-from tinymoe.optim import (Adafactor, AdamW, Optimizer, constant, inverse_sqrt,
-                           param_groups_for_decay, warmup_cosine)
+from tinymoe.optim import (Optimizer, configure_optimizers, constant, inverse_sqrt,
+                           warmup_cosine)
 from tinymoe.runfolder import RunFolder
 from tinymoe.tokenizer import ByteTokenizer
 
@@ -53,15 +53,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def build_optimizer(model: Any, cfg: TrainConfig) -> Optimizer:
-    """AdamW, or Adafactor as OpenMoE ran it (decay 0.8, no momentum, update clipping
-    1.0, parameter scaling); either way weight decay applies to matrices only
-    (``param_groups_for_decay``)."""
-    groups = param_groups_for_decay(model.named_parameters(), cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=1e-8)
-    return Adafactor(groups, lr=cfg.lr, decay_rate=0.8, beta1=None,
-                     clip_threshold=1.0, scale_parameter=True, relative_step=False,
-                     weight_decay=cfg.weight_decay)
+    """The run's optimizer: :func:`tinymoe.optim.configure_optimizers` (kept as a name)."""
+    return configure_optimizers(model, cfg)
 
 
 def load_data(cfg: TrainConfig) -> Corpus:

@@ -19,7 +19,8 @@ from tinymoe import functional as F
 from tinymoe.autograd import Tensor, is_grad_enabled
 from tinymoe.nn.module import Module, Parameter
 
-__all__ = ["Linear", "Embedding", "RMSNorm", "RotaryEmbedding", "KVCache", "Attention", "FeedForward"]
+__all__ = ["Linear", "Embedding", "RMSNorm", "RotaryEmbedding", "KVCache", "Attention", "FeedForward",
+           "normal_parameter"]
 
 
 # --------------------------------------------------------------------------------------
@@ -39,8 +40,13 @@ def _positive_int(name: str, value: Any) -> int:
     return int(value)
 
 
-def _normal_parameter(rng: Any, shape: tuple[int, ...], std: float, dtype: Any) -> Parameter:
-    """A Parameter of N(0, std^2) draws from the host Generator ``rng``, on the current device."""
+def normal_parameter(rng: Any, shape: tuple[int, ...], std: float, dtype: Any) -> Parameter:
+    """A Parameter of N(0, std^2) draws from the host Generator ``rng``, on the current device.
+
+    The one initialiser of every weight in tinymoe (layers, router, experts): the draws are
+    float64 on the host (the same numbers on any device and in any dtype), then cast to
+    ``dtype``. ``rng`` must be an explicit ``numpy.random.Generator``: nothing is seeded
+    behind the caller's back."""
     if not isinstance(rng, B.np.random.Generator):
         raise TypeError(f"rng must be a NumPy Generator (tinymoe.backend.default_rng(seed)), "
                         f"got {type(rng).__name__}")
@@ -74,7 +80,7 @@ class Linear(Module):
         self.in_features = _positive_int("in_features", in_features)
         self.out_features = _positive_int("out_features", out_features)
         dtype = _float_dtype(dtype)
-        self.weight = _normal_parameter(rng, (self.in_features, self.out_features), init_std, dtype)
+        self.weight = normal_parameter(rng, (self.in_features, self.out_features), init_std, dtype)
         self.bias = Parameter(B.to_device(B.np.zeros(self.out_features), dtype)) if bias else None
 
     def forward(self, x: Any) -> Tensor:
@@ -101,7 +107,7 @@ class Embedding(Module):
         super().__init__()
         self.num_embeddings = _positive_int("num_embeddings", num_embeddings)
         self.dim = _positive_int("dim", dim)
-        self.weight = _normal_parameter(rng, (self.num_embeddings, self.dim), init_std, _float_dtype(dtype))
+        self.weight = normal_parameter(rng, (self.num_embeddings, self.dim), init_std, _float_dtype(dtype))
 
     def forward(self, ids: Any) -> Tensor:
         if not isinstance(ids, Tensor):

@@ -38,7 +38,8 @@ from tinymoe import functional as F
 from tinymoe import routing
 from tinymoe.autograd import Context, Function, Tensor
 from tinymoe.config import ModelConfig
-from tinymoe.nn.module import Module, Parameter
+from tinymoe.nn.layers import normal_parameter
+from tinymoe.nn.module import Module
 
 __all__ = ["Router", "Experts", "MoE", "MoEStats", "RouterFunction", "Dispatch", "Combine", "GatherRows",
            "GroupedMatmul", "route_differentiable", "dispatch", "combine", "gather_rows", "grouped_matmul"]
@@ -278,20 +279,14 @@ def combine(expert_out: Tensor, weight: Tensor, flat_pos: Any, token: Any, rank:
 # modules
 # --------------------------------------------------------------------------------------
 
-def _normal(rng: Any, shape: tuple[int, ...], std: float, dtype: Any) -> Any:
-    """N(0, std^2) values drawn on the host (reproducible on any device), then moved."""
-    rng = B.default_rng(0) if rng is None else rng
-    return B.to_device(rng.normal(0.0, std, size=shape).astype(dtype), dtype)
-
-
 class Router(Module):
     """Router: logits ``z = x W_r``, weight [d, E], no bias, init N(0, 0.02) (OpenMoE)."""
 
-    def __init__(self, d_model: int, n_experts: int, *, std: float = 0.02, dtype: Any = "float32",
-                 rng: Any = None):
+    def __init__(self, d_model: int, n_experts: int, *, rng: Any, std: float = 0.02,
+                 dtype: Any = "float32"):
         super().__init__()
         self.d_model, self.n_experts = d_model, n_experts
-        self.weight = Parameter(_normal(rng, (d_model, n_experts), std, B.np.dtype(dtype)))
+        self.weight = normal_parameter(rng, (d_model, n_experts), std, B.np.dtype(dtype))
 
     def forward(self, x: Tensor) -> Tensor:
         return x @ self.weight                                            # [N, d] -> [N, E]
@@ -309,14 +304,14 @@ class Experts(Module):
     per weight over all experts, empty slots included (the picture of lesson 5).
     """
 
-    def __init__(self, n_experts: int, d_model: int, d_ff: int, *, std: float = 0.02,
-                 dtype: Any = "float32", rng: Any = None):
+    def __init__(self, n_experts: int, d_model: int, d_ff: int, *, rng: Any, std: float = 0.02,
+                 dtype: Any = "float32"):
         super().__init__()
         dt = B.np.dtype(dtype)
         self.n_experts, self.d_model, self.d_ff = n_experts, d_model, d_ff
-        self.w_gate = Parameter(_normal(rng, (n_experts, d_model, d_ff), std, dt))
-        self.w_up = Parameter(_normal(rng, (n_experts, d_model, d_ff), std, dt))
-        self.w_down = Parameter(_normal(rng, (n_experts, d_ff, d_model), std, dt))
+        self.w_gate = normal_parameter(rng, (n_experts, d_model, d_ff), std, dt)
+        self.w_up = normal_parameter(rng, (n_experts, d_model, d_ff), std, dt)
+        self.w_down = normal_parameter(rng, (n_experts, d_ff, d_model), std, dt)
 
     def forward(self, x: Tensor, load: Any = None) -> Tensor:
         if x.ndim == 2:                                                   # packed rows [M, d]
@@ -360,7 +355,7 @@ class MoE(Module):
     ``cfg.group_size`` tokens, or one sequence (G = T) when it is None.
     """
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int | None = None, rng: Any = None):
+    def __init__(self, cfg: ModelConfig, layer_idx: int | None = None, *, rng: Any):
         super().__init__()
         self.cfg = cfg
         self.layer_idx = layer_idx
