@@ -1,6 +1,6 @@
 """The benchmark's tinymoe side: model, optimizer and a fixed batch, one method per phase.
 
-The optimizer is the one ``python -m tinymoe train`` builds (:func:`tinymoe.train.build_optimizer`
+The optimizer is the one ``python -m tinymoe train`` builds (:func:`tinymoe.optim.configure_optimizers`
 from a :class:`tinymoe.train.TrainConfig`), so a "step" here costs what a training step costs.
 """
 from __future__ import annotations
@@ -13,7 +13,8 @@ from tinymoe.autograd import no_grad
 from tinymoe.config import ModelConfig
 from tinymoe.nn.model import OpenMoE
 from tinymoe.optim import clip_grad_norm_
-from tinymoe.train import TrainConfig, build_optimizer
+from tinymoe.optim import configure_optimizers
+from tinymoe.train import TrainConfig
 
 __all__ = ["TinymoeSide", "bench_train_config", "check_dtype"]
 
@@ -46,7 +47,7 @@ class TinymoeSide:
         self.cfg, self.train_cfg = cfg, train_cfg
         self.model = OpenMoE(cfg, seed=seed)
         self.params = list(self.model.parameters())
-        self.opt = build_optimizer(self.model, train_cfg)
+        self.opt = configure_optimizers(self.model, train_cfg)
         rng = B.default_rng(seed + 1)
         ids = rng.integers(0, cfg.vocab_size, size=(batch, seq + 1))      # [B, T + 1]
         self.x, self.y = ids[:, :-1], ids[:, 1:]                           # [B, T] each
