@@ -90,22 +90,18 @@ class TinymoeSide:
         """Greedy KV-cache decoding of ``prompt [1, P]``; returns (prefill seconds, decode
         seconds, the n_new new ids)."""
         model = self.model
-        model.eval()
-        try:
-            with no_grad():
-                cache = model.new_cache(1, prompt.shape[1] + n_new)
-                B.synchronize()
-                t0 = time.perf_counter()
-                logits = model(prompt, cache=cache).logits.data[0, -1]           # [V]
+        with model.evaluating():   # eval-mode routing, no graph; the mode is restored after
+            cache = model.new_cache(1, prompt.shape[1] + n_new)
+            B.synchronize()
+            t0 = time.perf_counter()
+            logits = model(prompt, cache=cache).logits.data[0, -1]           # [V]
+            nxt = int(logits.argmax())
+            t1 = time.perf_counter()
+            ids = [nxt]
+            for _ in range(n_new - 1):
+                logits = model(B.np.asarray([[nxt]]), cache=cache).logits.data[0, -1]
                 nxt = int(logits.argmax())
-                t1 = time.perf_counter()
-                ids = [nxt]
-                for _ in range(n_new - 1):
-                    logits = model(B.np.asarray([[nxt]]), cache=cache).logits.data[0, -1]
-                    nxt = int(logits.argmax())
-                    ids.append(nxt)
-                B.synchronize()
-                t2 = time.perf_counter()
-        finally:
-            model.train()
+                ids.append(nxt)
+            B.synchronize()
+            t2 = time.perf_counter()
         return t1 - t0, t2 - t1, ids
