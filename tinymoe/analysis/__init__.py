@@ -30,10 +30,18 @@ Xue et al. 2024 ("OpenMoE", section 5) report three properties of a trained MoE 
    the same data: dropless, ``probability`` slot priority, a larger capacity factor, and
    (``--compare``) a model trained with the shifted data mixed in.
 
+Every verdict is an effect against a baseline, with 95% bootstrap intervals: PASS iff the
+effect's interval lies entirely above the baseline's (:func:`.baselines.verdict`). The
+baselines: balanced random routing at the model's shape, capacity and slot priority (for
+drops), the shuffled-label predictor, the position predictor and the untrained router
+(for specialization), the ceiling of each agreement measure (for early routing).
+
 One job per module; imports flow one way, each module using only those above it:
 
 =================  ===================================================================
 ``measures``       pure measures: plain host arrays in, numbers out (no model, no files)
+``baselines``      baselines, bootstrap intervals and the verdict rule (pure; simulates
+                   random routing with :mod:`tinymoe.routing`)
 ``collect``        runs a model on token windows (:func:`collect_routing`) and reads the
                    trainer's routing snapshots (:func:`load_snapshots`)
 ``report``         the whole analysis of one model as a JSON-ready dict (:func:`analyze`)
@@ -48,6 +56,11 @@ package was one module.
 """
 from __future__ import annotations
 
+from tinymoe.analysis.baselines import (
+    bootstrap_ratio, ce_cost_by_position, drop_difference, drop_statistics,
+    expected_drop_by_position, expected_drop_summary, interval, random_drop_baseline,
+    simulate_random_routing, specialization_statistics, split_half_agreement,
+    token_agreement, verdict)
 from tinymoe.analysis.cli import add_arguments, run
 from tinymoe.analysis.collect import (
     RoutingTrace, collect_routing, load_snapshots, routing_settings, token_windows)
@@ -59,7 +72,8 @@ from tinymoe.analysis.measures import (
 from tinymoe.analysis.plots import (
     plot_domain_share, plot_drop_vs_position, plot_early_routing, plot_specialization)
 from tinymoe.analysis.report import _summary  # noqa: F401 (the tests check its rules)
-from tinymoe.analysis.report import analyze, drop_report, specialization_report
+from tinymoe.analysis.report import (
+    analyze, drop_report, early_routing_report, findings_table, specialization_report)
 from tinymoe.analysis.text import format_report
 from tinymoe.jsonio import json_ready as _json_ready  # noqa: F401 (its name in analysis.py)
 
@@ -69,8 +83,13 @@ __all__ = [
     "routing_std", "max_routing_std", "shuffled_routing_std", "expert_share_by_domain",
     "top_tokens_per_expert", "majority_agreement", "early_routing", "position_in_group",
     "drop_by_position", "drop_quarters", "token_label", "token_windows",
+    # baselines, intervals, verdicts
+    "interval", "verdict", "bootstrap_ratio", "simulate_random_routing",
+    "expected_drop_by_position", "expected_drop_summary", "drop_statistics",
+    "random_drop_baseline", "drop_difference", "ce_cost_by_position",
+    "specialization_statistics", "split_half_agreement", "token_agreement",
     # report sections
-    "specialization_report", "drop_report",
+    "specialization_report", "drop_report", "early_routing_report", "findings_table",
     # collection from a model
     "RoutingTrace", "routing_settings", "collect_routing", "load_snapshots",
     # plots and report
