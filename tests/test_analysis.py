@@ -358,7 +358,8 @@ def _synthetic_report():
                 "ce": 2.0, "per_layer": [], "stats": st_, "n_groups": st_["n_units"],
                 "baseline": S.random_drop_baseline(st_["n_units"], 1, G, E, k, 1.25,
                                                    n_boot=200, seed=5),
-                "dataset": name, "setting": setting, "label": setting, "model": "main"}
+                "dataset": name, "setting": setting, "label": setting, "model": "main",
+                "group_len": G}
 
     rnd = S.simulate_random_routing(64, G, E, k, 1.25, seed=1)[0]
     z = rng.standard_normal((64 * G, E))
@@ -449,7 +450,11 @@ def test_report_text_comes_from_its_json():
     text = A.format_report(rep)
     again = A.format_report(json.loads(json.dumps(json_ready(rep), allow_nan=False)))
     assert text == again
-    assert "80.0%" in text and "REPRODUCED" in text
+    assert "80.0%" in text and "REPRODUCED" in text and "NOT reproduced" in text
+    assert "== Findings: effect against baseline" in text
+    md = A.format_markdown(rep)
+    assert md.count("\n| ") == len(rep["findings"]) + 1            # header + one row each
+    assert "| PASS |" in md and "| fail |" in md
     assert A._json_ready is json_ready             # the name it had inside analysis.py
 
 
@@ -505,6 +510,8 @@ def test_analyze_command_end_to_end(tmp_path, capsys):
         assert p.stat().st_size > 5000 and rep["figures"][name] == str(p)
     assert format_tail(printed) == A.format_report(rep)       # every printed number in the JSON
     assert rep["data"]["excluded_in_training"] == ["digits"]
+    md = (out / "analysis.md").read_text()
+    assert md == A.format_markdown(rep) and "| finding | measure |" in md
     names = [d["name"] for d in rep["drops"]["datasets"] if not d.get("skipped")]
     assert names == ["in_distribution", "multi_turn", "held_out_domain"]
     settings = {c["setting"] for c in rep["drops"]["curves"]}

@@ -74,7 +74,7 @@ from tinymoe.analysis.plots import (
 from tinymoe.analysis.report import _summary  # noqa: F401 (the tests check its rules)
 from tinymoe.analysis.report import (
     analyze, drop_report, early_routing_report, findings_table, specialization_report)
-from tinymoe.analysis.text import format_report
+from tinymoe.analysis.text import format_markdown, format_report
 from tinymoe.jsonio import json_ready as _json_ready  # noqa: F401 (its name in analysis.py)
 
 __all__ = [
@@ -94,5 +94,5 @@ __all__ = [
     "RoutingTrace", "routing_settings", "collect_routing", "load_snapshots",
     # plots and report
     "plot_specialization", "plot_domain_share", "plot_early_routing",
-    "plot_drop_vs_position", "format_report", "analyze", "add_arguments", "run",
+    "plot_drop_vs_position", "format_report", "format_markdown", "analyze", "add_arguments", "run",
 ]
