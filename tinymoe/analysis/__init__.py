@@ -73,7 +73,8 @@ from tinymoe.analysis.plots import (
     plot_domain_share, plot_drop_vs_position, plot_early_routing, plot_specialization)
 from tinymoe.analysis.report import _summary  # noqa: F401 (the tests check its rules)
 from tinymoe.analysis.report import (
-    analyze, drop_report, early_routing_report, findings_table, specialization_report)
+    analyze, drop_report, early_routing_report, early_routing_verdict, findings_table,
+    specialization_report)
 from tinymoe.analysis.text import format_markdown, format_report
 from tinymoe.jsonio import json_ready as _json_ready  # noqa: F401 (its name in analysis.py)
 
@@ -89,7 +90,7 @@ __all__ = [
     "random_drop_baseline", "drop_difference", "ce_cost_by_position",
     "specialization_statistics", "split_half_agreement", "token_agreement",
     # report sections
-    "specialization_report", "drop_report", "early_routing_report", "findings_table",
+    "specialization_report", "drop_report", "early_routing_report", "early_routing_verdict", "findings_table",
     # collection from a model
     "RoutingTrace", "routing_settings", "collect_routing", "load_snapshots",
     # plots and report

@@ -23,6 +23,7 @@ from tinymoe.analysis.measures import (
 np = B.np
 
 __all__ = ["analyze", "specialization_report", "drop_report", "early_routing_report",
+           "early_routing_verdict",
            "findings_table", "cf_label", "EARLY_FRACTION", "EARLY_THRESHOLD"]
 
 EARLY_FRACTION = 0.25    # "early": the first snapshot at or after this share of training
@@ -463,6 +464,46 @@ def _at_fraction(early: Mapping[str, Any], frac: float) -> tuple[int, int] | Non
 _ONE = {"estimate": 1.0, "low": 1.0, "high": 1.0, "level": S.LEVEL}
 
 
+def early_routing_verdict(early: Mapping[str, Any], fraction: float = EARLY_FRACTION,
+                          threshold: float = EARLY_THRESHOLD) -> dict[str, Any]:
+    """The early-routing verdict of an :func:`early_routing_report` section (the rule is
+    stated in :func:`_summary` and in the returned ``rule``): per-token agreement with the
+    final routing at the first snapshot at or after ``fraction`` of training, against the
+    ceiling 1 with the margin ``threshold``; ``reproduced`` True / False / None."""
+    rule = (f"at the first snapshot at or after {fraction:.0%} of training (before "
+            "the last), the 95% interval of the per-token agreement with the final routing "
+            f"(ceiling 1) has its low end >= {threshold:g} in every layer: reproduced; "
+            f"its high end < {threshold:g} in some layer: not reproduced; else "
+            "undecided")
+    available = early.get("available", "steps" in early)
+    at = _at_fraction(early, fraction) if available else None
+    if at is not None and all("tokens_interval" in L for L in early["layers"]):
+        i, step = at
+        ivs = [L["tokens_interval"][i] for L in early["layers"]]
+        if all(v["low"] >= threshold for v in ivs):
+            rep: bool | None = True
+        elif any(v["high"] < threshold for v in ivs):
+            rep = False
+        else:
+            rep = None
+        return {
+            "reproduced": rep, "step": step, "fraction": step / early["final_step"],
+            "rule": rule, "agreement_tokens": ivs,
+            "agreement_occurrences": [L["occurrences"][i] for L in early["layers"]],
+            "first_snapshot": [L["tokens_interval"][0] for L in early["layers"]],
+            "learned_since_first": [S.verdict(L["tokens_interval"][i],
+                                              L["tokens_interval"][0])
+                                    for L in early["layers"]],
+            "ceiling_occurrences": [L["ceiling"]["occurrences"]["estimate"]
+                                    if "ceiling" in L else None for L in early["layers"]],
+            "probe_ok": [L.get("probe_ok") for L in early["layers"]]}
+    why = ("no snapshots" if not available else
+           f"no snapshot between {fraction:.0%} of training and the last one"
+           if at is None else "the snapshots do not share one probe batch")
+    return {"reproduced": None, "rule": rule, "why": why}
+
+
+
 def _summary(report: Mapping[str, Any]) -> dict[str, Any]:
     """One verdict per finding, each an effect against a baseline with intervals
     (:func:`.baselines.verdict`: PASS iff the effect's 95% interval lies entirely above
@@ -514,38 +555,7 @@ def _summary(report: Mapping[str, Any]) -> dict[str, Any]:
                 "iff the trained excess over the shuffle lies above the untrained model's",
         "per_layer": per_layer}
 
-    early = report["early_routing"]
-    rule = (f"at the first snapshot at or after {EARLY_FRACTION:.0%} of training (before "
-            "the last), the 95% interval of the per-token agreement with the final routing "
-            f"(ceiling 1) has its low end >= {EARLY_THRESHOLD:g} in every layer: reproduced; "
-            f"its high end < {EARLY_THRESHOLD:g} in some layer: not reproduced; else "
-            "undecided")
-    at = _at_fraction(early, EARLY_FRACTION) if early.get("available") else None
-    if at is not None and all("tokens_interval" in L for L in early["layers"]):
-        i, step = at
-        ivs = [L["tokens_interval"][i] for L in early["layers"]]
-        if all(v["low"] >= EARLY_THRESHOLD for v in ivs):
-            rep: bool | None = True
-        elif any(v["high"] < EARLY_THRESHOLD for v in ivs):
-            rep = False
-        else:
-            rep = None
-        out["early_routing"] = {
-            "reproduced": rep, "step": step, "fraction": step / early["final_step"],
-            "rule": rule, "agreement_tokens": ivs,
-            "agreement_occurrences": [L["occurrences"][i] for L in early["layers"]],
-            "first_snapshot": [L["tokens_interval"][0] for L in early["layers"]],
-            "learned_since_first": [S.verdict(L["tokens_interval"][i],
-                                              L["tokens_interval"][0])
-                                    for L in early["layers"]],
-            "ceiling_occurrences": [L["ceiling"]["occurrences"]["estimate"]
-                                    if "ceiling" in L else None for L in early["layers"]],
-            "probe_ok": [L.get("probe_ok") for L in early["layers"]]}
-    else:
-        why = ("no snapshots" if not early.get("available") else
-               f"no snapshot between {EARLY_FRACTION:.0%} of training and the last one"
-               if at is None else "the snapshots do not share one probe batch")
-        out["early_routing"] = {"reproduced": None, "rule": rule, "why": why}
+    out["early_routing"] = early_routing_verdict(report["early_routing"])
 
     drops = report["drops"]
     per_ds = []
