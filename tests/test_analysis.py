@@ -528,7 +528,9 @@ def test_analyze_command_end_to_end(tmp_path, capsys):
     for ds in rep["drops"]["datasets"]:
         if not ds.get("skipped"):
             assert set(ds["ce_cost"]) == {"train_cf", "eval_cf", "paper_group"}
-    assert [e["dataset"] for e in rep["drops"]["effects"]] == ["multi_turn", "held_out_domain"]
+    assert [(e["dataset"], e["against"]) for e in rep["drops"]["effects"]] == [
+        ("multi_turn", "in_distribution"), ("held_out_domain", "in_distribution"),
+        ("held_out_domain", "multi_turn")]
     assert rep["findings"] and all(r["verdict"] in (True, False, None) for r in rep["findings"])
     by = {(c["dataset"], c["setting"]): c for c in rep["drops"]["curves"]}
     # the same analysis called directly on each model: the command's main curves come

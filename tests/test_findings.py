@@ -197,3 +197,22 @@ def test_token_agreement_interval():
     b = np.where(win < 8, a, (a + 1) % E)                                 # half the sequences differ
     t = S.token_agreement(b, a, win, n_boot=300)
     assert t["estimate"] == 0.5 and t["low"] < 0.5 < t["high"]
+
+
+def test_training_adds_nothing_when_the_untrained_router_routes_by_id_as_well():
+    # the "untrained" router uses another id -> expert table with the same id dependence
+    # (25% of tokens re-drawn at random): no verdict either way
+    rng, ids, pos, win = _text(n_windows=120, seed=1)
+    trained = np.where(rng.random(ids.size) < 0.25, rng.integers(0, E, ids.size),
+                       (np.arange(40) % E)[ids])
+    table = rng.permutation(np.arange(40) % E)
+    untrained = np.where(rng.random(ids.size) < 0.25, rng.integers(0, E, ids.size), table[ids])
+    a = S.specialization_statistics(ids, pos, trained, E, win, n_boot=300)
+    b = S.specialization_statistics(ids, pos, untrained, E, win, n_boot=300, seed=1)
+    assert S.verdict(a["skill"], b["skill"]) is False
+    assert S.verdict(b["skill"], a["skill"]) is False
+    # a router with a weaker id dependence (70% re-drawn) is beaten
+    weak = np.where(rng.random(ids.size) < 0.7, rng.integers(0, E, ids.size), table[ids])
+    c = S.specialization_statistics(ids, pos, weak, E, win, n_boot=300, seed=2)
+    assert S.verdict(a["skill"], c["skill"]) is True
+    assert S.verdict(c["token_id"], c["shuffled"]) is True      # still specialised, less so

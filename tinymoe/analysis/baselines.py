@@ -418,7 +418,10 @@ def specialization_statistics(token_ids: Array, positions: Array, experts: Array
       depends on the position scores high here, and at the shuffle on ``token_id``).
 
     Each is an :func:`interval` over the score windows (resampled with replacement; one
-    set of resamples for all three). ``excess`` = token_id - shuffled (paired).
+    set of resamples for all three). ``excess`` = token_id - shuffled (paired);
+    ``skill`` = (token_id - shuffled) / (1 - shuffled): the share of the load-only
+    predictor's errors that knowing the id removes, comparable between routers with
+    different load balance (an unbalanced router has a high shuffled score).
     """
     ids = np.asarray(token_ids).reshape(-1)
     pos = np.asarray(positions).reshape(-1)
@@ -440,9 +443,13 @@ def specialization_statistics(token_ids: Array, positions: Array, experts: Array
     num = unit_sums(correct, units)                                       # [U, 3]
     den = unit_sums(np.ones_like(correct), units)
     est, smp = bootstrap_ratio(num, den, n_boot, seed)                    # [3], [nb, 3]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        skill_s = (smp[:, 0] - smp[:, 1]) / (1.0 - smp[:, 1])             # [nb]
+        skill = (est[0] - est[1]) / (1.0 - est[1]) if est[1] < 1 else float("nan")
     return {"token_id": interval(smp[:, 0], est[0]), "shuffled": interval(smp[:, 1], est[1]),
             "position": interval(smp[:, 2], est[2]),
             "excess": interval(smp[:, 0] - smp[:, 1], est[0] - est[1]),
+            "skill": interval(skill_s, skill),
             "n_score_windows": int(num.shape[0]), "n_score_tokens": int(score.sum())}
 
 

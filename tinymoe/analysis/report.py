@@ -326,8 +326,9 @@ def drop_report(runs: Sequence[tuple[Any, str]], datasets: Sequence[dict[str, An
     exact load-fluctuation values, ``baseline["expected"]``). Per data set:
     ``ce_cost`` = per-token CE at the setting minus CE dropless on the same tokens, by
     position bucket (4 quarters of the group), for the main model's drop settings.
-    ``effects``: data sets against in-distribution text (difference of drop rates with
-    intervals), at the eval capacity factor.
+    ``effects``: every pair of data sets (in-distribution, multi-turn, held-out domain:
+    the later one minus the earlier one), difference of drop rates with intervals (all
+    choices and first choices; overall, last quarter, gap), at the eval capacity factor.
     """
     curves = []
     n_positions = 0
@@ -372,13 +373,11 @@ def drop_report(runs: Sequence[tuple[Any, str]], datasets: Sequence[dict[str, An
                                           traces[(ds["name"], st)].group_len, 4, n_boot, seed)
                 for st in ("train_cf", "eval_cf", "paper_group") if (ds["name"], st) in traces}
     effects = []
-    ref = traces.get(("in_distribution", "eval_cf"))
-    for ds in kept_sets:
-        other = traces.get((ds["name"], "eval_cf"))
-        if ref is None or other is None or ds["name"] == "in_distribution":
-            continue
-        row: dict[str, Any] = {"dataset": ds["name"], "against": "in_distribution",
-                               "setting": "eval_cf"}
+    names = [ds["name"] for ds in kept_sets if (ds["name"], "eval_cf") in traces]
+    pairs = [(a, b) for j, b in enumerate(names) for a in names[j + 1:]]
+    for a_name, b_name in pairs:
+        other, ref = traces[(a_name, "eval_cf")], traces[(b_name, "eval_cf")]
+        row: dict[str, Any] = {"dataset": a_name, "against": b_name, "setting": "eval_cf"}
         for what, cols in (("all", None), ("first_choice", 0)):
             a, b = ({"kept": t.all_kept() if cols is None else
                      np.stack([k[:, cols] for k in t.kept], axis=1),
@@ -513,8 +512,8 @@ def _summary(report: Mapping[str, Any]) -> dict[str, Any]:
       lies above (a) the shuffled-label baseline's (the same predictor with the experts
       permuted across tokens) and (b) the position predictor's. A router that depends
       only on the position fails (a); a router that ignores both fails (a).
-      ``training_adds`` (separate): the trained router's excess over its shuffle
-      (id - shuffled accuracy) lies above the untrained router's excess.
+      ``training_adds`` (separate): the trained router's skill over its shuffle
+      ((id - shuffled) / (1 - shuffled) accuracy) lies above the untrained router's.
     * **early routing**: at the first snapshot at or after 25% of training (before the
       last), the per-token agreement with the final routing (ceiling exactly 1) has its
       interval's low end >= 0.9 in every layer: REPRODUCED; its high end < 0.9 in some
@@ -540,7 +539,7 @@ def _summary(report: Mapping[str, Any]) -> dict[str, Any]:
             row["vs_shuffled"] = S.verdict(st["token_id"], st["shuffled"])
             row["vs_position"] = S.verdict(st["token_id"], st["position"])
             ist = L.get("init", {}).get("statistics")
-            row["training_adds"] = S.verdict(st["excess"], ist["excess"]) if ist else None
+            row["training_adds"] = S.verdict(st["skill"], ist["skill"]) if ist else None
         per_layer.append(row)
     have = all("vs_shuffled" in r for r in per_layer)
     out["specialization"] = {
@@ -552,7 +551,8 @@ def _summary(report: Mapping[str, Any]) -> dict[str, Any]:
         "rule": "in every MoE layer the 95% interval of the token-id predictor's accuracy "
                 "lies above the shuffled-label baseline's and above the position "
                 "predictor's (intervals over score windows); training adds specialization "
-                "iff the trained excess over the shuffle lies above the untrained model's",
+                "iff the trained skill (id - shuffled) / (1 - shuffled) lies above the "
+                "untrained model's",
         "per_layer": per_layer}
 
     out["early_routing"] = early_routing_verdict(report["early_routing"])
@@ -625,10 +625,11 @@ def findings_table(report: Mapping[str, Any]) -> list[dict[str, Any]]:
         ist = L.get("init", {}).get("statistics")
         if ist:
             rows.append({"finding": "what training adds to specialization",
-                         "measure": f"block {L['layer']}: id accuracy minus shuffled",
-                         "effect": _iv(st["excess"]), "baseline_name": "untrained router",
-                         "baseline": _iv(ist["excess"]),
-                         "verdict": S.verdict(st["excess"], ist["excess"]),
+                         "measure": f"block {L['layer']}: id skill (id - shuffled) / "
+                                    "(1 - shuffled)",
+                         "effect": _iv(st["skill"]), "baseline_name": "untrained router",
+                         "baseline": _iv(ist["skill"]),
+                         "verdict": S.verdict(st["skill"], ist["skill"]),
                          "rule": "effect interval above baseline interval"})
     early = report["early_routing"]
     er = report.get("summary", {}).get("early_routing") or _summary(report)["early_routing"]
@@ -666,12 +667,14 @@ def findings_table(report: Mapping[str, Any]) -> list[dict[str, Any]]:
                          "verdict": S.verdict(c["stats"][rank]["gap"],
                                               c["baseline"][rank]["gap"]),
                          "rule": "effect interval above baseline interval"})
+    zero = {"estimate": 0.0, "low": 0.0, "high": 0.0}
     for e in report["drops"].get("effects", []):
-        rows.append({"finding": "drops by data set",
-                     "measure": f"{e['dataset']} minus in-distribution, eval cf: overall "
-                                "drop rate",
-                     "effect": _iv(e["all"]["overall"]), "baseline_name": "no difference",
-                     "baseline": {"estimate": 0.0, "low": 0.0, "high": 0.0},
-                     "verdict": S.verdict(e["all"]["overall"], {"low": 0.0, "high": 0.0}),
-                     "rule": "effect interval above 0"})
+        for what, name in (("all", "all choices"), ("first_choice", "first choices")):
+            iv = e[what]["overall"]
+            rows.append({"finding": "drops differ between data sets",
+                         "measure": f"{e['dataset']} minus {e['against']}, eval cf: overall "
+                                    f"drop rate, {name}",
+                         "effect": _iv(iv), "baseline_name": "no difference", "baseline": zero,
+                         "verdict": bool(S.verdict(iv, zero) or S.verdict(iv, zero, "less")),
+                         "rule": "effect interval excludes 0 (either sign)"})
     return rows

@@ -13,13 +13,13 @@ from tinymoe.analysis.report import cf_label
 __all__ = ["format_report", "findings_lines", "format_markdown"]
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A plain text table: first column left-aligned, the others right-aligned."""
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], left: int = 1) -> str:
+    """A plain text table: the first ``left`` columns left-aligned, the others right-aligned."""
     cells = [list(map(str, header))] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[j]) for r in cells) for j in range(len(header))]
     lines = []
     for i, r in enumerate(cells):
-        lines.append("  ".join(c.ljust(widths[j]) if j == 0 else c.rjust(widths[j])
+        lines.append("  ".join(c.ljust(widths[j]) if j < left else c.rjust(widths[j])
                                for j, c in enumerate(r)).rstrip())
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
@@ -65,7 +65,7 @@ def findings_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
                        "verdict"],
                       [[r["finding"], r["measure"], _ci(r["effect"], 1, pct(r)),
                         r["baseline_name"], _ci(r["baseline"], 1, pct(r)), _verdict(r["verdict"])]
-                       for r in rows]))
+                       for r in rows], left=2))
     return out
 
 
@@ -111,10 +111,14 @@ def format_report(report: Mapping[str, Any]) -> str:
             st = L["statistics"]
             ist = L.get("init", {}).get("statistics")
             rows.append([f"block {L['layer']}", _ci(st["token_id"]), _ci(st["shuffled"]),
-                         _ci(st["position"]), _ci(st["excess"]),
-                         _ci(ist["excess"]) if ist else "-"])
-        out.append(_table(["layer", "token id", "shuffled labels", "position", "id - shuffled",
-                           "id - shuffled, untrained"], rows))
+                         _ci(st["position"]), _ci(st["skill"]),
+                         _ci(ist["token_id"]) if ist else "-",
+                         _ci(ist["shuffled"]) if ist else "-", _ci(ist["skill"]) if ist else "-"])
+        out.append(_table(["layer", "token id", "shuffled labels", "position", "id skill",
+                           "untrained: token id", "shuffled", "id skill"], rows))
+        out.append("(id skill = (token id - shuffled) / (1 - shuffled): share of the load-only "
+                   "predictor's errors that the id removes; what training adds = trained skill "
+                   "against the untrained router's)")
     out.append("")
     max_std = spec["layers"][0]["std"]["token_id"]["max_std"]
     out.append(f"Paper's measure: std across experts of each key's top-1 distribution, mean over "
@@ -266,11 +270,11 @@ def format_report(report: Mapping[str, Any]) -> str:
         out.append(_table(["data", "setting", "all", "Q1", "Q2", "Q3", "Q4"], rows))
     if drops.get("effects"):
         out.append("")
-        out.append("Data sets against in-distribution text at the eval cf (difference of drop "
-                   "rates [95% interval]):")
-        rows = [[e["dataset"], _ci(e["all"]["overall"]), _ci(e["all"]["last_quarter"]),
-                 _ci(e["all"]["gap"]), _ci(e["first_choice"]["overall"])]
-                for e in drops["effects"]]
+        out.append("Data sets against each other at the eval cf (difference of drop rates "
+                   "[95% interval]):")
+        rows = [[f"{e['dataset']} - {e['against']}", _ci(e["all"]["overall"]),
+                 _ci(e["all"]["last_quarter"]), _ci(e["all"]["gap"]),
+                 _ci(e["first_choice"]["overall"])] for e in drops["effects"]]
         out.append(_table(["data", "dropped", "last quarter", "gap", "1st choices dropped"],
                           rows))
     for ds in drops["datasets"]:
