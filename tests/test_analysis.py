@@ -284,6 +284,16 @@ def test_collect_routing_matches_the_model_and_restores_settings():
     np.testing.assert_array_equal(tr.kept[0][: 2 * T], out.routing[0].kept)
     free = A.collect_routing(model, windows, None, batch_size=2, eval_capacity_factor=0.0)
     assert free.all_kept().all()
+    # per-token CE: -log softmax(logits)[target], float64 from the model's logits
+    with no_grad(), A.routing_settings(model, eval_capacity_factor=0.0):
+        out0 = model(windows[:1, :-1], windows[:1, 1:])                   # dropless, as `free`
+    z = np.asarray(out0.logits.data, dtype=np.float64)[0]                  # [T, V]
+    ref = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1) - z[np.arange(T), windows[0, 1:]]
+    # float32 logits of a batch of 2 there, of 1 here: BLAS may sum in another order, so
+    # agreement to float32 rounding over the d-long dot products (~ sqrt(d) * eps32 ~ 1e-6)
+    np.testing.assert_allclose(free.token_ce[:T], ref, rtol=1e-5)
+    assert free.token_ce.shape == (5 * T,)
+    assert abs(free.token_ce.mean() - free.ce) < 1e-5 * free.ce      # float32 mean over 5T tokens
     with pytest.raises(ValueError, match="not a routing setting"):
         with A.routing_settings(model, d_model=3):
             pass
@@ -585,3 +595,17 @@ def test_token_windows_are_contiguous_and_disjoint():
     assert np.all(np.diff(w, axis=1) == 1), "each window is a contiguous run of tokens"
     starts = np.sort(w[:, 0])
     assert np.all(np.diff(starts) >= 17), f"windows overlap: starts {starts}"
+
+
+def test_specialization_verdict_needs_both_baselines():
+    rep = _synthetic_report()
+    (layer,) = rep["specialization"]["layers"]
+    iv = lambda lo, hi: {"estimate": (lo + hi) / 2, "low": lo, "high": hi, "level": 0.95}  # noqa: E731
+    for shuffled, position, expected in [((0.52, 0.6), (0.2, 0.3), False),   # loads explain it
+                                         ((0.2, 0.3), (0.52, 0.6), False),   # position explains it
+                                         ((0.2, 0.3), (0.2, 0.3), True)]:
+        st = {**layer["statistics"], "token_id": iv(0.5, 0.55), "shuffled": iv(*shuffled),
+              "position": iv(*position)}
+        spec = {**rep["specialization"], "layers": [{**layer, "statistics": st}]}
+        assert A._summary({**rep, "specialization": spec})["specialization"]["reproduced"] \
+            is expected, (shuffled, position)

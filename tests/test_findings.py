@@ -216,3 +216,27 @@ def test_training_adds_nothing_when_the_untrained_router_routes_by_id_as_well():
     c = S.specialization_statistics(ids, pos, weak, E, win, n_boot=300, seed=2)
     assert S.verdict(a["skill"], c["skill"]) is True
     assert S.verdict(c["token_id"], c["shuffled"]) is True      # still specialised, less so
+    for st in (a, b, c):                      # the skill's interval is the skill's, around it
+        sk, acc, sh = st["skill"], st["token_id"]["estimate"], st["shuffled"]["estimate"]
+        assert sk["estimate"] == pytest.approx((acc - sh) / (1 - sh))
+        assert sk["low"] < sk["estimate"] < sk["high"]
+
+
+def test_random_baseline_interval_is_the_spread_of_data_sets_of_that_size():
+    n_units, cf = 16, 1.25
+    base = S.random_drop_baseline(n_units, 1, G, E, K, cf, n_boot=1000, seed=4)
+    gaps = []
+    for rep in range(150):                    # independent random data sets of n_units groups
+        kept, pos = S.simulate_random_routing(n_units, G, E, K, cf, seed=1000 + rep)
+        gaps.append(S.drop_statistics(kept, pos, G, K, n_boot=1)["all"]["gap"]["estimate"])
+    sd_true = np.std(gaps)
+    sd_base = (base["all"]["gap"]["high"] - base["all"]["gap"]["low"]) / (2 * 1.96)
+    assert 0.7 < sd_base / sd_true < 1.4, (sd_base, sd_true)
+
+
+def test_random_baseline_follows_the_slot_priority():
+    pos_b = S.random_drop_baseline(32, 1, G, E, K, 1.25, priority="position", n_boot=200)
+    prob_b = S.random_drop_baseline(32, 1, G, E, K, 1.25, priority="probability", n_boot=200)
+    assert pos_b["all"]["gap"]["low"] > 0.3                   # position priority: drops pile up late
+    assert abs(prob_b["all"]["gap"]["estimate"]) < 0.03      # probability priority: flat
+    assert "expected" in pos_b and "expected" not in prob_b  # the formula is for position priority
