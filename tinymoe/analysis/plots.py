@@ -48,12 +48,37 @@ def plot_specialization(spec: Mapping[str, Any], path: str | Path) -> str:
     init_bars = ([("token id predictor, untrained model", "token_id", "tab:blue"),
                   ("majority class, untrained model", "majority_class", "tab:gray")]
                  if all("init" in L for L in layers) else [])
+    stats = all("statistics" in L for L in layers)
+    if stats:            # the interval statistics: token id, position, shuffled labels
+        bars = [("token id predictor", "token_id", "tab:blue"),
+                ("position predictor", "position", "tab:orange"),
+                ("token id, shuffled labels (baseline)", "shuffled", "tab:gray")]
     n_bars = len(bars) + len(init_bars)
     w = 0.8 / n_bars
     for j, (label, key, color) in enumerate(bars):
+        if stats:
+            iv = [L["statistics"][key] for L in layers]
+            vals = [100 * v["estimate"] for v in iv]
+            err = [[100 * (v["estimate"] - v["low"]) for v in iv],
+                   [100 * (v["high"] - v["estimate"]) for v in iv]]
+            ax1.bar(x + (j - (n_bars - 1) / 2) * w, vals, w, label=label + " (95% CI)",
+                    color=color, yerr=err, capsize=3)
+            continue
         vals = [100 * L["predictors"][key] for L in layers]
         ax1.bar(x + (j - (n_bars - 1) / 2) * w, vals, w, label=label, color=color)
+    init_stats = stats and all("statistics" in L.get("init", {}) for L in layers)
+    if init_bars and init_stats:
+        init_bars = [("token id predictor, untrained model", "token_id", "tab:blue"),
+                     ("shuffled labels, untrained model", "shuffled", "tab:gray")]
     for j, (label, key, color) in enumerate(init_bars, start=len(bars)):
+        if init_stats:
+            iv = [L["init"]["statistics"][key] for L in layers]
+            ax1.bar(x + (j - (n_bars - 1) / 2) * w, [100 * v["estimate"] for v in iv], w,
+                    label=label + " (95% CI)", color=color, alpha=0.4, hatch="..",
+                    edgecolor="k", lw=0.3,
+                    yerr=[[100 * (v["estimate"] - v["low"]) for v in iv],
+                          [100 * (v["high"] - v["estimate"]) for v in iv]], capsize=3)
+            continue
         vals = [100 * L["init"]["predictors"][key] for L in layers]
         ax1.bar(x + (j - (n_bars - 1) / 2) * w, vals, w, label=label, color=color, alpha=0.4,
                 hatch="..", edgecolor="k", lw=0.3)
@@ -183,23 +208,23 @@ def plot_drop_vs_position(drops: Mapping[str, Any], path: str | Path) -> str:
             top = max(top, max((v for v in rate if v == v), default=0.0))
             ax.plot(mid, rate, ls, color=color, marker=".", label=c["label"])
             exp = c.get("baseline", {}).get("expected")
-            if exp and c["setting"] in ("eval_cf", "paper_group"):
+            if exp and c["setting"] in ("train_cf", "eval_cf", "paper_group"):
                 curve = exp["curve"]                                       # [G]
                 ax.plot((np.arange(len(curve)) + 0.5) / len(curve), [100 * v for v in curve],
                         ":", color=color, lw=1.5,
                         label=f"random routing, expected ({c['label']})")
         ax.set_title(f"{ds['title']}\n({ds['n_tokens']:,} tokens)", fontsize=10)
-        ax.set_xlabel("position in routing group (fraction of the group; groups of "
-                      f"{drops['n_positions']} tokens unless labelled)")
+        ax.set_xlabel("position in the routing group (fraction of the group)")
         ax.set_ylabel("dropped expert assignments (%)")
         ax.grid(alpha=0.3)
     for ax in axes:
         ax.set_ylim(-0.02 * top, top * 1.08)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=9, loc="outside lower center",
-               ncol=min(len(labels), 4))
-    fig.suptitle("Drop-towards-the-end: where in a group tokens lose their experts "
-                 "(all MoE layers)")
+    fig.legend(handles, labels, fontsize=8, loc="outside lower center",
+               ncol=min(len(labels), 2))
+    fig.suptitle("Drop-towards-the-end: where in a group tokens lose their experts (all MoE "
+                 f"layers; groups of {drops['n_positions']} tokens unless labelled)\n"
+                 "dotted: expected drops of balanced random routing at the same capacity")
     return _save(fig, path)
 
 
