@@ -569,6 +569,9 @@ def test_analyze_command_end_to_end(tmp_path, capsys):
     assert er["layers"][0]["tokens"] == [0.0, 0.0, 1.0]
     (layer,) = rep["specialization"]["layers"]
     assert "init" in layer
+    # 1024 held-out tokens per domain = 16 windows of 64: probes of 4, 8, 16 windows
+    assert [r["per_domain"] for r in layer["probe_ceiling"]] == [4, 8, 16]
+    assert "smallest probe reaching a 95% ceiling" in printed
 
 
 def format_tail(printed: str) -> str:

@@ -240,3 +240,18 @@ def test_random_baseline_follows_the_slot_priority():
     assert pos_b["all"]["gap"]["low"] > 0.3                   # position priority: drops pile up late
     assert abs(prob_b["all"]["gap"]["estimate"]) < 0.03      # probability priority: flat
     assert "expected" in pos_b and "expected" not in prob_b  # the formula is for position priority
+
+
+def test_ceiling_grows_with_the_probe_and_is_one_without_noise():
+    rng, ids, pos, win = _text(n_windows=128, seq=32, vocab=60, seed=3)
+    dom = win % 2                                                         # two "domains"
+    table = rng.integers(0, E, size=60)
+    clean = S.ceiling_by_probe_size(ids, table[ids], win, dom, E, sizes=(4, 16, 64), n_splits=10)
+    assert [r["per_domain"] for r in clean] == [4, 16, 64]
+    assert all(r["ids"] == 1.0 and r["occurrences"] == 1.0 for r in clean)
+    noisy = np.where(rng.random(ids.size) < 0.4, rng.integers(0, E, ids.size), table[ids])
+    c = S.ceiling_by_probe_size(ids, noisy, win, dom, E, sizes=(4, 16, 64, 128), n_splits=10)
+    assert [r["per_domain"] for r in c] == [4, 16, 64]                    # 128 > 64 per domain
+    occ = [r["occurrences"] for r in c]
+    assert occ[0] < occ[1] < occ[2] and occ[2] > 0.95 and occ[0] < 0.9
+    assert c[0]["n_tokens"] == 2 * 4 * 32

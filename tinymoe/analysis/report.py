@@ -203,7 +203,10 @@ def specialization_report(model: Any, tokenizer: Any, windows: Sequence[Array],
     predictors, the std measure with shuffled baselines, per-domain predictors, domain
     shares and top tokens per MoE layer; ``statistics``
     (:func:`.baselines.specialization_statistics`: the id predictor against the
-    shuffled-label and the position predictors, intervals over windows); plus the
+    shuffled-label and the position predictors, intervals over windows);
+    ``probe_ceiling`` (:func:`.baselines.ceiling_by_probe_size`: the ceiling of the
+    early-routing majority measures for probes of 4, 8, ... windows per domain, from this
+    model's routing: which probe size reaches 95%); plus the
     untrained control when ``init_model`` is given (on up to ``init_tokens`` tokens per
     domain of the same windows), with its own ``statistics``."""
     E = model.cfg.n_experts
@@ -233,6 +236,8 @@ def specialization_report(model: Any, tokenizer: Any, windows: Sequence[Array],
             "predictors": specialization_predictors(trace.token_ids, trace.position, ex, E, fit),
             "statistics": S.specialization_statistics(trace.token_ids, trace.position, ex, E,
                                                       trace.window, n_boot, seed),
+            "probe_ceiling": S.ceiling_by_probe_size(trace.token_ids, ex, trace.window,
+                                                     trace.domain, E, seed=seed),
             "per_domain": per_domain,
             "std": {"token_id": routing_std(trace.token_ids, top1, E, min_count),
                     "token_id_shuffled": shuffled_routing_std(trace.token_ids, top1, E,

@@ -185,6 +185,20 @@ def format_report(report: Mapping[str, Any]) -> str:
                        f"sequences, {probe['n_ids']} distinct ids; {len(early['steps'])} "
                        "snapshots (recommended: one at least every 5% of training, "
                        "--snapshot-every)")
+        sizes = {L["layer"]: L.get("probe_ceiling") for L in spec["layers"]}
+        if any(sizes.values()):
+            out.append("Ceiling of the majority measures against the probe size (this model's "
+                       "routing of held-out windows, split halves; occurrence-weighted / per id):")
+            ns = [r["per_domain"] for r in next(v for v in sizes.values() if v)]
+            rows = [[f"block {layer}"] + [f"{_pct(r['occurrences'])} / {_pct(r['ids'])}"
+                                          for r in v] for layer, v in sizes.items() if v]
+            out.append(_table(["layer"] + [f"{n} windows/domain" for n in ns], rows))
+            ok = [n for n in ns if all(min(r["occurrences"], r["ids"]) >= 0.95
+                                       for v in sizes.values() if v
+                                       for r in v if r["per_domain"] == n)]
+            out.append("smallest probe reaching a 95% ceiling in every layer: "
+                       + (f"{ok[0]} windows per domain" if ok else
+                          f"none up to {ns[-1]} windows per domain"))
         for L in early["layers"]:
             if "ceiling" in L:
                 c = L["ceiling"]
