@@ -43,7 +43,7 @@ __all__ = [
     "simulate_random_routing", "expected_drop_by_position", "expected_drop_summary",
     "drop_unit_table", "drop_statistics", "random_drop_baseline", "drop_difference",
     "predictor_correct", "specialization_statistics", "split_half_agreement",
-    "token_agreement", "ce_cost_by_position", "LEVEL", "N_BOOT",
+    "token_agreement", "ce_cost_by_position", "ceiling_by_probe_size", "LEVEL", "N_BOOT",
 ]
 
 Array = Any
@@ -518,3 +518,34 @@ def split_half_agreement(token_ids: Array, experts_then: Array, experts_final: A
     return {k: {**interval(np.asarray(v), float(np.mean(v))), "kind": "split-half spread"}
             for k, v in res.items()}
 
+
+
+def ceiling_by_probe_size(token_ids: Array, experts: Array, window: Array, domain: Array,
+                          n_experts: int, sizes: tuple[int, ...] = (4, 8, 16, 32, 64),
+                          n_splits: int = 20, seed: int = 0) -> list[dict[str, Any]]:
+    """How large a probe the majority measures of early routing need.
+
+    From one routing of many held-out windows (token_ids, experts [N] or [N, k],
+    window [N], domain [N]), for each ``n`` in ``sizes``: a probe of ``n`` windows per
+    domain (spread evenly over the domain's windows, as the trainer's probe is), and the
+    :func:`split_half_agreement` of this routing with itself on it: the ceiling the
+    per-id and occurrence-weighted majority agreement can reach on a probe of that size.
+    Sizes larger than a domain's windows are left out. Returns
+    ``[{"per_domain", "n_tokens", "ids", "occurrences"}]`` (ceilings as estimates).
+    """
+    win = np.asarray(window).reshape(-1)
+    dom = np.asarray(domain).reshape(-1)
+    ids = np.asarray(token_ids).reshape(-1)
+    ex = np.asarray(experts)
+    per_dom = {int(d): np.unique(win[dom == d]) for d in np.unique(dom)}  # windows per domain
+    out = []
+    for n in sizes:
+        if n < 1 or any(w.size < n for w in per_dom.values()):
+            continue
+        pick = np.concatenate([w[np.round(np.linspace(0, w.size - 1, n)).astype(int)]
+                               for w in per_dom.values()])               # [n * D]
+        m = np.isin(win, pick)                                           # [N]
+        c = split_half_agreement(ids[m], ex[m], ex[m], win[m], n_experts, n_splits, seed)
+        out.append({"per_domain": int(n), "n_tokens": int(m.sum()),
+                    "ids": c["ids"]["estimate"], "occurrences": c["occurrences"]["estimate"]})
+    return out
