@@ -171,7 +171,7 @@ print("verdict:", {True: "routing fixed early (reproduced)", False: "routing NOT
                    None: "undecided (the interval straddles the threshold, or no snapshot to judge)"}[verdict["reproduced"]])
 for L in early["layers"]:
     low = np.array([v["low"] for v in L["tokens_interval"]])
-    above = low >= A.report.EARLY_THRESHOLD
+    above = low >= A.EARLY_THRESHOLD
     first = next((i for i in range(len(low)) if above[i:].all()), None)
     if first is None or first == len(low) - 1:
         print(f"block {L['layer']}: the per-token agreement reaches 90% (low end of its interval) only at "
@@ -180,9 +180,9 @@ for L in early["layers"]:
         print(f"block {L['layer']}: per-token agreement >= 90% (low end) from step {steps[first]} "
               f"({steps[first] / steps[-1]:.0%} of the run) on")
 if verdict["reproduced"] is True:
-    assert all(iv["low"] >= 0.9 for iv in verdict["agreement_tokens"])
+    assert all(iv["low"] >= A.EARLY_THRESHOLD for iv in verdict["agreement_tokens"])
 elif verdict["reproduced"] is False:
-    assert any(iv["high"] < 0.9 for iv in verdict["agreement_tokens"])
+    assert any(iv["high"] < A.EARLY_THRESHOLD for iv in verdict["agreement_tokens"])
 
 # %% [markdown]
 # ## What to take away

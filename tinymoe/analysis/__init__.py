@@ -57,7 +57,7 @@ package was one module.
 from __future__ import annotations
 
 from tinymoe.analysis.baselines import (
-    bootstrap_ratio, ce_cost_by_position, drop_difference, drop_statistics,
+    bootstrap_ratio, ce_cost_by_position, ceiling_by_probe_size, drop_difference, drop_statistics,
     expected_drop_by_position, expected_drop_summary, interval, random_drop_baseline,
     simulate_random_routing, specialization_statistics, split_half_agreement,
     token_agreement, verdict)
@@ -73,7 +73,7 @@ from tinymoe.analysis.plots import (
     plot_domain_share, plot_drop_vs_position, plot_early_routing, plot_specialization)
 from tinymoe.analysis.report import _summary  # noqa: F401 (the tests check its rules)
 from tinymoe.analysis.report import (
-    analyze, drop_report, early_routing_report, early_routing_verdict, findings_table,
+    EARLY_FRACTION, EARLY_THRESHOLD, analyze, drop_report, early_routing_report, early_routing_verdict, findings_table,
     specialization_report)
 from tinymoe.analysis.text import format_markdown, format_report
 from tinymoe.jsonio import json_ready as _json_ready  # noqa: F401 (its name in analysis.py)
@@ -89,6 +89,7 @@ __all__ = [
     "expected_drop_by_position", "expected_drop_summary", "drop_statistics",
     "random_drop_baseline", "drop_difference", "ce_cost_by_position",
     "specialization_statistics", "split_half_agreement", "token_agreement",
+    "ceiling_by_probe_size", "EARLY_FRACTION", "EARLY_THRESHOLD",
     # report sections
     "specialization_report", "drop_report", "early_routing_report", "early_routing_verdict", "findings_table",
     # collection from a model
