@@ -19,16 +19,21 @@ Xue et al. 2024 ("OpenMoE", section 5) report three properties of a trained MoE 
    (d) the top tokens of each expert (most frequent, and most specific by lift
        ``P(e | id) / P(e)``).
 2. **Early routing learning.** Routing is fixed early in training: for each routing
-   snapshot of a fixed probe batch (written by the trainer with ``--snapshot-every``), the
-   share of token ids (and of token occurrences) whose majority top-1 expert equals the
-   one at the final snapshot.
+   snapshot of a fixed probe batch (written by the trainer with ``--snapshot-every``),
+   per-token agreement with the final snapshot (ceiling exactly 1) with intervals over
+   probe sequences, and the majority expert per id (per id and occurrence-weighted) on
+   split halves of the probe, next to its ceiling (the final routing against itself), set
+   against the train loss.
 3. **Drop-towards-the-end.** With ``position`` slot priority, slots fill in token order, so
    when an expert is over-subscribed the *late* tokens of a group are the ones dropped.
-   Dropped fraction of assignments against the position inside the routing group, at the
-   train and eval capacity factors, on in-distribution text, on "multi-turn" sequences
-   stitched from several domains, and on a domain left out of training; then the cures on
-   the same data: dropless, ``probability`` slot priority, a larger capacity factor, and
-   (``--compare``) a model trained with the shifted data mixed in.
+   Dropped fraction of assignments (first and second choices separately) against the
+   position inside the routing group, at the train and eval capacity factors, at the
+   model's group size and a paper-like one, on in-distribution text, on "multi-turn"
+   sequences stitched from several domains, and on a domain left out of training, against
+   balanced random routing at the same shape and capacity (which already drops more at the
+   end); the loss cost of the drops per position; then the cures on the same data:
+   dropless, ``probability`` slot priority, a larger capacity factor, and (``--compare``)
+   a model trained with the shifted data mixed in.
 
 Every verdict is an effect against a baseline, with 95% bootstrap intervals: PASS iff the
 effect's interval lies entirely above the baseline's (:func:`.baselines.verdict`). The

@@ -3,9 +3,12 @@
 :func:`analyze` is the whole analysis of a checkpoint's model on a corpus's held-out text:
 it cuts the text into windows, routes them (:mod:`.collect`) under each routing setting,
 applies the measures (:mod:`.measures`) and returns nested dicts and lists of plain
-numbers and strings: the content of ``analysis.json``. :func:`specialization_report` and
-:func:`drop_report` build its sections 1 and 3; :func:`_summary` states one verdict per
-finding by fixed rules. Writes no file and draws nothing (:mod:`.plots` and :mod:`.text`
+numbers and strings: the content of ``analysis.json``. :func:`specialization_report`,
+:func:`early_routing_report` and :func:`drop_report` build its sections 1-3, each with
+the baselines and bootstrap intervals of :mod:`.baselines`; :func:`_summary` states one
+verdict per finding by the interval rule (:func:`.baselines.verdict`) and
+:func:`findings_table` lists every effect / baseline / interval / verdict. Writes no file
+and draws nothing (:mod:`.plots` and :mod:`.text`
 turn a report into figures and terminal text; :mod:`.cli` writes them).
 """
 from __future__ import annotations
