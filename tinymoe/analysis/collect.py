@@ -110,8 +110,6 @@ def collect_routing(model: Any, windows: Array, domain: Array | None = None,
     runs in eval mode, so its capacity factor is ``eval_capacity_factor``.
     A trailing batch whose size does not split into routing groups is left out.
     """
-    from tinymoe.autograd import no_grad  # noqa: PLC0415 (analysis imports model code lazily)
-
     w = np.asarray(windows, dtype=np.int64)
     if w.ndim != 2 or w.shape[1] < 2:
         raise ValueError(f"windows must be [n, T+1] with T >= 1, got shape {w.shape}")
@@ -122,35 +120,30 @@ def collect_routing(model: Any, windows: Array, domain: Array | None = None,
         d = np.asarray(domain, dtype=np.int64)
         dom = (np.broadcast_to(d[:, None], (n_win, seq)) if d.ndim == 1 else d[:, :seq])
     cfg = model.cfg
-    was_training = getattr(model, "training", False)
-    model.eval()
     parts: dict[str, list[Array]] = {k: [] for k in ("ids", "pos", "gpos", "dom", "win", "ce")}
     experts: dict[int, list[Array]] = {}
     kept: dict[int, list[Array]] = {}
     ce_sum, n_ce, group_len = 0.0, 0, 0
-    try:
-        with routing_settings(model, **overrides), no_grad():
-            for s in range(0, n_win, batch_size):
-                rows = w[s: s + batch_size]                               # [b, T+1]
-                b = rows.shape[0]
-                if not _usable_rows(b, seq, cfg.group_size):
-                    continue
-                out = model(rows[:, :-1], rows[:, 1:])
-                ce_sum += float(B.to_numpy(out.ce.data)) * b * seq
-                n_ce += b * seq
-                gpos = position_in_group(b, seq, cfg.group_size)          # [b*T]
-                group_len = max(group_len, int(gpos.max()) + 1)
-                parts["ids"].append(rows[:, :-1].reshape(-1))
-                parts["pos"].append(np.tile(np.arange(seq, dtype=np.int64), b))
-                parts["gpos"].append(gpos)
-                parts["dom"].append(dom[s: s + b].reshape(-1))
-                parts["win"].append(np.repeat(np.arange(s, s + b, dtype=np.int64), seq))
-                parts["ce"].append(_token_ce(B.to_numpy(out.logits.data), rows[:, 1:]))
-                for st in out.routing:
-                    experts.setdefault(st.layer, []).append(B.to_numpy(st.expert_index))
-                    kept.setdefault(st.layer, []).append(B.to_numpy(st.kept))
-    finally:
-        model.train(was_training)
+    with model.evaluating(), routing_settings(model, **overrides):   # eval mode, no graph
+        for s in range(0, n_win, batch_size):
+            rows = w[s: s + batch_size]                               # [b, T+1]
+            b = rows.shape[0]
+            if not _usable_rows(b, seq, cfg.group_size):
+                continue
+            out = model(rows[:, :-1], rows[:, 1:])
+            ce_sum += float(B.to_numpy(out.ce.data)) * b * seq
+            n_ce += b * seq
+            gpos = position_in_group(b, seq, cfg.group_size)          # [b*T]
+            group_len = max(group_len, int(gpos.max()) + 1)
+            parts["ids"].append(rows[:, :-1].reshape(-1))
+            parts["pos"].append(np.tile(np.arange(seq, dtype=np.int64), b))
+            parts["gpos"].append(gpos)
+            parts["dom"].append(dom[s: s + b].reshape(-1))
+            parts["win"].append(np.repeat(np.arange(s, s + b, dtype=np.int64), seq))
+            parts["ce"].append(_token_ce(B.to_numpy(out.logits.data), rows[:, 1:]))
+            for st in out.routing:
+                experts.setdefault(st.layer, []).append(B.to_numpy(st.expert_index))
+                kept.setdefault(st.layer, []).append(B.to_numpy(st.kept))
     if n_ce == 0:
         raise ValueError(f"no batch of {batch_size} windows of {seq} tokens fits the routing "
                          f"group size {cfg.group_size}")
