@@ -21,7 +21,7 @@ from tinymoe.config import get_preset, preset_names
 
 __all__ = ["add_arguments", "run", "OPTIMIZERS"]
 
-OPTIMIZERS = ("adamw", "adafactor")
+from tinymoe.optim import OPTIMIZERS  # noqa: E402  (one vocabulary: optim owns the optimizer names)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
