@@ -229,6 +229,10 @@ _NPY_MAGIC = b"\x93NUMPY"
 _READ_CHUNK = 1 << 24                          # bytes per read of array data
 
 
+class _Foreign(ValueError):
+    """An intact npz that tinymoe never writes (object arrays)."""
+
+
 def _read_npy_entry(f: Any, entry_size: int, name: str) -> Any:
     """One ``.npy`` member of an npz (``f`` open in the zip, ``entry_size`` its declared
     uncompressed size) -> array. Checks, before allocating, that the header's shape and
@@ -243,7 +247,8 @@ def _read_npy_entry(f: Any, entry_size: int, name: str) -> Any:
     else:
         raise ValueError(f"entry {name!r}: unsupported .npy format version {version}")
     if dtype.hasobject:   # would need pickle: never written by tinymoe, never unpickled here
-        raise ValueError(f"entry {name!r} holds Python objects, not plain numbers")
+        raise _Foreign(f"entry {name!r} holds pickled Python objects, which tinymoe never "
+                       "writes or reads")
     count = 1
     for n in shape:
         count *= int(n)
@@ -308,6 +313,8 @@ def read_npz(path: str | os.PathLike[str], kind: str = ".npz file") -> dict[str,
         return out
     except CheckpointError:
         raise
+    except _Foreign as e:
+        raise CheckpointError(f"{p}: not {_article(kind)} ({e})") from None
     except Exception as e:   # any failure of the zip or npy layer: one line, never a traceback
         raise CheckpointError(f"{p}: not a readable {kind}, truncated or corrupt "
                               f"({_reason(e)})") from None

@@ -16,7 +16,9 @@ Choosing the next token from the last position's logits z (float64 on the host):
                                 renormalise and draw one id with a seeded NumPy generator
 
 A context longer than the model's ``max_seq_len`` (RoPE positions and cache size) is cut:
-when the cache is full, it is rebuilt from the last ``max_seq_len // 2`` tokens.
+when the cache is full, it is rebuilt from the last ``max_seq_len // 2`` tokens. Non-finite
+logits (a model whose weights hold NaN or inf) stop generation with a one-line ValueError
+instead of drawing tokens from NaN probabilities.
 """
 from __future__ import annotations
 
@@ -154,9 +156,12 @@ def generate(model: Any, tokenizer: Any, prompt: str | Sequence[int], max_new_to
                     cache = model.new_cache(1, window)
                     feed = context[-(window // 2):]
                 out = model(np.asarray([feed], dtype=np.int64), cache=cache)
-                logits = out.logits.data[0, -1]                               # [V]
+                logits = B.to_numpy(out.logits.data[0, -1])                   # [V] on the host
+                if not np.isfinite(logits).all():
+                    raise ValueError(f"the model's logits are not finite (NaN or inf) at new "
+                                     f"token {len(new_ids)}: its weights are not usable")
                 if greedy:
-                    nxt = int(np.argmax(B.to_numpy(logits)))
+                    nxt = int(np.argmax(logits))
                 else:
                     nxt = sample_token(next_token_distribution(logits, temperature, top_k, top_p), rng)
                 if stop_at_eos and nxt == getattr(tokenizer, "eos_id", None):
