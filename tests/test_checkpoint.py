@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -259,8 +260,15 @@ def test_flipped_bytes_of_a_routing_snapshot(tmp_path):
     ref = read_npz(src)
     assert set(ref) >= {"step", "tokens", "expert_index", "kept", "domain_names"}
     where = fz.regions(data)
-    positions = _sample_positions(where, {"local header": 40, "npy header": 60,
-                                          "central directory": 40, "array data": 20}, seed=1)
+    # every byte of the shapes in the npy headers (a digit flipped down must not give a
+    # shorter array), a sample of the rest
+    shapes = set()
+    for m in re.finditer(rb"'shape': \([^)]*\)", data):
+        shapes |= set(range(m.start(), m.end()))
+    assert len(shapes) > 9 * 10 and all(where[i] == "npy header" for i in shapes)
+    positions = sorted(shapes | set(_sample_positions(
+        where, {"local header": 40, "npy header": 40, "central directory": 50,
+                "array data": 20}, seed=1)))
     target = tmp_path / "damaged.npz"
     for i in positions:
         for mask in (0x01, 0xFF):

@@ -273,6 +273,33 @@ def _read_npy_entry(f: Any, entry_size: int, name: str) -> Any:
     return flat.reshape(tuple(shape))
 
 
+def _check_members_tile(path: Path, infos: list[zipfile.ZipInfo], start_dir: int) -> None:
+    """The members listed in the central directory must cover the file from byte 0 to
+    the central directory without a gap: ``zipfile`` stops reading the directory early,
+    silently, when a damaged length field (e.g. a comment length) overruns it, and the
+    members it did not list would be dropped without an error."""
+    pos = 0
+    with open(path, "rb") as f:
+        for info in sorted(infos, key=lambda i: i.header_offset):
+            if info.header_offset != pos:
+                raise ValueError(f"the central directory lists a member at byte "
+                                 f"{info.header_offset}, the previous one ends at byte {pos}")
+            f.seek(pos)
+            local = f.read(30)
+            if len(local) != 30 or local[:4] != b"PK\x03\x04":
+                raise ValueError(f"no local header at byte {pos}")
+            name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(
+                local[28:30], "little")
+            pos += 30 + name_len + extra_len + info.compress_size
+            if info.flag_bits & 0x08:   # a data descriptor follows the data
+                f.seek(pos)
+                sig = f.read(4) == b"PK\x07\x08"
+                pos += (4 if sig else 0) + (20 if info.file_size >= 0xFFFFFFFF else 12)
+    if pos != start_dir:
+        raise ValueError(f"the listed members end at byte {pos}, the central directory "
+                         f"starts at byte {start_dir} (members missing from the directory)")
+
+
 def read_npz(path: str | os.PathLike[str], kind: str = ".npz file") -> dict[str, Any]:
     """Every array of an ``.npz`` (name without ``.npy`` -> NumPy array), or one
     :class:`CheckpointError` line naming the file. ``kind`` names the file in messages
@@ -301,6 +328,7 @@ def read_npz(path: str | os.PathLike[str], kind: str = ".npz file") -> dict[str,
             raise CheckpointError(f"{p}: not {_article(kind)} (not an .npz/zip archive)")
         out: dict[str, Any] = {}
         with zipfile.ZipFile(p) as zf:
+            _check_members_tile(p, zf.infolist(), zf.start_dir)
             for info in zf.infolist():
                 name = info.filename
                 if not name.endswith(".npy") or info.is_dir():
