@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 
 import numpy as np
@@ -323,6 +324,9 @@ def _not_a_checkpoint_files(tmp_path):
     files["zip"] = tmp_path / "notes.zip"
     with zipfile.ZipFile(files["zip"], "w") as zf:
         zf.writestr("notes.txt", "hello")
+    if hasattr(os, "mkfifo"):        # opening a FIFO would wait for a writer forever
+        files["fifo"] = tmp_path / "pipe.npz"
+        os.mkfifo(files["fifo"])
     return files
 
 
@@ -411,3 +415,15 @@ def test_signed_but_malformed_metadata_is_one_line(tmp_path, change):
     with pytest.raises(CheckpointError) as err:
         load_model(bad)
     assert str(bad) in _one_line(err)
+
+
+def test_error_lines_escape_control_characters(tmp_path):
+    """A newline in a path (or in a damaged entry name) cannot split the one-line error."""
+    folder = tmp_path / "run\nx"
+    folder.mkdir()
+    _save(folder / "checkpoint.npz")
+    data = (folder / "checkpoint.npz").read_bytes()
+    (folder / "checkpoint.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError) as e:
+        load_model(folder)
+    assert "run\\nx" in _one_line(e) and "truncated or corrupt" in str(e.value)
