@@ -20,6 +20,12 @@ edited by hand fails here), that every listed array is present with its dtype an
 and that the weights match the stored model config name by name and shape by shape
 (``tinymoe.config.parameter_shapes``). Every failure is one :class:`CheckpointError`
 line naming the file and the problem.
+
+The zip and npy layers are read by :func:`read_npz` (also for routing snapshots): it
+never unpickles, checks each npy header against its member's size before allocating,
+reads every member to its end so the zip CRC-32 is verified, and turns any exception of
+those layers into that one line; so does a bad metadata JSON. By default a checkpoint
+with a NaN or inf in any weight or optimizer array is refused too (``require_finite``).
 """
 from __future__ import annotations
 
