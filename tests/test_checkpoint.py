@@ -427,3 +427,33 @@ def test_error_lines_escape_control_characters(tmp_path):
     with pytest.raises(CheckpointError) as e:
         load_model(folder)
     assert "run\\nx" in _one_line(e) and "truncated or corrupt" in str(e.value)
+
+
+def test_read_npz_reads_any_plain_npz(tmp_path):
+    """read_npz equals np.load on intact files of every kind NumPy writes: streamed (data
+    descriptors), compressed, Fortran order, empty, strings, booleans."""
+    from tinymoe.checkpoint import read_npz
+
+    class Stream(io.RawIOBase):          # not seekable: zipfile writes data descriptors
+        def __init__(self):
+            self.buf = bytearray()
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            self.buf += b
+            return len(b)
+
+    arrays = {"f": np.asfortranarray(np.arange(6.0).reshape(2, 3)), "e": np.zeros((0, 3)),
+              "u": np.array(["ab", "c"]), "b": np.array([True, False]), "s": np.int64(7)}
+    stream = Stream()
+    np.savez(stream, **arrays)
+    (tmp_path / "stream.npz").write_bytes(bytes(stream.buf))
+    np.savez_compressed(tmp_path / "z.npz", **arrays)
+    np.savez(tmp_path / "p.npz", **arrays)
+    for name in ("stream.npz", "z.npz", "p.npz"):
+        got = read_npz(tmp_path / name)
+        assert got.keys() == arrays.keys(), name
+        for k, v in arrays.items():
+            assert got[k].dtype == np.asarray(v).dtype and np.array_equal(got[k], v), (name, k)

@@ -284,9 +284,11 @@ def _check_members_tile(path: Path, infos: list[zipfile.ZipInfo], start_dir: int
     the central directory without a gap: ``zipfile`` stops reading the directory early,
     silently, when a damaged length field (e.g. a comment length) overruns it, and the
     members it did not list would be dropped without an error."""
+    infos = sorted(infos, key=lambda i: i.header_offset)
+    ends = [i.header_offset for i in infos[1:]] + [start_dir]    # where each member must end
     pos = 0
     with open(path, "rb") as f:
-        for info in sorted(infos, key=lambda i: i.header_offset):
+        for info, end in zip(infos, ends):
             if info.header_offset != pos:
                 raise ValueError(f"the central directory lists a member at byte "
                                  f"{info.header_offset}, the previous one ends at byte {pos}")
@@ -294,16 +296,18 @@ def _check_members_tile(path: Path, infos: list[zipfile.ZipInfo], start_dir: int
             local = f.read(30)
             if len(local) != 30 or local[:4] != b"PK\x03\x04":
                 raise ValueError(f"no local header at byte {pos}")
-            name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(
-                local[28:30], "little")
-            pos += 30 + name_len + extra_len + info.compress_size
-            if info.flag_bits & 0x08:   # a data descriptor follows the data
-                f.seek(pos)
-                sig = f.read(4) == b"PK\x07\x08"
-                pos += (4 if sig else 0) + (20 if info.file_size >= 0xFFFFFFFF else 12)
-    if pos != start_dir:
-        raise ValueError(f"the listed members end at byte {pos}, the central directory "
-                         f"starts at byte {start_dir} (members missing from the directory)")
+            name_len = int.from_bytes(local[26:28], "little")
+            extra_len = int.from_bytes(local[28:30], "little")
+            data_end = pos + 30 + name_len + extra_len + info.compress_size
+            # a data descriptor (flag bit 3: written to a stream) follows the data:
+            # crc + two sizes of 4 or 8 bytes, with or without its 4-byte signature
+            allowed = ({data_end + d for d in (12, 16, 20, 24)} if info.flag_bits & 0x08
+                       else {data_end})
+            if end not in allowed:
+                raise ValueError(f"member {info.filename!r} ends at byte {data_end}, the next "
+                                 f"listed item starts at byte {end} (members missing from "
+                                 "the directory, or a damaged size)")
+            pos = end
 
 
 def read_npz(path: str | os.PathLike[str], kind: str = ".npz file") -> dict[str, Any]:
