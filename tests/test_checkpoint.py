@@ -390,6 +390,10 @@ def test_non_finite_weights_are_refused_for_sampling_analysis_and_resume(tmp_pat
         assert out.err.count("\n") == 1 and "non-finite" in out.err, (argv, out.err)
         assert "Warning" not in out.err and "nan" not in out.out.lower(), argv
 
+    from tinymoe.train import TrainConfig, train
+    with pytest.raises(CheckpointError, match="non-finite"):     # the library call refuses too
+        train(None, TrainConfig(resume=str(bad), out_dir=str(tmp_path / "r2")), progress=False)
+
     def inf_moment(meta, e):
         name = next(k for k in sorted(e) if k.startswith("optim/") and e[k].dtype.kind == "f")
         e[name] = np.full_like(e[name], np.inf)
