@@ -612,3 +612,19 @@ def test_specialization_verdict_needs_both_baselines():
         spec = {**rep["specialization"], "layers": [{**layer, "statistics": st}]}
         assert A._summary({**rep, "specialization": spec})["specialization"]["reproduced"] \
             is expected, (shuffled, position)
+
+
+def test_analyze_refuses_a_damaged_snapshot_in_one_line(tmp_path, capsys):
+    """Issue 11: a corrupt routing snapshot used to end `analyze` in zipfile.BadZipFile."""
+    run_dir, data = _toy_checkpoint(tmp_path)
+    snap = sorted((run_dir / "snapshots").glob("step_*.npz"))[-1]
+    raw = bytearray(snap.read_bytes())
+    raw[-30] ^= 0xFF                                   # a byte of the zip central directory
+    snap.write_bytes(bytes(raw[: len(raw) - 7]))       # ... and the end of the file cut off
+    parser = argparse.ArgumentParser()
+    A.add_arguments(parser)
+    args = parser.parse_args([str(run_dir), "--data", str(data), "--max-tokens", "512",
+                              "--drop-tokens", "256", "--min-count", "4", "--bins", "4"])
+    assert A.run(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(snap) in err[0] and "routing snapshot" in err[0], err

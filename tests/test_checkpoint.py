@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
 
 import numpy as np
 import pytest
@@ -189,3 +191,273 @@ def test_config_mismatch_and_version(tmp_path):
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(tmp_path / "v.npz")
     assert "version" in _one_line(err) and "newer" in str(err.value)
+
+
+# ---------------------------------------------------------------------------- reading guarantees
+def _fuzz_module():
+    """``scripts/fuzz_checkpoint.py`` (its region map, small checkpoint and classifier)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "fuzz_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("fuzz_checkpoint", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _sample_positions(where, per_region, seed):
+    """``per_region[r]`` byte positions drawn (without replacement) from each region r."""
+    rng = np.random.default_rng(seed)
+    picked = []
+    for region, n in per_region.items():
+        idx = [i for i, r in enumerate(where) if r == region]
+        assert idx, f"region {region} not found in the file"
+        picked += rng.choice(idx, size=min(n, len(idx)), replace=False).tolist()
+    return sorted(picked)
+
+
+def test_flipped_bytes_are_refused_in_one_line_or_load_verified(tmp_path):
+    """One byte flipped (two masks) at positions sampled from every structural region of
+    a real checkpoint: each load (as ``generate`` does it) is either a one-line
+    CheckpointError naming the file, or succeeds with weights equal to the original's."""
+    fz = _fuzz_module()
+    src = fz.small_checkpoint(tmp_path / "checkpoint.npz")
+    data = src.read_bytes()
+    where = fz.regions(data)
+    ref = fz.reference(src)
+    positions = _sample_positions(where, {"local header": 70, "npy header": 90,
+                                          "central directory": 70, "meta JSON": 20,
+                                          "array data": 20}, seed=0)
+    target = tmp_path / "damaged.npz"
+    seen = {}
+    for i in positions:
+        for mask in (0x01, 0xFF):
+            damaged = bytearray(data)
+            damaged[i] ^= mask
+            target.write_bytes(damaged)
+            outcome, detail = fz.classify(target, ref)
+            assert outcome in ("refused", "loaded"), f"byte {i} ({where[i]}) ^ {mask:#x}: {detail}"
+            seen.setdefault(where[i], set()).add(outcome)
+    assert set(seen) == {"local header", "npy header", "central directory", "meta JSON",
+                         "array data"}
+    assert all("refused" in s for s in seen.values())
+    assert seen["array data"] == {"refused"} and seen["meta JSON"] == {"refused"}
+
+
+def test_flipped_bytes_of_a_routing_snapshot(tmp_path):
+    """read_npz on any npz the trainer writes (a routing snapshot, no checksum of its own):
+    a flipped byte gives a one-line CheckpointError or exactly the original arrays (the
+    zip CRC-32 covers every member's header and data)."""
+    from tinymoe.checkpoint import read_npz
+    from tinymoe.runfolder import save_snapshot
+
+    fz = _fuzz_module()
+    model = OpenMoE(get_preset("toy", d_model=8, n_heads=2, d_ff=16, max_seq_len=16), seed=0)
+    tokens = np.random.default_rng(0).integers(0, 258, (2, 8))
+    src = tmp_path / "step_5.npz"
+    save_snapshot(src, model, 5, tokens, np.array([0, 1]), ["prose", "code"])
+    data = src.read_bytes()
+    ref = read_npz(src)
+    assert set(ref) >= {"step", "tokens", "expert_index", "kept", "domain_names"}
+    where = fz.regions(data)
+    # every byte of the shapes in the npy headers (a digit flipped down must not give a
+    # shorter array), a sample of the rest
+    shapes = set()
+    for m in re.finditer(rb"'shape': \([^)]*\)", data):
+        shapes |= set(range(m.start(), m.end()))
+    assert len(shapes) > 9 * 10 and all(where[i] == "npy header" for i in shapes)
+    positions = sorted(shapes | set(_sample_positions(
+        where, {"local header": 40, "npy header": 40, "central directory": 50,
+                "array data": 20}, seed=1)))
+    target = tmp_path / "damaged.npz"
+    for i in positions:
+        for mask in (0x01, 0xFF):
+            damaged = bytearray(data)
+            damaged[i] ^= mask
+            target.write_bytes(damaged)
+            try:
+                got = read_npz(target, kind="routing snapshot")
+            except CheckpointError as e:
+                assert "\n" not in str(e) and str(target) in str(e)
+                continue
+            assert got.keys() == ref.keys(), f"byte {i} ({where[i]}) ^ {mask:#x}"
+            for k in ref:
+                assert got[k].dtype == ref[k].dtype and np.array_equal(got[k], ref[k]), \
+                    f"byte {i} ({where[i]}) ^ {mask:#x}: {k} differs"
+
+
+def test_shape_in_npy_header_must_match_the_entry(tmp_path):
+    """A header that claims fewer elements than the entry holds is refused (NumPy's own
+    reader would return the shorter array without reading to the CRC)."""
+    from tinymoe.checkpoint import read_npz
+
+    buf = io.BytesIO()
+    np.save(buf, np.arange(12, dtype=np.int64).reshape(3, 4))
+    npy = buf.getvalue().replace(b"(3, 4)", b"(2, 4)")
+    import zipfile
+    with zipfile.ZipFile(tmp_path / "s.npz", "w") as zf:
+        zf.writestr("a.npy", npy)
+    with pytest.raises(CheckpointError) as e:
+        read_npz(tmp_path / "s.npz")
+    assert "declares 64 bytes" in _one_line(e)
+
+
+def _not_a_checkpoint_files(tmp_path):
+    """Files that are not tinymoe checkpoints, each with a word of why."""
+    import zipfile
+    from pathlib import Path
+
+    files = {"readme": Path(__file__).resolve().parents[1] / "README.md"}
+    files["empty"] = tmp_path / "empty.npz"
+    files["empty"].write_bytes(b"")
+    files["png"] = tmp_path / "x.png"
+    files["png"].write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(30))
+    files["folder"] = tmp_path / "run"
+    files["folder"].mkdir()
+    files["npy"] = tmp_path / "a.npy"
+    np.save(files["npy"], np.arange(4))
+    files["npz"] = tmp_path / "plain.npz"
+    np.savez(files["npz"], a=np.arange(4))
+    files["objects"] = tmp_path / "obj.npz"
+    np.savez(files["objects"], a=np.array([{"x": 1}], dtype=object))
+    files["zip"] = tmp_path / "notes.zip"
+    with zipfile.ZipFile(files["zip"], "w") as zf:
+        zf.writestr("notes.txt", "hello")
+    if hasattr(os, "mkfifo"):        # opening a FIFO would wait for a writer forever
+        files["fifo"] = tmp_path / "pipe.npz"
+        os.mkfifo(files["fifo"])
+    return files
+
+
+def test_files_that_are_not_checkpoints_say_so_in_one_line(tmp_path, capsys):
+    from tinymoe.__main__ import main
+
+    for kind, path in _not_a_checkpoint_files(tmp_path).items():
+        with pytest.raises(CheckpointError) as e:
+            load_model(path)
+        msg = _one_line(e)
+        assert "not a tinymoe checkpoint" in msg and str(path) in msg, (kind, msg)
+        assert "pickle" not in msg.replace("pickled Python objects", ""), (kind, msg)
+        capsys.readouterr()
+        assert main(["generate", str(path), "--max-new-tokens", "1"]) == 2, kind
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "not a tinymoe checkpoint" in err, (kind, err)
+        assert "allow_pickle" not in err, (kind, err)
+
+
+def _rewrite_signed(src, dst, change):
+    """Copy checkpoint ``src`` to ``dst`` after ``change(meta, arrays)`` edits it in place,
+    with a fresh, valid checksum (what a buggy writer, not a damaged disk, would produce)."""
+    from tinymoe.checkpoint import _digest
+
+    e = _entries(src)
+    meta = json.loads(e.pop("__meta__").tobytes())
+    e.pop("__checksum__")
+    change(meta, e)
+    meta_bytes = json.dumps(meta, sort_keys=True).encode()
+    e["__meta__"] = np.frombuffer(meta_bytes, np.uint8)
+    e["__checksum__"] = np.frombuffer(_digest(meta_bytes, {k: v for k, v in e.items()
+                                                           if k != "__meta__"}).encode(), np.uint8)
+    _rewrite(dst, e)
+    return dst
+
+
+def test_non_finite_weights_are_refused_for_sampling_analysis_and_resume(tmp_path, capsys):
+    from tinymoe.__main__ import main
+
+    _save(tmp_path / "good.npz")
+
+    def nan_weight(meta, e):
+        w = e["model/norm_f.weight"].copy()
+        w[3] = np.nan
+        e["model/norm_f.weight"] = w
+
+    bad = _rewrite_signed(tmp_path / "good.npz", tmp_path / "nan.npz", nan_weight)
+    with pytest.raises(CheckpointError) as err:
+        load_model(bad)
+    msg = _one_line(err)
+    assert str(bad) in msg and "norm_f.weight" in msg and "1 non-finite" in msg
+    with pytest.raises(CheckpointError):
+        load_checkpoint(bad)
+    assert load_checkpoint(bad, require_finite=False).step == 7      # still inspectable
+    for argv in (["generate", str(bad), "--max-new-tokens", "3"],
+                 ["analyze", str(bad), "--out", str(tmp_path / "an")],
+                 ["train", "--resume", str(bad), "--out", str(tmp_path / "r"), "--quiet"]):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        out = capsys.readouterr()
+        assert out.err.count("\n") == 1 and "non-finite" in out.err, (argv, out.err)
+        assert "Warning" not in out.err and "nan" not in out.out.lower(), argv
+
+    from tinymoe.train import TrainConfig, train
+    with pytest.raises(CheckpointError, match="non-finite"):     # the library call refuses too
+        train(None, TrainConfig(resume=str(bad), out_dir=str(tmp_path / "r2")), progress=False)
+
+    def inf_moment(meta, e):
+        name = next(k for k in sorted(e) if k.startswith("optim/") and e[k].dtype.kind == "f")
+        e[name] = np.full_like(e[name], np.inf)
+
+    bad = _rewrite_signed(tmp_path / "good.npz", tmp_path / "inf.npz", inf_moment)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(bad)
+    assert "optim/" in _one_line(err) and "non-finite" in str(err.value)
+
+
+@pytest.mark.parametrize("change", [
+    lambda m, e: m.update(arrays=[]),
+    lambda m, e: m.update(optimizer={"state_steps": {"x": 1}, "lr": 1e-3}),
+    lambda m, e: m.update(model_config=[1, 2]),
+    lambda m, e: m.update(step=True),
+    lambda m, e: m.update(tokenizer={"type": "bpe", "merges": "ab"}),
+    lambda m, e: m.update(sampler_state=3),
+], ids=["arrays", "optimizer", "model_config", "step", "tokenizer", "sampler"])
+def test_signed_but_malformed_metadata_is_one_line(tmp_path, change):
+    """Metadata of the wrong shape under a valid checksum: CheckpointError, no traceback."""
+    _save(tmp_path / "good.npz")
+    bad = _rewrite_signed(tmp_path / "good.npz", tmp_path / "bad.npz", change)
+    with pytest.raises(CheckpointError) as err:
+        load_model(bad)
+    assert str(bad) in _one_line(err)
+
+
+def test_error_lines_escape_control_characters(tmp_path):
+    """A newline in a path (or in a damaged entry name) cannot split the one-line error."""
+    folder = tmp_path / "run\nx"
+    folder.mkdir()
+    _save(folder / "checkpoint.npz")
+    data = (folder / "checkpoint.npz").read_bytes()
+    (folder / "checkpoint.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError) as e:
+        load_model(folder)
+    assert "run\\nx" in _one_line(e) and "truncated or corrupt" in str(e.value)
+
+
+def test_read_npz_reads_any_plain_npz(tmp_path):
+    """read_npz equals np.load on intact files of every kind NumPy writes: streamed (data
+    descriptors), compressed, Fortran order, empty, strings, booleans."""
+    from tinymoe.checkpoint import read_npz
+
+    class Stream(io.RawIOBase):          # not seekable: zipfile writes data descriptors
+        def __init__(self):
+            self.buf = bytearray()
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            self.buf += b
+            return len(b)
+
+    arrays = {"f": np.asfortranarray(np.arange(6.0).reshape(2, 3)), "e": np.zeros((0, 3)),
+              "u": np.array(["ab", "c"]), "b": np.array([True, False]), "s": np.int64(7)}
+    stream = Stream()
+    np.savez(stream, **arrays)
+    (tmp_path / "stream.npz").write_bytes(bytes(stream.buf))
+    np.savez_compressed(tmp_path / "z.npz", **arrays)
+    np.savez(tmp_path / "p.npz", **arrays)
+    for name in ("stream.npz", "z.npz", "p.npz"):
+        got = read_npz(tmp_path / name)
+        assert got.keys() == arrays.keys(), name
+        for k, v in arrays.items():
+            assert got[k].dtype == np.asarray(v).dtype and np.array_equal(got[k], v), (name, k)

@@ -36,11 +36,50 @@ def test_greedy_equals_argmax_of_full_forward(model):
     assert len(set(out.ids)) > 1                                        # not a constant run
 
 
-def test_long_generation_slides_the_window(model):
+def _greedy_with_sliding_window(model, prompt, out_ids):
+    """Check every generated token against the argmax of a full forward over the context
+    the documented rule retains: the last W // 2 tokens whenever the context would exceed
+    W = max_seq_len (and a prompt of W or more tokens starts from its last W // 2)."""
+    W = model.cfg.max_seq_len
+    seq = list(prompt)
+    ctx = list(seq) if len(seq) < W else seq[-(W // 2):]
+    slides = 0
+    with tinymoe.no_grad():
+        for j, t in enumerate(out_ids):
+            if len(ctx) > W:
+                ctx = seq[-(W // 2):]
+                slides += 1
+            logits = model(np.array([ctx])).logits.data[0, -1]          # [V], full forward
+            assert t == int(np.argmax(logits)), f"token {j} after {slides} slide(s)"
+            seq.append(t)
+            ctx = ctx + [t]
+    return slides
+
+
+@pytest.mark.parametrize("prompt_len", [10, "long"])
+def test_long_generation_slides_the_window(model, prompt_len):
     tok = ByteTokenizer()
     W = model.cfg.max_seq_len
-    out = generate(model, tok, "x" * (W + 5), max_new_tokens=W + 10, greedy=True)
-    assert len(out.ids) == W + 10
+    text = "def f(x):\n    return [x * i for i in range(9)]\n" * 4
+    n = W + 5 if prompt_len == "long" else prompt_len
+    prompt = [int(t) for t in tok.encode(text)][:n]
+    out = generate(model, tok, prompt, max_new_tokens=2 * W, greedy=True, stop_at_eos=False)
+    assert len(out.ids) == 2 * W
+    assert _greedy_with_sliding_window(model, prompt, out.ids) >= 2
+    assert len(set(out.ids[-W // 2:])) > 1                             # not a constant run
+
+
+def test_non_finite_weights_stop_generation_in_one_line(model):
+    import copy
+
+    bad = copy.deepcopy(model)
+    w = dict(bad.named_parameters())["norm_f.weight"]
+    w.data[...] = np.nan
+    with pytest.raises(ValueError, match="not finite") as e:
+        generate(bad, ByteTokenizer(), "ab", 5, temperature=1.0, seed=0)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="not finite"):
+        generate(bad, ByteTokenizer(), "ab", 5, greedy=True)
 
 
 def _allowed(logits, temperature, top_k, top_p):

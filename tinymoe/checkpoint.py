@@ -21,6 +21,12 @@ edited by hand fails here), that every listed array is present with its dtype an
 and that the weights match the stored model config name by name and shape by shape
 (``tinymoe.config.parameter_shapes``). Every failure is one :class:`CheckpointError`
 line naming the file and the problem.
+
+The zip and npy layers are read by :func:`read_npz` (also for routing snapshots): it
+never unpickles, checks each npy header against its member's size before allocating,
+reads every member to its end so the zip CRC-32 is verified, and turns any exception of
+those layers into that one line; so does a bad metadata JSON. By default a checkpoint
+with a NaN or inf in any weight or optimizer array is refused too (``require_finite``).
 """
 from __future__ import annotations
 
@@ -43,7 +49,7 @@ np = B.np
 __all__ = [
     "FORMAT_NAME", "FORMAT_VERSION", "CHECKPOINT_NAME", "CheckpointError", "Checkpoint",
     "save_checkpoint", "load_checkpoint", "load_model", "resolve_checkpoint_path",
-    "atomic_write_bytes", "temp_path", "temp_writer_pid",
+    "atomic_write_bytes", "temp_path", "temp_writer_pid", "read_npz",
 ]
 
 FORMAT_NAME = "tinymoe-checkpoint"
@@ -57,8 +63,13 @@ _REQUIRED_META = ("format", "version", "model_config", "train_config", "tokenize
 
 
 class CheckpointError(Exception):
-    """A checkpoint that cannot be used: missing, truncated, edited, from another version,
-    or not matching its config. The message is one line naming the file and the problem."""
+    """A checkpoint (or other ``.npz``) that cannot be used: missing, not an npz, truncated,
+    damaged, edited, from another version, not matching its config, or not finite. The
+    message is one line naming the file and the problem: any control character in it
+    (a newline in a file name or in a damaged entry name) is escaped."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message)))
 
 
 @dataclass
@@ -224,55 +235,223 @@ def save_checkpoint(path: str | os.PathLike[str], *, model_config: ModelConfig,
 
 
 # ---------------------------------------------------------------------------- reading
+def _article(kind: str) -> str:
+    return f"{'an' if kind[:1].lower() in 'aeiou.' else 'a'} {kind}"
+
+
+def _reason(e: BaseException) -> str:
+    """``TypeName: first line of the message`` (at most 160 characters), for one-line errors."""
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if len(msg) > 160:
+        msg = msg[:157] + "..."
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def _regular_file(path: Path, kind: str) -> Path:
+    """``path`` if it is an existing regular file (never opens a FIFO or a device)."""
+    if not path.exists():
+        raise CheckpointError(f"{kind} not found: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not {_article(kind)} (not a regular file)")
+    return path
+
+
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")   # a zip with entries / an empty zip
+_NPY_MAGIC = b"\x93NUMPY"
+_READ_CHUNK = 1 << 24                          # bytes per read of array data
+
+
+class _Foreign(ValueError):
+    """An intact npz that tinymoe never writes (object arrays)."""
+
+
+def _read_npy_entry(f: Any, entry_size: int, name: str) -> Any:
+    """One ``.npy`` member of an npz (``f`` open in the zip, ``entry_size`` its declared
+    uncompressed size) -> array. Checks, before allocating, that the header's shape and
+    dtype account for exactly the bytes the entry holds; reads to the end of the entry so
+    that ``zipfile`` verifies its CRC-32 (which covers the header and the data)."""
+    fmt = np.lib.format
+    version = fmt.read_magic(f)
+    if version == (1, 0):
+        shape, fortran_order, dtype = fmt.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, fortran_order, dtype = fmt.read_array_header_2_0(f)
+    else:
+        raise ValueError(f"entry {name!r}: unsupported .npy format version {version}")
+    if dtype.hasobject:   # would need pickle: never written by tinymoe, never unpickled here
+        raise _Foreign(f"entry {name!r} holds pickled Python objects, which tinymoe never "
+                       "writes or reads")
+    count = 1
+    for n in shape:
+        count *= int(n)
+    nbytes = count * dtype.itemsize
+    header = f.tell()
+    if header + nbytes != entry_size:
+        raise ValueError(f"entry {name!r}: its header declares {nbytes} bytes of "
+                         f"{dtype}{tuple(shape)}, the entry holds {entry_size - header}")
+    flat = np.empty(count, dtype=dtype)                                     # [count]
+    raw = flat.view(np.uint8) if nbytes else np.empty(0, np.uint8)          # [nbytes]
+    pos = 0
+    while pos < nbytes:
+        chunk = f.read(min(_READ_CHUNK, nbytes - pos))
+        if not chunk:
+            raise ValueError(f"entry {name!r} ends after {pos} of {nbytes} data bytes")
+        raw[pos:pos + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
+        pos += len(chunk)
+    if f.read(1):
+        raise ValueError(f"entry {name!r} has bytes after its array data")
+    if fortran_order:
+        return flat.reshape(tuple(shape)[::-1]).transpose()
+    return flat.reshape(tuple(shape))
+
+
+def _check_members_tile(path: Path, infos: list[zipfile.ZipInfo], start_dir: int) -> None:
+    """The members listed in the central directory must cover the file from byte 0 to
+    the central directory without a gap: ``zipfile`` stops reading the directory early,
+    silently, when a damaged length field (e.g. a comment length) overruns it, and the
+    members it did not list would be dropped without an error."""
+    infos = sorted(infos, key=lambda i: i.header_offset)
+    ends = [i.header_offset for i in infos[1:]] + [start_dir]    # where each member must end
+    pos = 0
+    with open(path, "rb") as f:
+        for info, end in zip(infos, ends):
+            if info.header_offset != pos:
+                raise ValueError(f"the central directory lists a member at byte "
+                                 f"{info.header_offset}, the previous one ends at byte {pos}")
+            f.seek(pos)
+            local = f.read(30)
+            if len(local) != 30 or local[:4] != b"PK\x03\x04":
+                raise ValueError(f"no local header at byte {pos}")
+            name_len = int.from_bytes(local[26:28], "little")
+            extra_len = int.from_bytes(local[28:30], "little")
+            data_end = pos + 30 + name_len + extra_len + info.compress_size
+            # a data descriptor (flag bit 3: written to a stream) follows the data:
+            # crc + two sizes of 4 or 8 bytes, with or without its 4-byte signature
+            allowed = ({data_end + d for d in (12, 16, 20, 24)} if info.flag_bits & 0x08
+                       else {data_end})
+            if end not in allowed:
+                raise ValueError(f"member {info.filename!r} ends at byte {data_end}, the next "
+                                 f"listed item starts at byte {end} (members missing from "
+                                 "the directory, or a damaged size)")
+            pos = end
+
+
+def read_npz(path: str | os.PathLike[str], kind: str = ".npz file") -> dict[str, Any]:
+    """Every array of an ``.npz`` (name without ``.npy`` -> NumPy array), or one
+    :class:`CheckpointError` line naming the file. ``kind`` names the file in messages
+    ("tinymoe checkpoint", "routing snapshot").
+
+    Nothing is unpickled. A file that is not an npz (empty, text, an image, a lone
+    ``.npy``) is "not a <kind>"; any failure of the zip layer (truncation, a bad CRC,
+    an unknown compression method, encryption flags, inconsistent headers) or of the npy
+    layer (an unparsable header, a shape or dtype that does not match the entry's size,
+    object arrays) is "not a readable <kind>, truncated or corrupt (<reason>)". The
+    zip's CRC-32 of every entry is verified.
+    """
+    p = _regular_file(Path(path), kind)
+    try:
+        with open(p, "rb") as f:
+            head = f.read(len(_NPY_MAGIC))
+    except OSError as e:
+        raise CheckpointError(f"{p}: cannot read this {kind} ({e.strerror or _reason(e)})") from None
+    try:
+        if not head:
+            raise CheckpointError(f"{p}: not {_article(kind)} (empty file)")
+        if head.startswith(_NPY_MAGIC):
+            raise CheckpointError(f"{p}: not {_article(kind)} (a single .npy array, "
+                                  "not an .npz archive)")
+        if not head.startswith(_ZIP_MAGIC):
+            raise CheckpointError(f"{p}: not {_article(kind)} (not an .npz/zip archive)")
+        out: dict[str, Any] = {}
+        with zipfile.ZipFile(p) as zf:
+            _check_members_tile(p, zf.infolist(), zf.start_dir)
+            for info in zf.infolist():
+                name = info.filename
+                if not name.endswith(".npy") or info.is_dir():
+                    raise CheckpointError(f"{p}: not {_article(kind)} (entry {name!r} is "
+                                          "not an .npy array)")
+                if name[:-4] in out:
+                    raise ValueError(f"entry {name!r} appears twice")
+                with zf.open(info) as member:
+                    out[name[:-4]] = _read_npy_entry(member, info.file_size, name)
+        return out
+    except CheckpointError:
+        raise
+    except _Foreign as e:
+        raise CheckpointError(f"{p}: not {_article(kind)} ({e})") from None
+    except Exception as e:   # any failure of the zip or npy layer: one line, never a traceback
+        raise CheckpointError(f"{p}: not a readable {kind}, truncated or corrupt "
+                              f"({_reason(e)})") from None
+
+
 def resolve_checkpoint_path(path: str | os.PathLike[str]) -> Path:
     """``path`` itself, or ``path/checkpoint.npz`` when ``path`` is a run folder."""
     p = Path(path)
     if p.is_dir():
+        if not (p / CHECKPOINT_NAME).exists():
+            raise CheckpointError(f"{p}: not a tinymoe checkpoint (a folder without "
+                                  f"{CHECKPOINT_NAME})")
         p = p / CHECKPOINT_NAME
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {p}")
-    return p
+    return _regular_file(p, "tinymoe checkpoint")
 
 
-def _read_npz(path: Path) -> dict[str, Any]:
-    """All entries of the npz as host arrays; a truncated or non-zip file -> CheckpointError."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt "
-                              f"({reason})") from None
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _check_meta(path: Path, meta: Any) -> None:
+    """Format name and version first (so a newer file says so), then every field's type:
+    a file whose checksum matches can still have been written by something else."""
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: checkpoint metadata is not a JSON object")
     if meta.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path}: not a tinymoe checkpoint (format {meta.get('format')!r})")
     version = meta.get("version")
-    if version != FORMAT_VERSION:
-        newer = isinstance(version, int) and version > FORMAT_VERSION
+    if not _is_int(version) or version != FORMAT_VERSION:
+        newer = _is_int(version) and version > FORMAT_VERSION
         raise CheckpointError(f"{path}: checkpoint format version {version!r}; this tinymoe "
                               f"reads version {FORMAT_VERSION}"
                               + (" (written by a newer tinymoe)" if newer else ""))
     missing = [k for k in _REQUIRED_META if k not in meta]
     if missing:
         raise CheckpointError(f"{path}: checkpoint metadata lacks {', '.join(missing)}")
+    for key in ("model_config", "train_config", "tokenizer", "extra", "arrays"):
+        if not isinstance(meta[key], dict):
+            raise CheckpointError(f"{path}: checkpoint metadata: {key} is not a JSON object")
+    for key in ("sampler_state", "rng_state", "optimizer"):
+        if meta[key] is not None and not isinstance(meta[key], dict):
+            raise CheckpointError(f"{path}: checkpoint metadata: {key} is not a JSON object")
+    if not _is_int(meta["step"]) or meta["step"] < 0:
+        raise CheckpointError(f"{path}: bad step {meta['step']!r} in checkpoint")
+    for name, spec in meta["arrays"].items():
+        if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], str)
+                and isinstance(spec[1], list) and all(_is_int(n) and n >= 0 for n in spec[1])):
+            raise CheckpointError(f"{path}: checkpoint metadata: bad entry for array {name!r}")
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
-    """Read and verify a checkpoint (file, or run folder holding ``checkpoint.npz``)."""
+def load_checkpoint(path: str | os.PathLike[str], require_finite: bool = True) -> Checkpoint:
+    """Read and verify a checkpoint (file, or run folder holding ``checkpoint.npz``).
+
+    Every problem is one :class:`CheckpointError` line naming the file. With
+    ``require_finite`` (the default: sampling, analysis and resuming all need it) a NaN or
+    inf in any weight or optimizer array is refused; pass False only to inspect a
+    diverged checkpoint.
+    """
     p = resolve_checkpoint_path(path)
-    entries = _read_npz(p)
+    entries = read_npz(p, kind="tinymoe checkpoint")
     if _META not in entries or _CHECKSUM not in entries:
         raise CheckpointError(f"{p}: not a tinymoe checkpoint (no {_META} / {_CHECKSUM} entry)")
-    meta_bytes = entries.pop(_META).tobytes()
-    stored_sum = entries.pop(_CHECKSUM).tobytes().decode("ascii", errors="replace")
+    meta_arr, sum_arr = entries.pop(_META), entries.pop(_CHECKSUM)
+    if meta_arr.dtype != np.uint8 or sum_arr.dtype != np.uint8:
+        raise CheckpointError(f"{p}: not a tinymoe checkpoint ({_META} / {_CHECKSUM} are not bytes)")
+    meta_bytes = meta_arr.tobytes()
+    stored_sum = sum_arr.tobytes().decode("ascii", errors="replace")
     try:
         meta = json.loads(meta_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{p}: checkpoint metadata is not valid JSON ({e})") from None
+    except Exception as e:   # bad UTF-8, bad JSON, nesting too deep, an int too long
+        raise CheckpointError(f"{p}: checkpoint metadata is not valid JSON ({_reason(e)})") from None
     _check_meta(p, meta)
     if _digest(meta_bytes, entries) != stored_sum:
         raise CheckpointError(f"{p}: checksum mismatch: the file was modified after it was "
@@ -291,18 +470,17 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
 
     try:
         cfg = ModelConfig.from_dict(meta["model_config"])
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{p}: bad model config in checkpoint ({e})") from None
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{p}: bad model config in checkpoint ({_reason(e)})") from None
     model_state = {k[len("model/"):]: v for k, v in entries.items() if k.startswith("model/")}
     _check_weights(p, cfg, model_state)
     optimizer_state = _join_optimizer_state(p, meta["optimizer"], entries)
-    step = meta["step"]
-    if not isinstance(step, int) or step < 0:
-        raise CheckpointError(f"{p}: bad step {step!r} in checkpoint")
+    if require_finite:
+        _check_finite(p, entries)
     return Checkpoint(path=str(p), model_config=cfg, train_config=meta["train_config"],
                       tokenizer=meta["tokenizer"], model_state=model_state,
                       optimizer_state=optimizer_state, sampler_state=meta["sampler_state"],
-                      rng_state=meta["rng_state"], step=step, extra=meta["extra"],
+                      rng_state=meta["rng_state"], step=meta["step"], extra=meta["extra"],
                       version=meta["version"])
 
 
@@ -326,37 +504,61 @@ def _check_weights(path: Path, cfg: ModelConfig, state: dict[str, Any]) -> None:
                                   f"{cfg.dtype}")
 
 
+def _check_finite(path: Path, arrays: dict[str, Any]) -> None:
+    """Every floating-point array (weights ``model/...``, optimizer state ``optim/...``)
+    must hold only finite numbers."""
+    for name in sorted(arrays):
+        a = arrays[name]
+        if a.dtype.kind in "fc":
+            bad = a.size - int(np.count_nonzero(np.isfinite(a)))
+            if bad:
+                what = "weight" if name.startswith("model/") else "array"
+                raise CheckpointError(
+                    f"{path}: {what} {name.split('/', 1)[-1] if what == 'weight' else name} "
+                    f"holds {bad} non-finite value(s) (NaN or inf); this checkpoint cannot be "
+                    "used to sample, analyse or resume")
+
+
 def _join_optimizer_state(path: Path, opt_meta: Any, entries: dict[str, Any]
                           ) -> dict[str, Any] | None:
     """Rebuild an optimizer ``state_dict`` from its JSON part and ``optim/<i>/<k>`` arrays."""
     if opt_meta is None:
+        if any(name.startswith("optim/") for name in entries):
+            raise CheckpointError(f"{path}: optimizer arrays without optimizer metadata")
         return None
-    if not isinstance(opt_meta, dict) or "state_steps" not in opt_meta:
+    steps = opt_meta.get("state_steps") if isinstance(opt_meta, dict) else None
+    if not isinstance(steps, dict) or not all(
+            isinstance(i, str) and i.isdigit() and _is_int(n) for i, n in steps.items()):
         raise CheckpointError(f"{path}: bad optimizer metadata in checkpoint")
-    state: dict[int, dict[str, Any]] = {}
-    for i, n in opt_meta["state_steps"].items():
-        state[int(i)] = {"step": int(n)}
+    state: dict[int, dict[str, Any]] = {int(i): {"step": n} for i, n in steps.items()}
     for name, a in entries.items():
         if not name.startswith("optim/"):
             continue
-        _, i, k = name.split("/", 2)
-        if int(i) not in state:
+        parts = name.split("/", 2)
+        if len(parts) != 3 or not parts[1].isdigit() or not parts[2]:
+            raise CheckpointError(f"{path}: bad optimizer array name {name!r}")
+        if int(parts[1]) not in state:
             raise CheckpointError(f"{path}: optimizer array {name} has no step count")
-        state[int(i)][k] = a
+        state[int(parts[1])][parts[2]] = a
     out = {k: v for k, v in opt_meta.items() if k != "state_steps"}
     out["state"] = state
     return out
 
 
-def load_model(path: str | os.PathLike[str]) -> tuple[Any, Any, ModelConfig]:
-    """(model in eval mode, tokenizer, config) from a checkpoint, for sampling or analysis."""
+def load_model(path: str | os.PathLike[str], require_finite: bool = True
+               ) -> tuple[Any, Any, ModelConfig]:
+    """(model in eval mode, tokenizer, config) from a checkpoint, for sampling or analysis.
+
+    Refuses (one :class:`CheckpointError` line) anything :func:`load_checkpoint` refuses,
+    including non-finite weights unless ``require_finite=False``."""
     from tinymoe.nn.model import OpenMoE  # noqa: PLC0415 (model code loads only when needed)
 
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, require_finite=require_finite)
+    tokenizer = ckpt.make_tokenizer()
     model = OpenMoE(ckpt.model_config)
     try:
         model.load_state_dict(ckpt.model_state)
     except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{ckpt.path}: {e}") from None
+        raise CheckpointError(f"{ckpt.path}: {_reason(e)}") from None
     model.eval()
-    return model, ckpt.make_tokenizer(), ckpt.model_config
+    return model, tokenizer, ckpt.model_config

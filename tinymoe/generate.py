@@ -4,7 +4,7 @@ Each new token costs one forward over a single position: its keys and values are
 appended to every layer's cache and its query attends over all cached positions, so the
 logits equal those of a full forward over the whole sequence (``tests/test_generate.py``
 checks greedy decoding against exactly that). The model runs in eval mode (eval capacity
-factor) under ``no_grad``.
+factor) under ``model.evaluating()`` (eval mode, no graph).
 
 Choosing the next token from the last position's logits z (float64 on the host):
 
@@ -16,7 +16,9 @@ Choosing the next token from the last position's logits z (float64 on the host):
                                 renormalise and draw one id with a seeded NumPy generator
 
 A context longer than the model's ``max_seq_len`` (RoPE positions and cache size) is cut:
-when the cache is full, it is rebuilt from the last ``max_seq_len // 2`` tokens.
+when the cache is full, it is rebuilt from the last ``max_seq_len // 2`` tokens. Non-finite
+logits (a model whose weights hold NaN or inf) stop generation with a one-line ValueError
+instead of drawing tokens from NaN probabilities.
 """
 from __future__ import annotations
 
@@ -25,7 +27,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from tinymoe import backend as B
-from tinymoe.autograd import no_grad
 
 np = B.np
 
@@ -142,40 +143,38 @@ def generate(model: Any, tokenizer: Any, prompt: str | Sequence[int], max_new_to
     pieces: list[str] = []
     new_ids: list[int] = []
     stop_reason = "length"
-    was_training = model.training
-    model.eval()
-    try:
-        with no_grad():
-            context = list(prompt_ids)
-            cache = model.new_cache(1, window)
-            feed = context if len(context) < window else context[-(window // 2):]
-            for _ in range(max_new_tokens):
-                if cache.length + len(feed) > window:         # full: restart from the tail
-                    cache = model.new_cache(1, window)
-                    feed = context[-(window // 2):]
-                out = model(np.asarray([feed], dtype=np.int64), cache=cache)
-                logits = out.logits.data[0, -1]                               # [V]
-                if greedy:
-                    nxt = int(np.argmax(B.to_numpy(logits)))
-                else:
-                    nxt = sample_token(next_token_distribution(logits, temperature, top_k, top_p), rng)
-                if stop_at_eos and nxt == getattr(tokenizer, "eos_id", None):
-                    stop_reason = "eos"
-                    break
-                new_ids.append(nxt)
-                context.append(nxt)
-                feed = [nxt]
-                piece = decoder.decode(_token_bytes(tokenizer, nxt))
-                if piece:
-                    pieces.append(piece)
-                    if stream is not None:
-                        stream(piece)
-            tail = decoder.decode(b"", final=True)
-            if tail:
-                pieces.append(tail)
+    with model.evaluating():   # eval-mode routing, no graph; the mode is restored after
+        context = list(prompt_ids)
+        cache = model.new_cache(1, window)
+        feed = context if len(context) < window else context[-(window // 2):]
+        for _ in range(max_new_tokens):
+            if cache.length + len(feed) > window:         # full: restart from the tail
+                cache = model.new_cache(1, window)
+                feed = context[-(window // 2):]
+            out = model(np.asarray([feed], dtype=np.int64), cache=cache)
+            logits = B.to_numpy(out.logits.data[0, -1])                   # [V] on the host
+            if not np.isfinite(logits).all():
+                raise ValueError(f"the model's logits are not finite (NaN or inf) at new "
+                                 f"token {len(new_ids)}: its weights are not usable")
+            if greedy:
+                nxt = int(np.argmax(logits))
+            else:
+                nxt = sample_token(next_token_distribution(logits, temperature, top_k, top_p), rng)
+            if stop_at_eos and nxt == getattr(tokenizer, "eos_id", None):
+                stop_reason = "eos"
+                break
+            new_ids.append(nxt)
+            context.append(nxt)
+            feed = [nxt]
+            piece = decoder.decode(_token_bytes(tokenizer, nxt))
+            if piece:
+                pieces.append(piece)
                 if stream is not None:
-                    stream(tail)
-    finally:
-        model.train(was_training)
+                    stream(piece)
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            pieces.append(tail)
+            if stream is not None:
+                stream(tail)
     return Generation(prompt_ids=prompt_ids, ids=new_ids, text="".join(pieces),
                       stop_reason=stop_reason)

@@ -17,6 +17,7 @@ from typing import Any, Iterator, Sequence
 
 from tinymoe import backend as B
 from tinymoe.analysis.measures import position_in_group
+from tinymoe.checkpoint import read_npz
 
 np = B.np
 
@@ -187,8 +188,7 @@ def load_snapshots(folder: str | Path) -> list[dict[str, Any]]:
     files = sorted(p for p in folder.glob("*.npz") if _SNAPSHOT_RE.search(p.name))
     snaps = []
     for p in files:
-        with np.load(p, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
+        data = read_npz(p, kind="routing snapshot")   # damaged file: one-line CheckpointError
         ids = next((data[k] for k in ("tokens", "token_ids", "ids") if k in data), None)
         if ids is None:
             raise ValueError(f"{p}: routing snapshot has no token_ids")
