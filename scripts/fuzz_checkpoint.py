@@ -32,11 +32,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from tinymoe.checkpoint import CheckpointError, load_model, save_checkpoint  # noqa: E402
+from tinymoe.checkpoint import CheckpointError, load_model, save_checkpoint
 
 REGIONS = ("local header", "npy header", "meta JSON", "array data", "central directory")
 
