@@ -5,8 +5,9 @@ One flat dataclass, :class:`ModelConfig`, describes a whole OpenMoE-style decode
     token embedding -> n_layers blocks -> RMSNorm -> LM head (tied by default)
 
 Block ``i`` (0-indexed) is an MoE block when ``(i + 1) % moe_every == 0`` (OpenMoE-Base:
-``moe_every=4`` -> blocks 3, 7, 11); the other blocks use a dense SwiGLU FFN. An MoE block
-also carries a shared dense SwiGLU with its own RMSNorm when ``shared_ffn`` is true.
+``moe_every=4`` -> blocks 3, 7, 11); the other blocks use a dense FFN. An MoE block also
+carries a shared dense FFN with its own RMSNorm when ``shared_ffn`` is true. Every FFN
+(dense, shared, expert) has the form ``ffn_kind``: SwiGLU, or OpenMoE's gated triple product.
 
 Parameter counting is done from shapes only (:func:`parameter_shapes`), so the 34B preset
 is counted instantly without allocating anything. ``parameter_shapes`` is the single
@@ -102,8 +103,8 @@ class ModelConfig:
             be divisible by n_heads). Attention inner width = n_heads * d_head, which may
             differ from d_model (OpenMoE-8B/34B: 24 x 128 = 3072 heads on d_model 2048/3072).
             Must be even (RoPE rotates pairs).
-        d_ff: hidden width of the dense SwiGLU FFNs and of the shared FFN in MoE blocks.
-        d_ff_expert: hidden width of each expert's SwiGLU; None -> d_ff.
+        d_ff: hidden width of the dense FFNs and of the shared FFN in MoE blocks.
+        d_ff_expert: hidden width of each expert's FFN; None -> d_ff.
 
     Mixture of experts
         n_experts (E), top_k (k), moe_every (MoE on block i when (i+1) % moe_every == 0;
@@ -150,7 +151,7 @@ class ModelConfig:
     n_heads: int
     "attention heads per block"
     d_ff: int
-    "hidden width of the dense SwiGLU FFNs and of the shared FFN in MoE blocks"
+    "hidden width of the dense FFNs and of the shared FFN in MoE blocks"
     n_experts: int
     "experts per MoE layer (E)"
     top_k: int
@@ -160,11 +161,11 @@ class ModelConfig:
     max_seq_len: int
     "longest sequence (RoPE and the KV cache are sized for it)"
     d_ff_expert: int | None = None
-    "hidden width of each expert's SwiGLU (none: d_ff)"
+    "hidden width of each expert's FFN (none: d_ff)"
     d_head: int | None = None
     "width of one attention head, even (none: d_model // n_heads)"
     shared_ffn: bool = True
-    "MoE blocks also run a shared dense SwiGLU with its own RMSNorm (OpenMoE)"
+    "MoE blocks also run a shared dense FFN with its own RMSNorm (OpenMoE)"
     capacity_factor: float | None = 1.25
     "expert capacity factor in training (0 or none: dropless)"
     eval_capacity_factor: float | None = 2.0
@@ -306,7 +307,7 @@ class ModelConfig:
 
     @property
     def expert_ff(self) -> int:
-        """Hidden width of one expert's SwiGLU (d_ff_expert, or d_ff when None)."""
+        """Hidden width of one expert's FFN (d_ff_expert, or d_ff when None)."""
         return self.d_ff_expert if self.d_ff_expert is not None else self.d_ff
 
     @property
