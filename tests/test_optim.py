@@ -1,6 +1,6 @@
 """tinymoe.optim against torch: AdamW vs torch.optim.AdamW, Adafactor vs a torch reference
-written from T5X's rule with a per-expert loop (tests/oracle/torch_adafactor.py), clip_grad_norm_ vs torch, schedules by
-hand, state_dict round trips and error messages."""
+written from T5X's rule with a per-expert loop (tests/oracle/torch_adafactor.py),
+clip_grad_norm_ vs torch, schedules by hand, state_dict round trips and error messages."""
 from __future__ import annotations
 
 import math
