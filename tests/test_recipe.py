@@ -119,3 +119,11 @@ def test_cli_recipe_errors_and_resume(tmp_path, capsys):
     one_line_error(InProcess(capsys, "train", "--resume", out, "--steps", "3", "--recipe",
                              "openmoe", "--quiet"),
                    match="cannot resume with changed recipe='openmoe' (checkpoint: 'none')")
+
+
+def test_bench_refuses_the_openmoe_ffn_preset(capsys):
+    """bench's FLOP count and torch side are SwiGLU only: the preset with OpenMoE's FFN is
+    refused in one line instead of timing with a wrong FLOP count."""
+    one_line_error(InProcess(capsys, "bench", "--config", "openmoe-base-code", "--side", "tinymoe",
+                             "--steps", "1"),
+                   match="ffn_kind='openmoe'; bench supports the swiglu presets only")
