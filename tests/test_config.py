@@ -59,6 +59,9 @@ def make(**overrides) -> ModelConfig:
     (dict(shared_ffn="yes"), "shared_ffn='yes'"),
     (dict(capacity_factor="1.25"), "capacity_factor='1.25'"),
     (dict(capacity_factor=float("nan")), "capacity_factor=nan"),
+    (dict(ffn_kind="geglu"), "ffn_kind='geglu'"),
+    (dict(init="xavier"), "init='xavier'"),
+    (dict(logit_z_loss_coef=-1e-4), "logit_z_loss_coef=-0.0001"),
 ])
 def test_validation_errors_name_the_field(overrides, field):
     with pytest.raises(ValueError) as info:
@@ -286,6 +289,44 @@ def test_openmoe_base_paper_count():
     assert c["active"] == paper_active + extra
     assert c["embedding"] == emb and c["lm_head"] == 0
     assert c["experts"] == 3 * 16 * ffn
+
+
+def test_openmoe_base_code_count_by_the_original_rule():
+    """openmoe-base-code follows the original code (docs/openmoe-facts.md §1, §4, §13):
+    FFN width 2048 with 4 d ff weights per FFN (wi_0 [d, 2ff], wi_1 [d, ff], wo [ff, d]),
+    9 dense + 3 x (1 shared + 16 experts) = 60 FFNs (18 active), attention 4 d^2 per block,
+    an untied head, 3 routers d x 16 and 2 norms per block + 3 shared + 1 final."""
+    d, V, ff = 768, 256_384, 2048
+    attn, ffn = 12 * 4 * d * d, 4 * d * ff                 # ffn = 6,291,456
+    assert (attn + 60 * ffn, attn + 18 * ffn) == (405_798_912, 141_557_760)   # facts §13
+    extra = 3 * d * 16 + (12 * 2 + 3 + 1) * d
+    cfg = get_preset("openmoe-base-code")
+    assert (cfg.ffn_kind, cfg.tie_embeddings, cfg.d_ff, cfg.init, cfg.logit_z_loss_coef) == \
+        ("openmoe", False, 2048, "openmoe", 1e-4)
+    c = count_parameters(cfg)
+    assert c["total"] == 2 * V * d + attn + 60 * ffn + extra == 799_663_104
+    assert c["active"] == 2 * V * d + attn + 18 * ffn + extra == 535_421_952
+    assert c["experts"] == 3 * 16 * ffn and c["lm_head"] == V * d
+    # the paper's Table 11 active counts: 142M without embedding, 339M with one
+    assert round((attn + 18 * ffn) / 1e6) == 142 and round((V * d + attn + 18 * ffn) / 1e6) == 338
+    text = params_command("openmoe-base-code", {})
+    assert "141,557,760" in text and "338,460,672" in text and "paper Table 11" in text
+    assert "4*d*ff per FFN" in text
+    shapes = parameter_shapes(cfg)
+    assert shapes["blocks.0.ffn.wi_0.weight"] == (d, 2 * ff)
+    assert shapes["blocks.3.moe.experts.wi_0"] == (16, d, 2 * ff)
+    assert shapes["blocks.3.moe.experts.wo"] == (16, ff, d)
+    assert shapes["blocks.3.shared_ffn.wi_1.weight"] == (d, ff)
+
+
+def test_openmoe_34b_router_z_loss_and_group_size():
+    """OM-xl:25-26 (docs/openmoe-facts.md §1, §8): router z-loss 1e-3, GROUP_SIZE 8192."""
+    cfg = get_preset("openmoe-34b")
+    assert (cfg.z_loss_coef, cfg.group_size) == (1e-3, 8192)
+    assert cfg.capacity(8192) == 320                       # round(1.25 x 8192 / 32)
+    for name in ("toy", "mini", "small", "openmoe-base", "openmoe-8b"):   # unchanged presets
+        p = get_preset(name)
+        assert (p.ffn_kind, p.init, p.logit_z_loss_coef, p.z_loss_coef) == ("swiglu", "normal", 0.0, 1e-4)
 
 
 def test_big_presets_count_instantly():

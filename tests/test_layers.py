@@ -1,5 +1,6 @@
-"""Fused hot-path ops (rms_norm, swiglu, rope, causal_attention) and the layers built on them
-(Linear, Embedding, RMSNorm, RotaryEmbedding, Attention + KVCache, FeedForward) against the
+"""Fused hot-path ops (rms_norm, swiglu, gated_triple, rope, causal_attention) and the layers
+built on them (Linear, Embedding, RMSNorm, RotaryEmbedding, Attention + KVCache, FeedForward
+in both forms) against the
 torch twins of tests/oracle/torch_layers.py: forward and every input and parameter gradient
 in float64 (rel <= 1e-9 ops, 1e-8 layers) and float32 (tests/oracle/compare.py f32_tol: from the
 reduction length and the number of chained ops); finite differences for
@@ -14,6 +15,7 @@ import tinymoe
 from tinymoe import backend as B
 from tinymoe import functional as F
 from tinymoe import nn
+from tinymoe.nn import layers as L
 from tinymoe.config import get_preset, parameter_shapes
 from tests.oracle import torch_layers as TL
 from tests.oracle.compare import assert_close, check_against_torch, default_tol
@@ -53,6 +55,26 @@ def test_swiglu_op(backend, dtype, shape):
     gate.flat[0], gate.flat[1] = 40.0, -40.0                   # saturated sigmoid on both sides
     up = rnd(*shape, seed=4)
     check_against_torch(F.swiglu, TL.swiglu, [gate, up], dtype=dtype, name="swiglu")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(5, 12), (2, 3, 6)])
+def test_gated_triple_op(backend, dtype, shape):
+    """OpenMoE's a * silu(b) * v, u = [a | b]: forward and both input gradients vs torch."""
+    u = rnd(*shape[:-1], 2 * shape[-1], seed=3, std=2.0)
+    f = shape[-1]
+    u[..., f], u[..., f + 1] = 40.0, -40.0                      # saturated sigmoid in the b half
+    v = rnd(*shape, seed=4)
+    check_against_torch(L.gated_triple, TL.gated_triple, [u, v], dtype=dtype, name="gated_triple")
+
+
+def test_gated_triple_activation_on_the_second_half():
+    """flaxformer's 'swiglu' activation is A * swish(B): the second half gets the activation."""
+    a, b, v = np.array([[2.0]]), np.array([[-3.0]]), np.array([[0.5]])
+    y = L.gated_triple(tinymoe.Tensor(np.concatenate([a, b], -1)), tinymoe.Tensor(v)).numpy()
+    np.testing.assert_allclose(y, 2.0 * (-3.0 / (1 + np.exp(3.0))) * 0.5, rtol=1e-15)
+    with pytest.raises(ValueError, match="twice as wide"):
+        L.gated_triple(tinymoe.Tensor(np.ones((2, 5))), tinymoe.Tensor(np.ones((2, 3))))
 
 
 def test_swiglu_no_overflow_warning():
@@ -226,6 +248,15 @@ def test_swiglu_matches_reference(backend, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_gated_triple_matches_reference(backend, dtype):
+    """Elementwise: exp, add, divide and three multiplies, a few eps each (silu's condition
+    number stays below 1.3 on the range used, the products are condition 1): |dy| <= 10 eps |y|."""
+    u, v = rnd(200, 1400, seed=44, std=3.0), rnd(200, 700, seed=45)
+    ours, ref = _kernel_and_reference(L.gated_triple, L.gated_triple_reference, [u, v], dtype)
+    np.testing.assert_allclose(ours, ref, rtol=10 * EPS[dtype], atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_rope_matches_reference(backend, dtype):
     """y1 = x1 cos - x2 sin: two products and a difference, which may cancel, so the bound is
     absolute: |dy| <= 4 eps (|x1 cos| + |x2 sin|) <= 8 eps max|x| (the tables are the same
@@ -371,6 +402,40 @@ def test_feed_forward(backend, dtype):
     _compare_module(ours, theirs, rnd(2, 5, 8, seed=36).astype(dtype), dtype, "ffn", depth=3)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_feed_forward_openmoe(backend, dtype):
+    ours = nn.FeedForward(8, 12, rng=B.default_rng(0), kind="openmoe", dtype=dtype)
+    assert [n for n, _ in ours.named_parameters()] == ["wi_0.weight", "wi_1.weight", "wo.weight"]
+    assert ours.wi_0.weight.shape == (8, 24) and ours.wi_1.weight.shape == (8, 12)
+    theirs = TL.TorchOpenMoEFeedForward(8, 12, dtype=TORCH_DTYPE[dtype])
+    _load_random(ours, theirs, seed=37, scale_by_fan_in=True)
+    _compare_module(ours, theirs, rnd(2, 5, 8, seed=38).astype(dtype), dtype, "openmoe ffn", depth=3)
+    with pytest.raises(ValueError, match="ffn kind 'geglu' is not one of swiglu, openmoe"):
+        nn.FeedForward(8, 12, rng=B.default_rng(0), kind="geglu")
+
+
+def test_truncated_normal_and_fan_in_init():
+    """OpenMoE's init (docs/openmoe-facts.md §9): variance scaling 0.1 over fan-in; for the
+    dense FFN a normal truncated at 2 std whose std *after* truncation is sqrt(0.1/fan_in)."""
+    from tinymoe.nn.layers import TRUNCATED_NORMAL_STD, truncated_normal_parameter
+    # the std of N(0, 1) restricted to [-2, 2], by numerical integration of z^2 phi(z)
+    z = np.linspace(-2, 2, 400_001)
+    dens = np.exp(-z * z / 2)
+    assert abs(TRUNCATED_NORMAL_STD - np.sqrt(np.trapezoid(z * z * dens, z) / np.trapezoid(dens, z))) < 1e-9
+    w = truncated_normal_parameter(B.default_rng(3), (400, 500), 0.05, np.float64).numpy()
+    assert np.abs(w).max() <= 2 * 0.05 / TRUNCATED_NORMAL_STD
+    assert abs(w.std() / 0.05 - 1) < 0.01                       # 2e5 draws: sampling error ~0.2%
+    ffn = nn.FeedForward(256, 512, rng=B.default_rng(4), kind="openmoe", fan_in_scale=0.1)
+    for name, fan_in in (("wi_0", 256), ("wi_1", 256), ("wo", 512)):
+        a = getattr(ffn, name).weight.numpy()
+        assert abs(a.std() / np.sqrt(0.1 / fan_in) - 1) < 0.02, name
+        assert np.abs(a).max() <= 2 * np.sqrt(0.1 / fan_in) / TRUNCATED_NORMAL_STD * (1 + 1e-6)
+    attn = nn.Attention(256, 4, d_head=32, max_seq_len=8, rng=B.default_rng(5), fan_in_scale=0.1)
+    for name, fan_in in (("wq", 256), ("wk", 256), ("wv", 256), ("wo", 128)):
+        a = getattr(attn, name).weight.numpy()
+        assert abs(a.std() / np.sqrt(0.1 / fan_in) - 1) < 0.02, name
+
+
 ATTN_CONFIGS = [  # (d_model, n_heads, d_head, B, T)
     (12, 3, None, 2, 6),
     (8, 2, 6, 1, 5),       # d_head given: inner width 12 != d_model
@@ -455,10 +520,11 @@ class _DenseBlockParams(nn.Module):
         self.attn = nn.Attention(cfg.d_model, cfg.n_heads, d_head=cfg.d_head, max_seq_len=cfg.max_seq_len,
                                  rope_base=cfg.rope_base, rng=rng, init_std=cfg.init_std)
         self.ffn_norm = nn.RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.ffn = nn.FeedForward(cfg.d_model, cfg.d_ff, rng=rng, init_std=cfg.init_std)
+        self.ffn = nn.FeedForward(cfg.d_model, cfg.d_ff, rng=rng, init_std=cfg.init_std,
+                                  kind=cfg.ffn_kind)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"d_head": 8}])
+@pytest.mark.parametrize("overrides", [{}, {"d_head": 8}, {"ffn_kind": "openmoe"}])
 def test_parameter_names_match_config(overrides):
     cfg = get_preset("toy", **overrides)
     expected = {k[len("blocks.0."):]: v for k, v in parameter_shapes(cfg).items() if k.startswith("blocks.0.")}

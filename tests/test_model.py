@@ -99,6 +99,8 @@ def compare(cfg, bsz=2, seq=12, train=True, seed=0):
     dict(tie_embeddings=False, shared_ffn=False),
     dict(tie_embeddings=False, renormalize=True, slot_priority="probability", group_size=6),
     dict(top_k=1, capacity_mode="k_scaled", d_head=4),              # attention width 8 != d_model
+    dict(ffn_kind="openmoe", tie_embeddings=False, logit_z_loss_coef=0.05),  # the original code's
+    dict(ffn_kind="openmoe", logit_z_loss_coef=0.05, shared_ffn=True),       # ... tied
 ])
 def test_model_matches_torch(dtype, variant):
     out = compare(small_cfg(dtype, **variant))
@@ -120,7 +122,8 @@ def test_model_eval_mode_and_dense():
 
 
 @pytest.mark.parametrize("name,kw", [("toy", {}), ("mini", {}),
-                                     ("toy", dict(tie_embeddings=False, shared_ffn=False, n_layers=4))])
+                                     ("toy", dict(tie_embeddings=False, shared_ffn=False, n_layers=4)),
+                                     ("toy", dict(ffn_kind="openmoe", tie_embeddings=False))])
 def test_parameter_names_and_shapes(name, kw):
     cfg = get_preset(name, **kw)
     model = OpenMoE(cfg)
@@ -128,6 +131,90 @@ def test_parameter_names_and_shapes(name, kw):
     assert got == list(parameter_shapes(cfg).items())
     assert all(p.dtype == np.float32 for p in model.parameters())
     assert OpenMoE(cfg.replace(dtype="float64")).tok_emb.weight.dtype == np.float64
+
+
+def test_logit_z_loss_value_and_off_by_default():
+    """The output-logit z-loss is mean over real targets of logsumexp(logits)^2, weighted by
+    logit_z_loss_coef; with the default 0 it is not computed and the loss is unchanged."""
+    cfg = small_cfg("float64", logit_z_loss_coef=0.5)
+    model = OpenMoE(cfg, seed=2)
+    rng = np.random.default_rng(4)
+    ids = rng.integers(0, cfg.vocab_size, size=(2, 10))
+    targets = ids.copy()
+    targets[1, 3:] = -100
+    out = model(ids, targets=targets)
+    z = B.to_numpy(out.logits.data).reshape(-1, cfg.vocab_size)[targets.reshape(-1) != -100]
+    m = z.max(-1, keepdims=True)
+    lse = (m + np.log(np.exp(z - m).sum(-1, keepdims=True)))[:, 0]
+    assert_close("logit z", out.logit_z, np.mean(lse ** 2), 1e-12)
+    rest = out.ce + out.aux_loss * cfg.aux_loss_coef + out.z_loss * cfg.z_loss_coef
+    assert_close("loss", out.loss, rest.numpy() + 0.5 * np.mean(lse ** 2), 1e-12)
+    off = OpenMoE(cfg.replace(logit_z_loss_coef=0.0), seed=2)(ids, targets=targets)
+    assert off.logit_z is None and float(off.loss.item()) == float(rest.item())
+
+
+def test_openmoe_init():
+    """cfg.init "openmoe" (docs/openmoe-facts.md §9): embedding N(0, 1), attention and
+    experts N(0, 0.1 / fan_in), dense/shared FFN and untied head the same std truncated at
+    2 std, routers N(0, 0.02^2), norms 1. "normal" keeps every matrix N(0, init_std^2)."""
+    from tinymoe.nn.layers import TRUNCATED_NORMAL_STD
+    cfg = get_preset("toy", d_model=128, d_ff=256, n_heads=4, n_experts=4, init="openmoe",
+                     ffn_kind="openmoe", tie_embeddings=False, vocab_size=512)
+    sd = OpenMoE(cfg, seed=0).state_dict()
+    def std_ok(name, want, rel=0.05):
+        got = sd[name].std()
+        assert abs(got / want - 1) < rel, f"{name}: std {got} vs {want}"
+    std_ok("tok_emb.weight", 1.0)
+    for w, fan in (("wq", 128), ("wk", 128), ("wv", 128), ("wo", 128)):
+        std_ok(f"blocks.0.attn.{w}.weight", np.sqrt(0.1 / fan))
+    for w, fan in (("wi_0", 128), ("wi_1", 128), ("wo", 256)):
+        a = sd[f"blocks.0.ffn.{w}.weight"]
+        std_ok(f"blocks.0.ffn.{w}.weight", np.sqrt(0.1 / fan))
+        assert np.abs(a).max() <= 2 * np.sqrt(0.1 / fan) / TRUNCATED_NORMAL_STD * (1 + 1e-6)
+        std_ok(f"blocks.1.shared_ffn.{w}.weight", np.sqrt(0.1 / fan))
+    for w, fan in (("wi_0", 128), ("wi_1", 128), ("wo", 256)):
+        a = sd[f"blocks.1.moe.experts.{w}"]
+        std_ok(f"blocks.1.moe.experts.{w}", np.sqrt(0.1 / fan))
+        assert np.abs(a).max() > 2.5 * np.sqrt(0.1 / fan)          # experts: not truncated
+    std_ok("blocks.1.moe.router.weight", 0.02, rel=0.1)
+    std_ok("lm_head.weight", np.sqrt(0.1 / 128))
+    assert np.all(sd["norm_f.weight"] == 1)
+    normal = OpenMoE(cfg.replace(init="normal"), seed=0).state_dict()
+    assert abs(normal["tok_emb.weight"].std() / 0.02 - 1) < 0.05
+    assert abs(normal["blocks.0.ffn.wo.weight"].std() / 0.02 - 1) < 0.05
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_openmoe_experts_match_torch(packed):
+    """Experts of ffn_kind "openmoe" (wi_0 [E, d, 2f], wi_1 [E, d, f], wo [E, f, d]) on packed
+    rows and on the full [E, R, d] buffer, forward and gradients vs the torch twin's FFN."""
+    from tinymoe.nn.moe import Experts
+    from tests.oracle.torch_moe import openmoe_ffn
+    E, d, f, sizes = 3, 6, 5, (4, 0, 3)
+    ex = Experts(E, d, f, rng=B.default_rng(0), kind="openmoe", dtype="float64")
+    rng = np.random.default_rng(1)
+    w = {k: rng.normal(0.05, 0.4, size=p.shape) for k, p in ex.named_parameters()}
+    ex.load_state_dict(w)
+    assert [k for k, _ in ex.named_parameters()] == ["wi_0", "wi_1", "wo"]
+    x = rng.normal(0.1, 1.0, size=(sum(sizes), d) if packed else (E, 4, d))
+    g = rng.normal(size=x.shape)
+    xt = tinymoe.Tensor(x, requires_grad=True)
+    y = ex(xt, load=np.array(sizes)) if packed else ex(xt)
+    (y * tinymoe.Tensor(g)).sum().backward()
+    wt = {k: torch.tensor(v, requires_grad=True) for k, v in w.items()}
+    xtt = torch.tensor(x, requires_grad=True)
+    if packed:
+        bounds = np.cumsum((0,) + sizes)
+        parts = [openmoe_ffn(xtt[bounds[e]:bounds[e + 1]], wt["wi_0"][e], wt["wi_1"][e], wt["wo"][e])
+                 for e in range(E)]
+        yt = torch.cat(parts)
+    else:
+        yt = torch.stack([openmoe_ffn(xtt[e], wt["wi_0"][e], wt["wi_1"][e], wt["wo"][e]) for e in range(E)])
+    (yt * torch.tensor(g)).sum().backward()
+    assert_close("y", y, yt.detach(), 1e-12)
+    assert_close("dx", xt.grad, xtt.grad, 1e-12)
+    for k, p in ex.named_parameters():
+        assert_close(f"d{k}", p.grad, wt[k].grad, 1e-12, atol=1e-15)
 
 
 def test_same_seed_same_weights():

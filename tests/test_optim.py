@@ -1,6 +1,6 @@
-"""tinymoe.optim against torch: AdamW vs torch.optim.AdamW, Adafactor vs a paper-derived
-torch reference (tests/oracle/torch_adafactor.py), clip_grad_norm_ vs torch, schedules by
-hand, state_dict round trips and error messages."""
+"""tinymoe.optim against torch: AdamW vs torch.optim.AdamW, Adafactor vs a torch reference
+written from T5X's rule with a per-expert loop (tests/oracle/torch_adafactor.py),
+clip_grad_norm_ vs torch, schedules by hand, state_dict round trips and error messages."""
 from __future__ import annotations
 
 import math
@@ -122,8 +122,19 @@ def test_param_groups_for_decay():
 
 # --------------------------------------------------------------------------- Adafactor
 
-AF_SHAPES = [(6, 5), (3, 5, 4), (7,), (2, 3), (6, 1)]  # with min_dim_size_to_factor=4:
-# (6,5) factored, (3,5,4) factored per expert, (7,) unfactored, (2,3) and (6,1) too small
+AF_SHAPES = [(6, 5), (3, 5, 4), (7,), (2, 3), (6, 1), (2, 3, 1)]  # min_dim_size_to_factor=4:
+# (6,5) factored; (3,5,4) and (2,3,1) factored per expert (an expert tensor whatever its
+# size: T5X's explicit rule); (7,) unfactored; (2,3) and (6,1) matrices too small
+
+
+def _spread_experts(arrays, lo, hi):
+    """Scale expert e of every stacked [E, r, c] array by logspace(lo, hi)[e], in place, so
+    the experts differ in scale by orders of magnitude (a whole-tensor RMS or clipping
+    then gives a different update than the per-expert one)."""
+    for a in arrays:
+        if a.ndim == 3:
+            a *= np.logspace(lo, hi, a.shape[0])[:, None, None].astype(a.dtype)
+    return arrays
 
 
 @pytest.mark.parametrize("cfg", [
@@ -135,7 +146,7 @@ AF_SHAPES = [(6, 5), (3, 5, 4), (7,), (2, 3), (6, 1)]  # with min_dim_size_to_fa
 ])
 def test_adafactor_matches_torch_reference(cfg):
     dtype = np.float64
-    inits = _init(AF_SHAPES, dtype, seed=5)
+    inits = _spread_experts(_init(AF_SHAPES, dtype, seed=5), -2, 2)   # experts x 0.01 .. x 100
     ours = [P(a.copy()) for a in inits]
     theirs = [torch.tensor(a.copy()) for a in inits]
     opt = optim.Adafactor(ours, min_dim_size_to_factor=4, **cfg)
@@ -144,6 +155,7 @@ def test_adafactor_matches_torch_reference(cfg):
         ref_cfg["eps1"], ref_cfg["eps2"] = ref_cfg.pop("eps")
     ref = TorchAdafactor(theirs, min_dim_size_to_factor=4, **ref_cfg)
     for k, gs in enumerate(_grads(AF_SHAPES, 20, dtype, seed=6)):
+        gs = _spread_experts(gs, 1, -1)                                # gradients x 10 .. x 0.1
         for p, g in zip(ours, gs):
             p.grad = g.copy()
         opt.step()
@@ -155,10 +167,34 @@ def test_adafactor_matches_torch_reference(cfg):
     assert sizes["exp_avg_sq_row"] == (6,) and sizes["exp_avg_sq_col"] == (5,)
     s1 = opt.state[1]
     assert s1["exp_avg_sq_row"].shape == (3, 5) and s1["exp_avg_sq_col"].shape == (3, 4)
+    s5 = opt.state[5]
+    assert s5["exp_avg_sq_row"].shape == (2, 3) and s5["exp_avg_sq_col"].shape == (2, 1)
     for j in (2, 3, 4):
         assert opt.state[j]["exp_avg_sq"].shape == AF_SHAPES[j]
     n_mom = sum(math.prod(s) for s in AF_SHAPES) if cfg.get("beta1") is not None else 0
-    assert opt.state_size() == (6 + 5) + 3 * (5 + 4) + 7 + 6 + 6 + n_mom
+    assert opt.state_size() == (6 + 5) + 3 * (5 + 4) + 7 + 6 + 6 + 2 * (3 + 1) + n_mom
+
+
+def test_adafactor_scale_and_clipping_are_per_expert():
+    """The T5X rule on a stacked tensor equals updating each expert matrix as a separate
+    parameter; with experts of different scales that differs from whole-tensor statistics
+    (the pre-fix behaviour) by far more than rounding."""
+    rng = np.random.default_rng(11)
+    scales = np.array([0.01, 1.0, 30.0])[:, None, None]
+    w = rng.standard_normal((3, 4, 6)) * scales                       # [E, r, c]
+    grads = [rng.standard_normal((3, 4, 6)) * s for s in (1.0, 0.01, 50.0)]  # a spike: clipping
+    p = P(w.copy())
+    opt = optim.Adafactor([p], lr=0.1)
+    sep = [P(w[e].copy()) for e in range(3)]
+    opt_sep = optim.Adafactor(sep, lr=0.1, min_dim_size_to_factor=4)   # each [4, 6] factored
+    for g in grads:
+        p.grad = g.copy()
+        opt.step()
+        for e, q in enumerate(sep):
+            q.grad = g[e].copy()
+        opt_sep.step()
+    for e in range(3):
+        assert_close(f"expert {e}", p.data[e], sep[e].data, 1e-12)
 
 
 def test_adafactor_clipping_is_active_in_tests():

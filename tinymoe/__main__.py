@@ -71,10 +71,12 @@ class Command:
 def _choices() -> dict[str, Sequence[str]]:
     """Fields whose value is one of a fixed set (validated by the dataclasses)."""
     from tinymoe.config import CAPACITY_MODES, DTYPES, SLOT_PRIORITIES  # noqa: PLC0415
-    from tinymoe.train import OPTIMIZERS, SCHEDULES, TOKENIZERS  # noqa: PLC0415
+    from tinymoe.config import FFN_KINDS, INITS  # noqa: PLC0415
+    from tinymoe.train import OPTIMIZERS, RECIPES, SCHEDULES, TOKENIZERS  # noqa: PLC0415
 
     return {"schedule": SCHEDULES, "optimizer": OPTIMIZERS, "tokenizer": TOKENIZERS,
-            "capacity_mode": CAPACITY_MODES, "slot_priority": SLOT_PRIORITIES, "dtype": DTYPES}
+            "capacity_mode": CAPACITY_MODES, "slot_priority": SLOT_PRIORITIES, "dtype": DTYPES,
+            "recipe": RECIPES, "ffn_kind": FFN_KINDS, "init": INITS}
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> list[str]:
@@ -148,6 +150,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 def _train_run(args: argparse.Namespace) -> int:
     from tinymoe.checkpoint import load_checkpoint  # noqa: PLC0415
     from tinymoe.config import DEFAULT_PRESET, get_preset  # noqa: PLC0415
+    from tinymoe.recipes import RECIPES, apply_recipe  # noqa: PLC0415
     from tinymoe.train import TrainConfig, train  # noqa: PLC0415
 
     model_over = _given(args, "model__")
@@ -166,7 +169,12 @@ def _train_run(args: argparse.Namespace) -> int:
                                       "overwrite": args.overwrite})
     else:
         name = args.config or DEFAULT_PRESET
-        model_cfg = get_preset(name, **model_over)
+        recipe = train_over.get("recipe", TrainConfig.recipe)
+        if recipe in RECIPES and recipe != "none":      # the recipe under the explicit flags
+            train_over, model_cfg = apply_recipe(recipe, get_preset(name), train_over,
+                                                 model_over, TrainConfig.steps)
+        else:                                            # (a bad name: TrainConfig says so)
+            model_cfg = get_preset(name, **model_over)
         out = args.out if args.out is not None else f"runs/{name}"
         tcfg = TrainConfig(**train_over, out_dir=out, device=args.device,
                            overwrite=args.overwrite)

@@ -5,8 +5,9 @@ One flat dataclass, :class:`ModelConfig`, describes a whole OpenMoE-style decode
     token embedding -> n_layers blocks -> RMSNorm -> LM head (tied by default)
 
 Block ``i`` (0-indexed) is an MoE block when ``(i + 1) % moe_every == 0`` (OpenMoE-Base:
-``moe_every=4`` -> blocks 3, 7, 11); the other blocks use a dense SwiGLU FFN. An MoE block
-also carries a shared dense SwiGLU with its own RMSNorm when ``shared_ffn`` is true.
+``moe_every=4`` -> blocks 3, 7, 11); the other blocks use a dense FFN. An MoE block also
+carries a shared dense FFN with its own RMSNorm when ``shared_ffn`` is true. Every FFN
+(dense, shared, expert) has the form ``ffn_kind``: SwiGLU, or OpenMoE's gated triple product.
 
 Parameter counting is done from shapes only (:func:`parameter_shapes`), so the 34B preset
 is counted instantly without allocating anything. ``parameter_shapes`` is the single
@@ -29,7 +30,7 @@ from typing import Any, Iterable
 __all__ = [
     "ModelConfig", "PRESETS", "DEFAULT_PRESET", "get_preset", "preset_names",
     "parameter_shapes", "count_parameters", "memory_bytes", "parse_overrides",
-    "CAPACITY_MODES", "SLOT_PRIORITIES", "capacity",
+    "CAPACITY_MODES", "SLOT_PRIORITIES", "capacity", "FFN_KINDS", "INITS",
 ]
 
 # The routing vocabulary (see tinymoe.routing for what each choice does). Adding a choice
@@ -47,6 +48,13 @@ _FLOAT_FIELDS = ("aux_loss_coef", "z_loss_coef", "rope_base", "norm_eps", "init_
 _OPT_FLOAT_FIELDS = ("capacity_factor", "eval_capacity_factor")
 _BOOL_FIELDS = ("shared_ffn", "renormalize", "tie_embeddings")
 _STR_FIELDS = ("capacity_mode", "slot_priority", "dtype")
+# OpenMoE's original-code choices (docs/openmoe-facts.md §4, §8, §9): FFN form, output-logit
+# z-loss, initialisation
+FFN_KINDS = ("swiglu", "openmoe")
+INITS = ("normal", "openmoe")
+OPENMOE_INIT_SCALE = 0.1
+_FLOAT_FIELDS += ("logit_z_loss_coef",)
+_STR_FIELDS += ("ffn_kind", "init")
 
 
 def capacity(group_size: int, n_experts: int, top_k: int, capacity_factor: float | None,
@@ -95,8 +103,8 @@ class ModelConfig:
             be divisible by n_heads). Attention inner width = n_heads * d_head, which may
             differ from d_model (OpenMoE-8B/34B: 24 x 128 = 3072 heads on d_model 2048/3072).
             Must be even (RoPE rotates pairs).
-        d_ff: hidden width of the dense SwiGLU FFNs and of the shared FFN in MoE blocks.
-        d_ff_expert: hidden width of each expert's SwiGLU; None -> d_ff.
+        d_ff: hidden width of the dense FFNs and of the shared FFN in MoE blocks.
+        d_ff_expert: hidden width of each expert's FFN; None -> d_ff.
 
     Mixture of experts
         n_experts (E), top_k (k), moe_every (MoE on block i when (i+1) % moe_every == 0;
@@ -123,6 +131,15 @@ class ModelConfig:
     Other
         tie_embeddings (LM head = embedding^T), rope_base, norm_eps (RMSNorm),
         init_std (normal init), dtype ("float32" | "float64").
+
+    OpenMoE's original code (docs/openmoe-facts.md §4, §8, §9; defaults change nothing)
+        ffn_kind: "swiglu" (W_down(silu(x W_gate) * (x W_up)), 3 d f weights) or "openmoe"
+            (Wo[(x A) * silu(x B) * (x W1)], [A | B] = W0 [d, 2f]: 4 d f weights), for the
+            dense, shared and expert FFNs.
+        logit_z_loss_coef: weight of the output-logit z-loss, the mean over target tokens
+            of logsumexp(logits)^2 (T5X ``z_loss``); 0 = off.
+        init: "normal" (every matrix N(0, init_std^2), routers N(0, 0.02^2)) or "openmoe"
+            (embedding N(0, 1), other matrices std sqrt(0.1 / fan_in), routers N(0, 0.02^2)).
     """
 
     vocab_size: int
@@ -134,7 +151,7 @@ class ModelConfig:
     n_heads: int
     "attention heads per block"
     d_ff: int
-    "hidden width of the dense SwiGLU FFNs and of the shared FFN in MoE blocks"
+    "hidden width of the dense FFNs and of the shared FFN in MoE blocks"
     n_experts: int
     "experts per MoE layer (E)"
     top_k: int
@@ -144,11 +161,11 @@ class ModelConfig:
     max_seq_len: int
     "longest sequence (RoPE and the KV cache are sized for it)"
     d_ff_expert: int | None = None
-    "hidden width of each expert's SwiGLU (none: d_ff)"
+    "hidden width of each expert's FFN (none: d_ff)"
     d_head: int | None = None
     "width of one attention head, even (none: d_model // n_heads)"
     shared_ffn: bool = True
-    "MoE blocks also run a shared dense SwiGLU with its own RMSNorm (OpenMoE)"
+    "MoE blocks also run a shared dense FFN with its own RMSNorm (OpenMoE)"
     capacity_factor: float | None = 1.25
     "expert capacity factor in training (0 or none: dropless)"
     eval_capacity_factor: float | None = 2.0
@@ -180,6 +197,18 @@ class ModelConfig:
     "standard deviation of the normal weight init"
     dtype: str = "float32"
     "floating-point type of weights and activations"
+    # -- OpenMoE's original code (docs/openmoe-facts.md §4, §8, §9); the defaults change nothing
+    ffn_kind: str = "swiglu"
+    ("form of the dense, shared and expert FFNs: swiglu (W_down(silu(x W_gate) * x W_up), "
+     "3 d ff weights) or openmoe (the original code's Wo[(x A) * silu(x B) * (x W1)] with "
+     "[A | B] = W0 of width 2 ff: 4 d ff weights)")
+    logit_z_loss_coef: float = 0.0
+    ("weight of the output-logit z-loss, mean over target tokens of logsumexp(logits)^2 "
+     "(OpenMoE: 1e-4 in the code, 1e-3 in the paper's Table 12; 0 = off)")
+    init: str = "normal"
+    ("weight init: normal (every matrix N(0, init_std^2), routers N(0, 0.02^2)) or openmoe "
+     "(embedding N(0, 1); other matrices std sqrt(0.1 / fan_in), truncated at 2 std for dense "
+     "FFNs and the LM head; routers N(0, 0.02^2))")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -252,7 +281,11 @@ class ModelConfig:
                              f"{', '.join(SLOT_PRIORITIES)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
-        for name in ("aux_loss_coef", "z_loss_coef", "init_std"):
+        if self.ffn_kind not in FFN_KINDS:
+            raise ValueError(f"ffn_kind={self.ffn_kind!r} is not one of {', '.join(FFN_KINDS)}")
+        if self.init not in INITS:
+            raise ValueError(f"init={self.init!r} is not one of {', '.join(INITS)}")
+        for name in ("aux_loss_coef", "z_loss_coef", "init_std", "logit_z_loss_coef"):
             v = getattr(self, name)
             if v < 0:
                 raise ValueError(f"{name}={v} < 0")
@@ -274,8 +307,14 @@ class ModelConfig:
 
     @property
     def expert_ff(self) -> int:
-        """Hidden width of one expert's SwiGLU (d_ff_expert, or d_ff when None)."""
+        """Hidden width of one expert's FFN (d_ff_expert, or d_ff when None)."""
         return self.d_ff_expert if self.d_ff_expert is not None else self.d_ff
+
+    @property
+    def init_fan_in_scale(self) -> float | None:
+        """OpenMoE's init scale 0.1 (``SCALE``, TC-*:40; docs/openmoe-facts.md §9): a matrix
+        with fan-in n is drawn with std sqrt(0.1 / n); None with ``init="normal"``."""
+        return OPENMOE_INIT_SCALE if self.init == "openmoe" else None
 
     @property
     def moe_layers(self) -> list[int]:
@@ -429,10 +468,29 @@ PRESETS: dict[str, ModelConfig] = {
                               n_heads=24, d_head=128, d_ff=8192, n_experts=32, top_k=2,
                               moe_every=6, max_seq_len=2048, group_size=4096),
     # OpenMoE-34B/32E: 24 heads x 128 on d_model 3072; MoE blocks 3, 7, ..., 31.
-    # Untied head in the original; group size 4096 (the original moved to 8192 later).
+    # Untied head in the original. Router z-loss 1e-3 and group size 8192 as in the last
+    # commit of its gin file (OM-xl:25-26; docs/openmoe-facts.md §1, §8).
     "openmoe-34b": ModelConfig(vocab_size=_OPENMOE_VOCAB, d_model=3072, n_layers=32,
                                n_heads=24, d_head=128, d_ff=12288, n_experts=32, top_k=2,
-                               moe_every=4, max_seq_len=2048, group_size=4096),
+                               moe_every=4, max_seq_len=2048, group_size=8192,
+                               z_loss_coef=1e-3),
+    # OpenMoE-Base/16E as the original code built it (docs/openmoe-facts.md §1, §4, §5,
+    # §8, §9): FFN width 2048 in the 4-matrix form, untied output head, output-logit
+    # z-loss 1e-4, OpenMoE's init.
+    "openmoe-base-code": ModelConfig(vocab_size=_OPENMOE_VOCAB, d_model=768, n_layers=12,
+                                     n_heads=12, d_ff=2048, n_experts=16, top_k=2,
+                                     moe_every=4, max_seq_len=2048, group_size=4096,
+                                     tie_embeddings=False, ffn_kind="openmoe",
+                                     logit_z_loss_coef=1e-4, init="openmoe"),
+}
+
+# What the literature reports for a preset (printed by ``python -m tinymoe params``).
+PRESET_LITERATURE: dict[str, str] = {
+    "openmoe-base": ("paper Table 11 (OpenMoE-Base/16E): 650M total, 339M active with "
+                     "embedding, 142M active without"),
+    "openmoe-base-code": ("paper Table 11 (OpenMoE-Base/16E): 650M total, 339M active with "
+                          "embedding, 142M active without; the code's form reproduces the two "
+                          "active counts (docs/openmoe-facts.md §13)"),
 }
 
 DEFAULT_PRESET = "mini"
@@ -459,17 +517,30 @@ def get_preset(name: str, **overrides: Any) -> ModelConfig:
 
 
 # ---------------------------------------------------------------------- shapes and counts
-def _swiglu_shapes(prefix: str, d: int, f: int) -> dict[str, tuple[int, ...]]:
-    """SwiGLU FFN: out = W_down (silu(x W_gate) * (x W_up)); Linear weights stored [in, out]."""
+def _ffn_shapes(prefix: str, d: int, f: int, kind: str) -> dict[str, tuple[int, ...]]:
+    """A dense FFN's weights (Linear weights stored [in, out]):
+    swiglu  out = W_down (silu(x W_gate) * (x W_up)): w_gate, w_up [d, f], w_down [f, d];
+    openmoe out = Wo [(x A) * silu(x B) * (x W1)], [A | B] = W0: wi_0 [d, 2f], wi_1 [d, f],
+            wo [f, d] (flaxformer's names)."""
+    if kind == "openmoe":
+        return {f"{prefix}.wi_0.weight": (d, 2 * f), f"{prefix}.wi_1.weight": (d, f),
+                f"{prefix}.wo.weight": (f, d)}
     return {f"{prefix}.w_gate.weight": (d, f), f"{prefix}.w_up.weight": (d, f),
             f"{prefix}.w_down.weight": (f, d)}
+
+
+def _expert_shapes(prefix: str, E: int, d: int, f: int, kind: str) -> dict[str, tuple[int, ...]]:
+    """The stacked expert weights: the FFN form of :func:`_ffn_shapes` with a leading E."""
+    return {f"{prefix}.{name.rsplit('.', 2)[1]}": (E, *shape)
+            for name, shape in _ffn_shapes(prefix, d, f, kind).items()}
 
 
 def parameter_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every parameter's name and shape, in module order, without allocating anything.
 
     The model's state_dict uses exactly these names. Linear weights are stored [in, out].
-    Expert weights are stacked over experts: w_gate/w_up [E, d, f], w_down [E, f, d].
+    Expert weights are stacked over experts: w_gate/w_up [E, d, f], w_down [E, f, d]
+    (``ffn_kind="openmoe"``: wi_0 [E, d, 2f], wi_1 [E, d, f], wo [E, f, d]).
     """
     d, V, E, A = cfg.d_model, cfg.vocab_size, cfg.n_experts, cfg.attn_dim
     shapes: dict[str, tuple[int, ...]] = {"tok_emb.weight": (V, d)}
@@ -484,14 +555,12 @@ def parameter_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         if cfg.is_moe_block(i):
             f = cfg.expert_ff
             shapes[f"{b}.moe.router.weight"] = (d, E)
-            shapes[f"{b}.moe.experts.w_gate"] = (E, d, f)
-            shapes[f"{b}.moe.experts.w_up"] = (E, d, f)
-            shapes[f"{b}.moe.experts.w_down"] = (E, f, d)
+            shapes.update(_expert_shapes(f"{b}.moe.experts", E, d, f, cfg.ffn_kind))
             if cfg.shared_ffn:
                 shapes[f"{b}.shared_norm.weight"] = (d,)
-                shapes.update(_swiglu_shapes(f"{b}.shared_ffn", d, cfg.d_ff))
+                shapes.update(_ffn_shapes(f"{b}.shared_ffn", d, cfg.d_ff, cfg.ffn_kind))
         else:
-            shapes.update(_swiglu_shapes(f"{b}.ffn", d, cfg.d_ff))
+            shapes.update(_ffn_shapes(f"{b}.ffn", d, cfg.d_ff, cfg.ffn_kind))
     shapes["norm_f.weight"] = (d,)
     if not cfg.tie_embeddings:
         shapes["lm_head.weight"] = (d, V)
@@ -560,7 +629,7 @@ def memory_bytes(cfg: ModelConfig, dtype: str | None = None) -> dict[str, int]:
     adafactor:      factored second moment (Shazeer & Stern 2018, no momentum as in
                     OpenMoE): a matrix [r, c] keeps r + c values, each expert matrix of a
                     stacked [E, r, c] tensor keeps r + c, a vector keeps all its values.
-                    (t5x factors only when both dims >= 128; ignored here.)
+                    (A matrix with a dim < 128 is stored unfactored; counted factored here.)
     """
     dtype = cfg.dtype if dtype is None else dtype
     if dtype not in _DTYPE_BYTES:

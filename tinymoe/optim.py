@@ -429,7 +429,13 @@ def configure_optimizers(model: Any, cfg: Any) -> Optimizer:
 
 
 class Adafactor(Optimizer):
-    """Adafactor (Shazeer & Stern 2018), as OpenMoE trained with it through T5X.
+    """Adafactor (Shazeer & Stern 2018), as OpenMoE trained with it through T5X
+    (``t5x/adafactor.py``; docs/openmoe-facts.md §10).
+
+    Every statistic below is taken over the *averaging dims* of a parameter: all its dims
+    for a vector or a matrix, the last two for a stacked tensor [E, r, c] (T5X names the
+    expert axis a batch axis: each expert matrix has its own scale, clipping and factored
+    second moment, exactly as if the E matrices were separate parameters).
 
     For a parameter X with gradient G at step t (per parameter, counted from 1):
 
@@ -438,24 +444,29 @@ class Adafactor(Optimizer):
       otherwise rho_t = lr (e.g. OpenMoE's schedule 1 / sqrt(max(step, 1e4)), see
       ``inverse_sqrt``).
     - parameter scale (section 8): alpha_t = max(eps2, RMS(X_{t-1})) * rho_t when
-      ``scale_parameter``, else alpha_t = rho_t.
-    - decay (section 7.2): beta2_t = 1 - t^(-decay_rate), decay_rate 0.8; beta2_1 = 0.
-    - second moment, factored (Algorithm 4, for ndim >= 2 with both of the last two dims
-      >= ``min_dim_size_to_factor``): with G2 = G^2 + eps1,
+      ``scale_parameter`` (one alpha per expert for [E, r, c]), else alpha_t = rho_t.
+    - decay (section 7.2): beta2_t = 1 - t^(-decay_rate), decay_rate 0.8; beta2_1 = 0
+      (T5X counts steps from 0 and writes 1 - (t + 1)^(-0.8): the same numbers).
+    - second moment, factored (Algorithm 4): with G2 = G^2 + eps1,
           R_t = beta2_t R_{t-1} + (1 - beta2_t) rowmean(G2)     [..., r]
           C_t = beta2_t C_{t-1} + (1 - beta2_t) colmean(G2)     [..., c]
           V_t = (R_t / mean(R_t)) outer C_t                     [..., r, c]
       The paper writes row/column *sums* and V = R C / (1^T R); with means the result
-      is identical and the numbers stay of the order of G^2. Leading dims are kept: a
-      3-D expert weight [E, d, f] has per-expert statistics R [E, d], C [E, f].
-      Unfactored (Algorithm 5, 1-D or small tensors): V_t = beta2_t V_{t-1} + (1 - beta2_t) G2.
+      is identical and the numbers stay of the order of G^2. Which tensors (T5X's rules):
+      a matrix when its smaller dim is >= ``min_dim_size_to_factor`` (128; the heuristic
+      rule, A:366-385), a stacked expert tensor [E, r, c] always, whatever r and c (the
+      explicit rule ``expert -> BATCH``, A:396-398), with per-expert R [E, r], C [E, c].
+      Unfactored (Algorithm 5, vectors and small matrices):
+          V_t = beta2_t V_{t-1} + (1 - beta2_t) G2.
     - update and clipping (section 7.1): U_t = G / sqrt(V_t),
-          U^_t = U_t / max(1, RMS(U_t) / clip_threshold)        (RMS over the whole tensor)
+          U^_t = U_t / max(1, RMS(U_t) / clip_threshold)        (RMS per expert for [E, r, c])
     - optional momentum (T5X ordering, on the scaled update): M = beta1 M + (1 - beta1) alpha_t U^_t.
-    - optional decoupled weight decay: X <- X (1 - alpha_t weight_decay).
+    - optional decoupled weight decay: X <- X (1 - alpha_t weight_decay) (tinymoe's
+      convention, scaled by the step size; T5X's ``weight_decay_rate`` is not, and OpenMoE
+      used none).
     - X_t = X_{t-1} - alpha_t U^_t  (or - M with momentum).
 
-    Memory: a factored [r, c] matrix keeps r + c numbers (E (d + f) for [E, d, f]),
+    Memory: a factored [r, c] matrix keeps r + c numbers (E (r + c) for [E, r, c]),
     unfactored tensors keep one number per element, momentum doubles the parameter.
     """
 
@@ -490,8 +501,12 @@ class Adafactor(Optimizer):
 
     @staticmethod
     def is_factored(shape: tuple[int, ...], min_dim_size_to_factor: int = 128) -> bool:
-        """True when the second moment of a tensor of this shape is stored factored."""
-        return len(shape) >= 2 and min(shape[-2], shape[-1]) >= min_dim_size_to_factor
+        """True when the second moment of a tensor of this shape is stored factored:
+        a stacked tensor [E, r, c] (ndim >= 3) always, a matrix when both dims are
+        >= ``min_dim_size_to_factor``, a vector never (T5X's rules)."""
+        if len(shape) >= 3:
+            return True
+        return len(shape) == 2 and min(shape) >= min_dim_size_to_factor
 
     def _expected_state_shapes(self, p: Any, group: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         shape = tuple(p.data.shape)
@@ -515,15 +530,17 @@ class Adafactor(Optimizer):
         xp = B.array_module(p.data)
         t = s["step"]
         eps1, eps2 = (float(e) for e in group["eps"])
+        # the RMS over the averaging dims: whole tensor, or per expert matrix of [E, r, c]
+        rms = _rms if p.data.ndim <= 2 else _rms_per_matrix
 
-        # step size alpha_t (0-d, p's dtype)
+        # step size alpha_t (0-d, or [E, 1, 1] per expert; p's dtype)
         if group["lr"] is None:
             min_step = 1e-6 * t if group["warmup_init"] else 1e-2
             rho = min(min_step, 1.0 / math.sqrt(t))
         else:
             rho = float(group["lr"])
         if group["scale_parameter"]:
-            alpha = xp.maximum(eps2, _rms(p.data)) * rho
+            alpha = xp.maximum(eps2, rms(p.data)) * rho
         else:
             alpha = xp.asarray(rho, dtype=p.data.dtype)
         beta2 = 1.0 - t ** (-float(group["decay_rate"]))
@@ -552,7 +569,7 @@ class Adafactor(Optimizer):
 
         # update clipping: U^ = U / max(1, RMS(U) / d)
         if group["clip_threshold"] is not None:
-            u /= xp.maximum(1.0, _rms(u) / float(group["clip_threshold"]))
+            u /= xp.maximum(1.0, rms(u) / float(group["clip_threshold"]))
         u *= alpha                                             # alpha_t U^
         if group["beta1"] is not None:
             b1 = float(group["beta1"])
@@ -564,6 +581,15 @@ class Adafactor(Optimizer):
         if group["weight_decay"] != 0.0:
             p.data *= 1.0 - alpha * float(group["weight_decay"])
         p.data -= u
+
+
+def _rms_per_matrix(a: Any) -> Any:
+    """RMS of each matrix of a stacked tensor [..., r, c] -> [..., 1, 1], in ``a``'s dtype
+    (the per-expert RMS of Adafactor: the expert axis is a batch axis)."""
+    xp = B.array_module(a)
+    flat = a.reshape(a.shape[:-2] + (-1,))                     # [..., r, c] -> [..., r*c]
+    sq = xp.einsum("...i,...i->...", flat, flat)               # [...] sums of squares
+    return xp.sqrt(sq / flat.shape[-1])[..., None, None]       # [..., 1, 1]
 
 
 # --------------------------------------------------------------------------- schedules

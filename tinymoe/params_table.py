@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tinymoe.config import (COMPONENTS, ModelConfig, count_parameters, get_preset,
-                            memory_bytes, parse_overrides)
+from tinymoe.config import (COMPONENTS, PRESET_LITERATURE, ModelConfig, count_parameters,
+                            get_preset, memory_bytes, parse_overrides)
 
 __all__ = ["format_params_table", "params_command"]
 
@@ -72,8 +72,17 @@ def format_params_table(cfg: ModelConfig, name: str | None = None) -> str:
     lines.append(f"{'blocks only, active':<{w}} {_count(c['active_blocks_only']):>{cw}}")
     lines.append("  blocks only = parameters under blocks.*, the convention of the original "
                  "code's count")
-    lines.append("  (which for Base also used FFN width 2048 with 4*d*ff weights per FFN: "
-                 "405.8M total / 141.6M active)")
+    ffn_kind = ("4*d*ff per FFN, OpenMoE's code" if cfg.ffn_kind == "openmoe"
+                else "3*d*ff per FFN, SwiGLU")
+    attn_ffn = {t: c["attention"] + c["dense_ffn"] + c["shared_ffn"]
+                + (c["experts"] if t else c["experts_active"]) for t in (True, False)}
+    lines.append(f"{'attention + FFN weights':<{w}} {_count(attn_ffn[True]):>{cw}}  total "
+                 f"({ffn_kind})")
+    lines.append(f"{'':<{w}} {_count(attn_ffn[False]):>{cw}}  active; "
+                 f"+ one embedding: {_count(attn_ffn[False] + c['embedding'])}")
+    literature = PRESET_LITERATURE.get(name or "")
+    if literature:
+        lines.append(f"  literature: {literature}")
     lines.append("")
     lines.append(f"memory ({cfg.dtype}, {m['bytes_per_value']} bytes per value)")
     lines.append(f"  {'weights':<22} {_bytes(m['weights']):>12}")

@@ -22,6 +22,7 @@ from tinymoe.data import BatchSampler, Corpus, builtin_corpus, encode_corpus, lo
 from tinymoe.evaluate import token_byte_lengths
 from tinymoe.optim import (Optimizer, configure_optimizers, constant, inverse_sqrt,
                            warmup_cosine)
+from tinymoe.recipes import recipe_report
 from tinymoe.runfolder import RunFolder
 from tinymoe.tokenizer import ByteTokenizer
 
@@ -37,7 +38,7 @@ __all__ = ["Session", "set_up", "lr_at", "build_optimizer", "load_data", "build_
 # be the same run (other fields, e.g. steps or eval_every, may change on resume).
 RESUME_MUST_MATCH = ("batch_size", "seq_len", "seed", "data", "exclude_domains", "max_chars",
                      "tokenizer", "optimizer", "grad_accum", "weight_decay", "adam_beta1",
-                     "adam_beta2")
+                     "adam_beta2", "recipe")
 # Fields that shape the learning-rate schedule (a resume that changes one says so).
 SCHEDULE_FIELDS = ("schedule", "steps", "lr", "min_lr", "warmup")
 
@@ -175,6 +176,8 @@ class Session:
     ckpt: Checkpoint | None
     start_step: int
     notes: list[str]
+    recipe: dict[str, Any] | None = None
+    "what the recipe set (:func:`tinymoe.recipes.recipe_report`); None without one"
 
 
 def set_up(model_cfg: ModelConfig | None, cfg: TrainConfig, rf: RunFolder) -> Session:
@@ -218,6 +221,14 @@ def set_up(model_cfg: ModelConfig | None, cfg: TrainConfig, rf: RunFolder) -> Se
                               "checkpoint was trained on (changed files or settings)")
     sampler = BatchSampler(train_tok, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
     route_rng = B.default_rng(cfg.seed + 1_000_003)   # slot priority "random" only
+    recipe = recipe_report(cfg.recipe, cfg, model_cfg)
+    if recipe is not None and ckpt is None:
+        notes.append(_recipe_note(recipe))
+    if model_cfg.init == "openmoe" and model_cfg.tie_embeddings and ckpt is None:
+        notes.append("note: init openmoe draws the embedding N(0, 1) and the LM head is tied "
+                     f"to it, so the first logits have std ~sqrt(d_model) = "
+                     f"{math.sqrt(model_cfg.d_model):.0f}; OpenMoE's head is untied "
+                     "(--tie-embeddings false, or --config openmoe-base-code)")
     model = OpenMoE(model_cfg, seed=cfg.seed)
     model.train()
     optimizer = build_optimizer(model, cfg)
@@ -237,5 +248,15 @@ def set_up(model_cfg: ModelConfig | None, cfg: TrainConfig, rf: RunFolder) -> Se
                     train_tok=train_tok, val_tok=val_tok,
                     byte_lengths=token_byte_lengths(tokenizer, model_cfg.vocab_size),
                     fingerprint=fingerprint, ckpt=ckpt,
-                    start_step=ckpt.step if ckpt is not None else 0, notes=notes)
+                    start_step=ckpt.step if ckpt is not None else 0, notes=notes, recipe=recipe)
+
+
+def _recipe_note(report: dict[str, Any]) -> str:
+    """One line: what the recipe set, and which of its values an explicit setting replaced."""
+    line = (f"recipe {report['recipe']} set: "
+            + ", ".join(f"{k}={v}" for k, v in report["set"].items()))
+    if report["kept"]:
+        line += "; your settings kept: " + ", ".join(
+            f"{k}={yours} (recipe: {theirs})" for k, (yours, theirs) in report["kept"].items())
+    return line
 

@@ -52,6 +52,7 @@ from tinymoe.config import ModelConfig, count_parameters
 from tinymoe.data import Batch, BatchSampler, unigram_entropy
 from tinymoe.evaluate import evaluate, probe_batch, routing_summary
 from tinymoe.optim import Optimizer, clip_grad_norm_, scale_grads_, set_lr
+from tinymoe.recipes import RECIPES
 from tinymoe.runfolder import RunFolder, plot_curves, write_line
 # the set-up pieces, importable from here as before the split
 from tinymoe.session import (RESUME_MUST_MATCH, Session, build_optimizer, build_tokenizer,
@@ -62,7 +63,7 @@ np = B.np
 __all__ = ["TrainConfig", "TrainResult", "StepStats", "UpdateInterrupted", "train",
            "train_step", "evaluate", "lr_at", "build_optimizer", "load_data",
            "build_tokenizer", "routing_summary", "plot_curves", "RESUME_MUST_MATCH",
-           "SCHEDULES", "OPTIMIZERS", "TOKENIZERS"]
+           "SCHEDULES", "OPTIMIZERS", "TOKENIZERS", "RECIPES"]
 
 SCHEDULES = ("cosine", "inverse_sqrt", "constant")
 from tinymoe.optim import OPTIMIZERS  # noqa: E402  (one vocabulary: optim owns the optimizer names)
@@ -74,6 +75,15 @@ class TrainConfig:
     """Every training setting, flat: each field is a ``python -m tinymoe train`` flag and
     the string under it is that flag's help (``--help`` is generated from them)."""
 
+    recipe: str = "none"
+    ("a set of settings applied under your explicit flags (which win); the run log lists what "
+     "it set. none: nothing. openmoe: what OpenMoE trained with (tinymoe/recipes.py): "
+     "optimizer adafactor, weight_decay 0, grad_clip 0 (no global clipping), schedule "
+     "inverse_sqrt with lr 0.01 held constant for warmup = steps/50 updates (OpenMoE: 10k of "
+     "500k steps, a constant lr, no ramp) then decaying as 1/sqrt(t); router z-loss 1e-4 "
+     "(1e-3 for the 34B shape), output-logit z-loss 1e-4, init openmoe, untied LM head "
+     "(tie_embeddings false: OpenMoE's, which its N(0, 1) embedding needs). In Python: "
+     "tinymoe.recipes.apply_recipe")
     steps: int = 1200
     "optimizer updates in the whole run (the cosine schedule ends here)"
     batch_size: int = 16
@@ -91,7 +101,8 @@ class TrainConfig:
      "(OpenMoE/T5X: lr * sqrt(warmup) / sqrt(max(t, warmup))) or constant")
     optimizer: str = "adamw"
     ("adamw (betas adam_beta1/adam_beta2, decoupled weight decay on matrices only) or "
-     "adafactor (OpenMoE: decay 0.8, no momentum, update clipping 1.0, parameter scaling)")
+     "adafactor (OpenMoE: decay 0.8, no momentum, update clipping 1.0, parameter scaling, "
+     "per expert; alone it keeps weight_decay, grad_clip and the schedule: see --recipe)")
     weight_decay: float = 0.1
     "decoupled weight decay, on matrices only (not on norm scales)"
     adam_beta1: float = 0.9
@@ -171,6 +182,8 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be < 1")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe={self.recipe!r} is not one of {', '.join(RECIPES)}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer={self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         if self.tokenizer not in TOKENIZERS:
@@ -409,6 +422,7 @@ def _run(s: Session, rf: RunFolder, progress: bool,
             "model_config": s.model_cfg.to_dict(), "train_config": cfg.to_dict(),
             "params_total": counts["total"], "params_active": counts["active"],
             "tokenizer": s.tokenizer.to_dict().get("type"), "vocab_size": s.tokenizer.vocab_size,
+            "recipe": s.recipe,
             "domains": {k: {"train_tokens": int(s.train_tok[k].size),
                             "val_tokens": int(s.val_tok[k].size),
                             "val_unigram_entropy": unigram_entropy(s.val_tok[k])}

@@ -87,6 +87,26 @@ class TorchFeedForward(nn.Module):
         return self.w_down(swiglu(self.w_gate(x), self.w_up(x)))
 
 
+def gated_triple(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """OpenMoE's FFN gate (flaxformer dense.py: ``A * swish(B)`` on the halves of wi_0's
+    output, times the linear wi_1 output): a * silu(b) * v with [a | b] = u."""
+    a, b = u.chunk(2, dim=-1)
+    return a * torch.nn.functional.silu(b) * v
+
+
+class TorchOpenMoEFeedForward(nn.Module):
+    """Wo [(x A) * silu(x B) * (x W1)], [A | B] = W0 = wi_0 [d, 2f], W1 = wi_1 [d, f]."""
+
+    def __init__(self, d: int, f: int, dtype: torch.dtype = torch.float64):
+        super().__init__()
+        self.wi_0 = TorchLinear(d, 2 * f, dtype=dtype)
+        self.wi_1 = TorchLinear(d, f, dtype=dtype)
+        self.wo = TorchLinear(f, d, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.wo(gated_triple(self.wi_0(x), self.wi_1(x)))
+
+
 class TorchAttention(nn.Module):
     """Full-sequence causal self-attention with RoPE; head h = columns h*dh:(h+1)*dh."""
 

@@ -3,10 +3,12 @@ written from the spec as one plain function over a dict of named parameters.
 
     h = E[ids]
     block i:  h += Attn(RMSNorm(h))                           pre-norm, RoPE rotate-half, causal
-              dense:  h += SwiGLU(RMSNorm(h))
-              MoE:    h += MoE(RMSNorm(h)); h += SwiGLU_shared(RMSNorm'(h))   (sequential)
+              dense:  h += FFN(RMSNorm(h))
+              MoE:    h += MoE(RMSNorm(h)); h += FFN_shared(RMSNorm'(h))   (sequential)
+    FFN = SwiGLU, or with ffn_kind "openmoe" Wo[(x A) silu(x B) (x W1)], [A | B] = wi_0
     logits = RMSNorm(h) E^T (tied) or RMSNorm(h) W_head (untied)
     loss = CE + aux_coef * mean_layers(L_aux) + z_coef * mean_layers(L_z)
+           + logit_z_coef * mean over real targets of logsumexp(logits)^2   (T5X losses.py)
 
 Hyper-parameters are read from any object with the config's attribute names (duck typing);
 it does not import tinymoe.
@@ -20,9 +22,11 @@ import torch
 import torch.nn.functional as TF
 
 try:
-    from oracle.torch_moe import swiglu_ffn, twin_moe
+    from oracle.torch_moe import openmoe_ffn, swiglu_ffn, twin_moe
 except ImportError:  # tests/ imported as a package
-    from tests.oracle.torch_moe import swiglu_ffn, twin_moe
+    from tests.oracle.torch_moe import openmoe_ffn, swiglu_ffn, twin_moe
+
+FFN_WEIGHTS = {"swiglu": ("w_gate", "w_up", "w_down"), "openmoe": ("wi_0", "wi_1", "wo")}
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -66,6 +70,8 @@ def twin_model(cfg: Any, p: dict, ids: torch.Tensor, targets: torch.Tensor | Non
     """
     d_head = cfg.d_head if cfg.d_head is not None else cfg.d_model // cfg.n_heads
     eps = cfg.norm_eps
+    kind = getattr(cfg, "ffn_kind", "swiglu")
+    ffn, names = (openmoe_ffn if kind == "openmoe" else swiglu_ffn), FFN_WEIGHTS[kind]
     h = p["tok_emb.weight"][ids]                                                # [B, T, d]
     auxes, zs, routing = [], [], []
     for i in range(cfg.n_layers):
@@ -74,21 +80,19 @@ def twin_model(cfg: Any, p: dict, ids: torch.Tensor, targets: torch.Tensor | Non
                           cfg.n_heads, d_head, cfg.rope_base)
         x = rms_norm(h, p[f"{b}.ffn_norm.weight"], eps)
         if (i + 1) % cfg.moe_every == 0:
-            r = twin_moe(x, p[f"{b}.moe.router.weight"], p[f"{b}.moe.experts.w_gate"],
-                         p[f"{b}.moe.experts.w_up"], p[f"{b}.moe.experts.w_down"], cfg.top_k,
+            r = twin_moe(x, p[f"{b}.moe.router.weight"],
+                         *[p[f"{b}.moe.experts.{n}"] for n in names], cfg.top_k,
                          cfg.capacity_factor, cfg.group_size, cfg.min_capacity, cfg.capacity_mode,
-                         cfg.slot_priority, cfg.renormalize)
+                         cfg.slot_priority, cfg.renormalize, ffn=ffn)
             h = h + r["y"]
             auxes.append(r["aux"])
             zs.append(r["z"])
             routing.append(r)
             if cfg.shared_ffn:
                 s = rms_norm(h, p[f"{b}.shared_norm.weight"], eps)
-                h = h + swiglu_ffn(s, p[f"{b}.shared_ffn.w_gate.weight"], p[f"{b}.shared_ffn.w_up.weight"],
-                                   p[f"{b}.shared_ffn.w_down.weight"])
+                h = h + ffn(s, *[p[f"{b}.shared_ffn.{n}.weight"] for n in names])
         else:
-            h = h + swiglu_ffn(x, p[f"{b}.ffn.w_gate.weight"], p[f"{b}.ffn.w_up.weight"],
-                               p[f"{b}.ffn.w_down.weight"])
+            h = h + ffn(x, *[p[f"{b}.ffn.{n}.weight"] for n in names])
     h = rms_norm(h, p["norm_f.weight"], eps)
     head = p["tok_emb.weight"].T if cfg.tie_embeddings else p["lm_head.weight"]
     logits = h @ head                                                           # [B, T, V]
@@ -99,4 +103,9 @@ def twin_model(cfg: Any, p: dict, ids: torch.Tensor, targets: torch.Tensor | Non
     if targets is not None:
         ce = TF.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
         loss = ce + cfg.aux_loss_coef * aux + cfg.z_loss_coef * z
+        coef = getattr(cfg, "logit_z_loss_coef", 0.0)
+        if coef:
+            real = targets.reshape(-1) != -100
+            lse = torch.logsumexp(logits.reshape(-1, logits.shape[-1])[real], dim=-1)
+            loss = loss + coef * (lse ** 2).mean()
     return dict(logits=logits, ce=ce, aux=aux, z=z, loss=loss, routing=routing)

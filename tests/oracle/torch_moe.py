@@ -27,11 +27,21 @@ def swiglu_ffn(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down
     return (TF.silu(x @ w_gate) * (x @ w_up)) @ w_down
 
 
+def openmoe_ffn(x: torch.Tensor, wi_0: torch.Tensor, wi_1: torch.Tensor, wo: torch.Tensor) -> torch.Tensor:
+    """OpenMoE's FFN (flaxformer MlpBlock, activations ("swiglu", "linear"); weights [in, out]):
+    Wo [(x A) * silu(x B) * (x W1)] with [A | B] = wi_0 [d, 2f], W1 = wi_1 [d, f]."""
+    a, b = (x @ wi_0).chunk(2, dim=-1)
+    return (a * TF.silu(b) * (x @ wi_1)) @ wo
+
+
 def twin_moe(x: torch.Tensor, w_router: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor,
              w_down: torch.Tensor, k: int, cf: float | None, group_size: int | None = None,
              min_capacity: int = 4, mode: str = "openmoe", priority: str = "position",
-             renormalize: bool = False, order: torch.Tensor | None = None) -> dict:
+             renormalize: bool = False, order: torch.Tensor | None = None,
+             ffn=swiglu_ffn) -> dict:
     """x [B, T, d]; w_router [d, E]; w_gate/w_up [E, d, f]; w_down [E, f, d].
+    ``ffn``: each expert's form, ``ffn(x, w_gate[e], w_up[e], w_down[e])`` (``openmoe_ffn``
+    with the wi_0, wi_1, wo weights for OpenMoE's).
 
     ``group_size`` None means one sequence per group (G = T). Returns a dict with y
     [B, T, d], aux, z (0-d tensors) and the routing decisions (kept, expert_index, ...).
@@ -59,7 +69,7 @@ def twin_moe(x: torch.Tensor, w_router: torch.Tensor, w_gate: torch.Tensor, w_up
         tok, rank = torch.nonzero((r["expert_index"] == e) & r["kept"], as_tuple=True)
         if tok.numel() == 0:
             continue
-        out = swiglu_ffn(tokens[tok], w_gate[e], w_up[e], w_down[e])                  # [m, d]
+        out = ffn(tokens[tok], w_gate[e], w_up[e], w_down[e])                         # [m, d]
         y = y.index_add(0, tok, weight[tok, rank][:, None] * out)
     return dict(y=y.reshape(bsz, seq, d), aux=aux, z=z, **{key: r[key] for key in (
         "kept", "expert_index", "slot", "capacity", "n_groups", "load_before", "load_after",

@@ -119,6 +119,9 @@ def _bench_model(args: argparse.Namespace, report: dict[str, Any], roof: dict[st
     False when a float32 check failed."""
     big = args.config.startswith("openmoe")
     cfg = get_preset(args.config)
+    if cfg.ffn_kind != "swiglu":       # model_flops counts 3 d f per FFN; the torch side is SwiGLU
+        raise ValueError(f"bench: --config {args.config} has ffn_kind={cfg.ffn_kind!r}; bench "
+                         "supports the swiglu presets only")
     batch = args.batch if args.batch is not None else (1 if big else 16)
     seq = args.seq if args.seq is not None else (512 if big else cfg.max_seq_len)
     if batch < 1 or not 1 <= seq <= cfg.max_seq_len:

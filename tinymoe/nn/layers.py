@@ -1,5 +1,6 @@
 """Building blocks of the OpenMoE decoder: Linear, Embedding, RMSNorm, RotaryEmbedding,
-Attention (with a KV cache for generation) and the SwiGLU FeedForward.
+Attention (with a KV cache for generation) and the FeedForward (SwiGLU, or OpenMoE's gated
+triple product).
 
 Conventions
 - Linear weights are stored [in, out], so a layer computes ``x @ W`` (no transpose).
@@ -7,20 +8,25 @@ Conventions
 - Weights start as N(0, init_std^2) draws from a host NumPy Generator you pass in
   (``rng=B.default_rng(seed)``): there is no global seed. They are drawn in float64 and
   cast to ``dtype`` (float32 by default), so a float64 model starts from the same numbers.
+  With ``fan_in_scale=s`` (OpenMoE's init, docs/openmoe-facts.md §9) a weight with fan-in n
+  gets std sqrt(s / n) instead (JAX's ``variance_scaling(s, "fan_in", ...)``).
 - The heavy maths lives in fused ops of ``tinymoe.functional`` (rms_norm, swiglu, rope,
   causal_attention); these classes own parameters and wire the ops together.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from tinymoe import backend as B
 from tinymoe import functional as F
-from tinymoe.autograd import Tensor, is_grad_enabled
+from tinymoe.autograd import Context, Function, Tensor, is_grad_enabled
+from tinymoe.config import FFN_KINDS
 from tinymoe.nn.module import Module, Parameter
 
 __all__ = ["Linear", "Embedding", "RMSNorm", "RotaryEmbedding", "KVCache", "Attention", "FeedForward",
-           "normal_parameter"]
+           "normal_parameter", "truncated_normal_parameter", "fan_in_std", "GatedTriple",
+           "gated_triple", "gated_triple_reference"]
 
 
 # --------------------------------------------------------------------------------------
@@ -56,6 +62,35 @@ def normal_parameter(rng: Any, shape: tuple[int, ...], std: float, dtype: Any) -
     return Parameter(B.to_device(host, dtype))
 
 
+# Standard deviation of a standard normal truncated to [-2, 2]:
+# sqrt(1 - 2 * 2 * phi(2) / (Phi(2) - Phi(-2))) (JAX's variance_scaling divides by it).
+TRUNCATED_NORMAL_STD = math.sqrt(1.0 - 4.0 * math.exp(-2.0) / math.sqrt(2.0 * math.pi)
+                                 / math.erf(2.0 / math.sqrt(2.0)))
+
+
+def truncated_normal_parameter(rng: Any, shape: tuple[int, ...], std: float, dtype: Any) -> Parameter:
+    """A Parameter of normal draws truncated to 2 standard deviations, with standard
+    deviation ``std`` after truncation (as JAX's ``variance_scaling(..., "truncated_normal")``:
+    z ~ N(0, 1) restricted to [-2, 2], times std / TRUNCATED_NORMAL_STD). Draws outside
+    [-2, 2] are redrawn (float64 on the host, then cast to ``dtype``)."""
+    if not isinstance(rng, B.np.random.Generator):
+        raise TypeError(f"rng must be a NumPy Generator (tinymoe.backend.default_rng(seed)), "
+                        f"got {type(rng).__name__}")
+    if std < 0:
+        raise ValueError(f"std={std} must be >= 0")
+    z = rng.standard_normal(size=shape)                         # float64 on the host
+    bad = B.np.abs(z) > 2.0
+    while bad.any():                                            # about 4.6% of draws, redrawn
+        z[bad] = rng.standard_normal(size=int(bad.sum()))
+        bad = B.np.abs(z) > 2.0
+    return Parameter(B.to_device(z * (std / TRUNCATED_NORMAL_STD), dtype))
+
+
+def fan_in_std(fan_in_scale: float, fan_in: int) -> float:
+    """sqrt(scale / fan_in): the std of JAX's ``variance_scaling(scale, "fan_in", ...)``."""
+    return math.sqrt(fan_in_scale / fan_in)
+
+
 def _last_dim(x: Any) -> int:
     shape = x.shape if hasattr(x, "shape") else B.np.shape(x)
     if len(shape) == 0:
@@ -70,17 +105,19 @@ def _last_dim(x: Any) -> int:
 class Linear(Module):
     """y = x W (+ b): x [..., in] -> [..., out], W stored [in, out].
 
-    Parameters: ``weight`` [in, out] ~ N(0, init_std^2); ``bias`` [out] (zeros) when
+    Parameters: ``weight`` [in, out] ~ N(0, init_std^2) (``truncated``: the normal truncated
+    at 2 std, see :func:`truncated_normal_parameter`); ``bias`` [out] (zeros) when
     ``bias=True``. Gradients come from the matmul's backward: dW = x^T dy, dx = dy W^T.
     """
 
     def __init__(self, in_features: int, out_features: int, *, rng: Any, bias: bool = False,
-                 init_std: float = 0.02, dtype: Any = B.DEFAULT_DTYPE):
+                 init_std: float = 0.02, truncated: bool = False, dtype: Any = B.DEFAULT_DTYPE):
         super().__init__()
         self.in_features = _positive_int("in_features", in_features)
         self.out_features = _positive_int("out_features", out_features)
         dtype = _float_dtype(dtype)
-        self.weight = normal_parameter(rng, (self.in_features, self.out_features), init_std, dtype)
+        draw = truncated_normal_parameter if truncated else normal_parameter
+        self.weight = draw(rng, (self.in_features, self.out_features), init_std, dtype)
         self.bias = Parameter(B.to_device(B.np.zeros(self.out_features), dtype)) if bias else None
 
     def forward(self, x: Any) -> Tensor:
@@ -228,7 +265,10 @@ class Attention(Module):
     Head h uses columns h*dh .. (h+1)*dh - 1 of Wq, Wk, Wv. Parameters ``wq.weight``,
     ``wk.weight``, ``wv.weight`` [d, H*dh] and ``wo.weight`` [H*dh, d]; no biases.
     ``scale`` defaults to 1/sqrt(dh) (explicit; OpenMoE folds it into the Wq init instead,
-    i.e. scale=1.0 with a rescaled Wq).
+    i.e. scale=1.0 with a rescaled Wq). Init: N(0, init_std^2), or with ``fan_in_scale=s``
+    (OpenMoE, docs/openmoe-facts.md §9) std sqrt(s / d) for Wq, Wk, Wv and sqrt(s / (H dh))
+    for Wo; Wq is not divided by sqrt(dh) since the logits are scaled here (the same
+    logits at init as OpenMoE's unscaled logits with a Wq drawn / sqrt(dh)).
 
     With a ``KVCache`` (generation, under ``no_grad``), this step's k, v are appended and
     the T new queries attend over all cached positions: the result equals the matching rows
@@ -237,7 +277,8 @@ class Attention(Module):
 
     def __init__(self, d_model: int, n_heads: int, *, max_seq_len: int, d_head: int | None = None,
                  rope_base: float = 10000.0, scale: float | None = None, rng: Any,
-                 init_std: float = 0.02, dtype: Any = B.DEFAULT_DTYPE):
+                 init_std: float = 0.02, fan_in_scale: float | None = None,
+                 dtype: Any = B.DEFAULT_DTYPE):
         super().__init__()
         self.d_model = _positive_int("d_model", d_model)
         self.n_heads = _positive_int("n_heads", n_heads)
@@ -252,10 +293,13 @@ class Attention(Module):
         self.scale = 1.0 / self.d_head ** 0.5 if scale is None else float(scale)
         self.dtype = _float_dtype(dtype)
         inner = self.n_heads * self.d_head
-        self.wq = Linear(self.d_model, inner, rng=rng, init_std=init_std, dtype=self.dtype)
-        self.wk = Linear(self.d_model, inner, rng=rng, init_std=init_std, dtype=self.dtype)
-        self.wv = Linear(self.d_model, inner, rng=rng, init_std=init_std, dtype=self.dtype)
-        self.wo = Linear(inner, self.d_model, rng=rng, init_std=init_std, dtype=self.dtype)
+        std_in = std_out = init_std
+        if fan_in_scale is not None:
+            std_in, std_out = fan_in_std(fan_in_scale, self.d_model), fan_in_std(fan_in_scale, inner)
+        self.wq = Linear(self.d_model, inner, rng=rng, init_std=std_in, dtype=self.dtype)
+        self.wk = Linear(self.d_model, inner, rng=rng, init_std=std_in, dtype=self.dtype)
+        self.wv = Linear(self.d_model, inner, rng=rng, init_std=std_in, dtype=self.dtype)
+        self.wo = Linear(inner, self.d_model, rng=rng, init_std=std_out, dtype=self.dtype)
         self.rope = RotaryEmbedding(self.d_head, self.max_seq_len, rope_base, dtype=self.dtype)
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
@@ -298,25 +342,109 @@ class Attention(Module):
 # feed-forward
 # --------------------------------------------------------------------------------------
 
-class FeedForward(Module):
-    """SwiGLU feed-forward (Shazeer 2020): y = (silu(x W_gate) * (x W_up)) W_down.
+class GatedTriple(Function):
+    """OpenMoE's FFN gate (flaxformer ``MlpBlock`` with activations ("swiglu", "linear"),
+    docs/openmoe-facts.md §4): u = x W0 [..., 2f] is split into halves a | b, v = x W1:
 
-    x [..., d] -> [..., f] -> [..., d]. Parameters ``w_gate.weight``, ``w_up.weight``
-    [d, f] and ``w_down.weight`` [f, d]; no biases. OpenMoE's FFN and each expert have this form.
+        y  = a * silu(b) * v,    silu(b) = b s,  s = sigmoid(b)           [..., f]
+        da = g * silu(b) * v
+        db = g * a * v * s (1 + b (1 - s))                                (d silu / db)
+        dv = g * a * silu(b)
+    du = [da | db]. The first half is linear, the second gets the activation (flaxformer
+    ``dense.py:173-185``: ``A * swish(B)``). Saves u and v; the sigmoid is recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx: Context, u: Any, v: Any) -> Any:
+        f = v.shape[-1]
+        if tuple(u.shape) != tuple(v.shape[:-1]) + (2 * f,):
+            raise ValueError(f"gated_triple: u {tuple(u.shape)} must be v {tuple(v.shape)} "
+                             "with a last dim twice as wide")
+        xp = B.array_module(u)
+        a, b = u[..., :f], u[..., f:]                           # [..., f] views
+        y = xp.negative(b)                                      # -b, a fresh buffer
+        with B.np.errstate(over="ignore"):                      # exp(-b) = inf -> silu = -0
+            xp.exp(y, out=y)
+        y += 1
+        xp.divide(b, y, out=y)                                  # silu(b) = b / (1 + exp(-b))
+        y *= a
+        y *= v                                                  # a silu(b) v
+        ctx.save_for_backward(u, v)
+        return y
+
+    @staticmethod
+    def backward(ctx: Context, g: Any) -> tuple:
+        u, v = ctx.saved
+        xp = B.array_module(g)
+        f = v.shape[-1]
+        a, b = u[..., :f], u[..., f:]                           # [..., f] views
+        with B.np.errstate(over="ignore"):
+            s = 1.0 / (1.0 + xp.exp(-b))                        # sigmoid(b)
+        silu_b = b * s
+        gu = gv = None
+        if ctx.needs_input_grad[0]:
+            gu = xp.empty(u.shape, dtype=u.dtype)               # [..., 2f]
+            xp.multiply(g * v, silu_b, out=gu[..., :f])         # da
+            gu[..., f:] = g * a * v * s * (1 + b * (1 - s))     # db
+        if ctx.needs_input_grad[1]:
+            gv = g * a * silu_b                                 # dv
+        return gu, gv
+
+
+def gated_triple(u: Any, v: Any) -> Tensor:
+    """a * silu(b) * v for u = [a | b] [..., 2f] and v [..., f] -> [..., f] (see ``GatedTriple``)."""
+    return GatedTriple.apply(u, v)
+
+
+def gated_triple_reference(u: Any, v: Any) -> Any:
+    """Reference for :class:`GatedTriple` in plain NumPy: ``a * b * sigmoid(b) * v``."""
+    f = v.shape[-1]
+    a, b = u[..., :f], u[..., f:]
+    return a * b / (1.0 + B.np.exp(-b)) * v
+
+
+class FeedForward(Module):
+    """The position-wise FFN, x [..., d] -> [..., f] -> [..., d], no biases, in one of two forms:
+
+    ``kind="swiglu"`` (Shazeer 2020): y = (silu(x W_gate) * (x W_up)) W_down; parameters
+        ``w_gate.weight``, ``w_up.weight`` [d, f] and ``w_down.weight`` [f, d]: 3 d f weights.
+    ``kind="openmoe"`` (OpenMoE's original code, docs/openmoe-facts.md §4):
+        y = Wo [(x A) * silu(x B) * (x W1)] with [A | B] = W0; parameters ``wi_0.weight``
+        [d, 2f], ``wi_1.weight`` [d, f], ``wo.weight`` [f, d]: 4 d f weights. (The paper
+        calls it SwiGLU; it is a gated triple product.)
+
+    Init: N(0, init_std^2), or with ``fan_in_scale=s`` (OpenMoE's dense and shared FFNs)
+    a normal truncated at 2 std with std sqrt(s / fan_in).
     """
 
     def __init__(self, d_model: int, d_ff: int, *, rng: Any, init_std: float = 0.02,
+                 kind: str = "swiglu", fan_in_scale: float | None = None,
                  dtype: Any = B.DEFAULT_DTYPE):
         super().__init__()
         self.d_model = _positive_int("d_model", d_model)
         self.d_ff = _positive_int("d_ff", d_ff)
-        self.w_gate = Linear(self.d_model, self.d_ff, rng=rng, init_std=init_std, dtype=dtype)
-        self.w_up = Linear(self.d_model, self.d_ff, rng=rng, init_std=init_std, dtype=dtype)
-        self.w_down = Linear(self.d_ff, self.d_model, rng=rng, init_std=init_std, dtype=dtype)
+        if kind not in FFN_KINDS:
+            raise ValueError(f"ffn kind {kind!r} is not one of {', '.join(FFN_KINDS)}")
+        self.kind = kind
+        d, f = self.d_model, self.d_ff
+        trunc = fan_in_scale is not None
+
+        def linear(n_in: int, n_out: int) -> Linear:
+            std = fan_in_std(fan_in_scale, n_in) if trunc else init_std
+            return Linear(n_in, n_out, rng=rng, init_std=std, truncated=trunc, dtype=dtype)
+
+        if kind == "swiglu":
+            self.w_gate, self.w_up, self.w_down = linear(d, f), linear(d, f), linear(f, d)
+        else:
+            self.wi_0, self.wi_1, self.wo = linear(d, 2 * f), linear(d, f), linear(f, d)
 
     def forward(self, x: Any) -> Tensor:
-        h = F.swiglu(self.w_gate(x), self.w_up(x))              # [..., d] -> [..., f]
-        return self.w_down(h)                                   # [..., f] -> [..., d]
+        if self.kind == "swiglu":
+            h = F.swiglu(self.w_gate(x), self.w_up(x))          # [..., d] -> [..., f]
+            return self.w_down(h)                               # [..., f] -> [..., d]
+        h = gated_triple(self.wi_0(x), self.wi_1(x))            # [..., 2f], [..., f] -> [..., f]
+        return self.wo(h)                                       # [..., f] -> [..., d]
 
     def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, d_ff={self.d_ff}"
+        kind = "" if self.kind == "swiglu" else f", kind={self.kind}"
+        return f"d_model={self.d_model}, d_ff={self.d_ff}{kind}"

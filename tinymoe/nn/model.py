@@ -10,9 +10,15 @@ the original code; the paper's eq. 4 writes it in parallel). A token whose exper
 assignments were all dropped still flows through the residual and the shared FFN.
 
 LM head: tied by default, logits = h E^T with E the embedding [V, d]; untied, a Linear
-[d, V]. Training loss (OpenMoE): L = CE + aux_loss_coef * L_aux + z_loss_coef * L_z, with
-L_aux (Switch Transformer eq. 4-6, top-k form) and L_z (ST-MoE eq. 5) averaged over the
-MoE layers.
+[d, V]. Training loss (OpenMoE): L = CE + aux_loss_coef * L_aux + z_loss_coef * L_z
+(+ logit_z_loss_coef * L_zout), with L_aux (Switch Transformer eq. 4-6, top-k form) and L_z
+(ST-MoE eq. 5) averaged over the MoE layers, and the output-logit z-loss
+L_zout = mean over target tokens of logsumexp(logits)^2 (T5X ``losses.py``; off by default).
+
+Init (``cfg.init``, docs/openmoe-facts.md §9): "normal", every matrix N(0, init_std^2); or
+"openmoe": token embedding N(0, 1), attention and expert matrices N(0, 0.1 / fan_in), dense
+and shared FFNs and the untied LM head the same std from a normal truncated at 2 std;
+routers N(0, 0.02^2) and norm scales 1 either way.
 """
 from __future__ import annotations
 
@@ -23,11 +29,13 @@ from tinymoe import backend as B
 from tinymoe import functional as F
 from tinymoe.autograd import Context, Function, Tensor, is_grad_enabled
 from tinymoe.config import ModelConfig
-from tinymoe.nn.layers import Attention, Embedding, FeedForward, KVCache, Linear, RMSNorm
+from tinymoe.nn.layers import (Attention, Embedding, FeedForward, KVCache, Linear, RMSNorm,
+                               fan_in_std)
 from tinymoe.nn.module import Module, ModuleList
 from tinymoe.nn.moe import MoE, MoEStats
 
-__all__ = ["Block", "OpenMoE", "ModelOutput", "ModelCache", "tied_lm_head"]
+__all__ = ["Block", "OpenMoE", "ModelOutput", "ModelCache", "tied_lm_head", "LogitZLoss",
+           "logit_z_loss"]
 
 
 # --------------------------------------------------------------------------------------
@@ -63,6 +71,46 @@ def tied_lm_head(h: Tensor, weight: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------
+# output-logit z-loss (T5X)
+# --------------------------------------------------------------------------------------
+
+class LogitZLoss(Function):
+    """L = (1/n) sum over counted tokens of lse(z_t)^2, z [N, V] the logits, n the number of
+    tokens whose target is not ``ignore_index`` (T5X ``cross_entropy_with_logits``: the
+    ``z_loss * log_z^2`` term, normalised like the cross-entropy, by the real targets).
+
+    Backward: d lse / dz = softmax(z), so dL/dz_t = 2 lse(z_t) softmax(z_t) / n on counted
+    rows, 0 elsewhere. Forward keeps only lse [N]; backward recomputes the softmax.
+    """
+
+    @staticmethod
+    def forward(ctx: Context, logits: Any, valid: Any) -> Any:
+        xp = B.array_module(logits)
+        m = logits.max(axis=-1, keepdims=True)                            # [N, 1]
+        lse = (m + xp.log(xp.exp(logits - m).sum(axis=-1, keepdims=True)))[:, 0]   # [N]
+        count = max(int(valid.sum()), 1)
+        ctx.save_for_backward(logits, lse, valid)
+        ctx.count = count
+        return xp.asarray((lse * lse * valid).sum() / count, dtype=logits.dtype)
+
+    @staticmethod
+    def backward(ctx: Context, g: Any) -> tuple:
+        logits, lse, valid = ctx.saved
+        xp = B.array_module(logits)
+        p = xp.exp(logits - lse[:, None])                                 # softmax [N, V]
+        coef = (g * 2.0 / ctx.count) * lse * valid                        # [N]
+        p *= coef.astype(p.dtype, copy=False)[:, None]
+        return p, None
+
+
+def logit_z_loss(logits: Tensor, targets: Any, ignore_index: int = -100) -> Tensor:
+    """Mean over counted targets of logsumexp(logits)^2: logits [..., V], targets [...]."""
+    V = logits.shape[-1]
+    valid = (targets.reshape(-1) != ignore_index).astype(logits.dtype)   # [N] 1 / 0
+    return LogitZLoss.apply(logits.reshape(-1, V), valid)                # [N, V] -> []
+
+
+# --------------------------------------------------------------------------------------
 # block
 # --------------------------------------------------------------------------------------
 
@@ -70,27 +118,30 @@ class Block(Module):
     """One decoder block; an MoE block when ``cfg.is_moe_block(layer_idx)``.
 
     Parameters: ``attn_norm``, ``attn`` (wq, wk, wv, wo), ``ffn_norm``; then either ``ffn``
-    (dense SwiGLU) or ``moe`` (``moe.router``, ``moe.experts``) plus, with
+    (dense FFN of ``cfg.ffn_kind``) or ``moe`` (``moe.router``, ``moe.experts``) plus, with
     ``cfg.shared_ffn``, ``shared_norm`` and ``shared_ffn``.
     """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, rng: Any):
         super().__init__()
-        dt, std = cfg.dtype, cfg.init_std
+        dt, std, s = cfg.dtype, cfg.init_std, cfg.init_fan_in_scale
         self.layer_idx = layer_idx
         self.is_moe = cfg.is_moe_block(layer_idx)
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dtype=dt)
         self.attn = Attention(cfg.d_model, cfg.n_heads, max_seq_len=cfg.max_seq_len, d_head=cfg.d_head,
-                              rope_base=cfg.rope_base, rng=rng, init_std=std, dtype=dt)
+                              rope_base=cfg.rope_base, rng=rng, init_std=std, fan_in_scale=s,
+                              dtype=dt)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dtype=dt)
         self.has_shared = self.is_moe and cfg.shared_ffn
         if self.is_moe:
             self.moe = MoE(cfg, layer_idx=layer_idx, rng=rng)
             if self.has_shared:
                 self.shared_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dtype=dt)
-                self.shared_ffn = FeedForward(cfg.d_model, cfg.d_ff, rng=rng, init_std=std, dtype=dt)
+                self.shared_ffn = FeedForward(cfg.d_model, cfg.d_ff, rng=rng, init_std=std,
+                                              kind=cfg.ffn_kind, fan_in_scale=s, dtype=dt)
         else:
-            self.ffn = FeedForward(cfg.d_model, cfg.d_ff, rng=rng, init_std=std, dtype=dt)
+            self.ffn = FeedForward(cfg.d_model, cfg.d_ff, rng=rng, init_std=std,
+                                   kind=cfg.ffn_kind, fan_in_scale=s, dtype=dt)
 
     def forward(self, x: Tensor, cache: KVCache | None = None, rng: Any = None
                 ) -> tuple[Tensor, Tensor | None, Tensor | None, MoEStats | None]:
@@ -121,7 +172,8 @@ class ModelOutput:
     ce       mean next-token cross-entropy (0-d Tensor) when targets were given, else None.
     aux_loss load-balance loss averaged over MoE layers (0-d Tensor; 0 for a dense model).
     z_loss   router z-loss averaged over MoE layers (0-d Tensor; 0 for a dense model).
-    loss     ce + aux_loss_coef * aux_loss + z_loss_coef * z_loss (None without targets).
+    loss     ce + aux_loss_coef * aux_loss + z_loss_coef * z_loss (+ logit_z_loss_coef *
+             logit_z) (None without targets).
     routing  one :class:`MoEStats` per MoE layer, in block order (``stats.layer`` = block index).
     """
 
@@ -131,6 +183,8 @@ class ModelOutput:
     z_loss: Tensor
     loss: Tensor | None
     routing: list[MoEStats] = field(default_factory=list)
+    logit_z: Tensor | None = None
+    "output-logit z-loss, mean logsumexp(logits)^2 over targets (only when its coef > 0)"
 
 
 class ModelCache:
@@ -164,7 +218,8 @@ class OpenMoE(Module):
 
     Parameters are named exactly as :func:`tinymoe.config.parameter_shapes` lists them:
     ``tok_emb.weight``, ``blocks.{i}.*``, ``norm_f.weight`` and, untied, ``lm_head.weight``.
-    Weights are N(0, init_std^2) (routers N(0, 0.02^2)), norms ones, drawn from one host
+    Weights are N(0, init_std^2) (routers N(0, 0.02^2)), or OpenMoE's init with
+    ``cfg.init == "openmoe"`` (see the module docstring), norms ones, drawn from one host
     Generator seeded by ``seed`` (or the ``rng`` given) in parameter order.
     """
 
@@ -174,11 +229,15 @@ class OpenMoE(Module):
         self.cfg = cfg
         rng = B.default_rng(seed) if rng is None else rng
         dt = cfg.dtype
-        self.tok_emb = Embedding(cfg.vocab_size, cfg.d_model, rng=rng, init_std=cfg.init_std, dtype=dt)
+        s = cfg.init_fan_in_scale
+        emb_std = cfg.init_std if s is None else 1.0                     # OpenMoE: N(0, 1)
+        self.tok_emb = Embedding(cfg.vocab_size, cfg.d_model, rng=rng, init_std=emb_std, dtype=dt)
         self.blocks = ModuleList(Block(cfg, i, rng) for i in range(cfg.n_layers))
         self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps, dtype=dt)
         if not cfg.tie_embeddings:
-            self.lm_head = Linear(cfg.d_model, cfg.vocab_size, rng=rng, init_std=cfg.init_std, dtype=dt)
+            head_std = cfg.init_std if s is None else fan_in_std(s, cfg.d_model)
+            self.lm_head = Linear(cfg.d_model, cfg.vocab_size, rng=rng, init_std=head_std,
+                                  truncated=s is not None, dtype=dt)
 
     # -- generation support ------------------------------------------------------------
     def new_cache(self, batch_size: int, max_len: int | None = None) -> ModelCache:
@@ -245,12 +304,16 @@ class OpenMoE(Module):
 
         aux_loss = _layer_mean(aux_terms, h.dtype)                        # []
         z_loss = _layer_mean(z_terms, h.dtype)                            # []
-        ce = loss = None
+        ce = loss = logit_z = None
         if targets is not None:
             targets = self._check_targets(targets, ids.shape)
             ce = F.cross_entropy(logits, targets)                         # [B, T, V], [B, T] -> []
             loss = ce + aux_loss * cfg.aux_loss_coef + z_loss * cfg.z_loss_coef
-        return ModelOutput(logits=logits, ce=ce, aux_loss=aux_loss, z_loss=z_loss, loss=loss, routing=routing)
+            if cfg.logit_z_loss_coef > 0:
+                logit_z = logit_z_loss(logits, targets)                   # [B, T, V], [B, T] -> []
+                loss = loss + logit_z * cfg.logit_z_loss_coef
+        return ModelOutput(logits=logits, ce=ce, aux_loss=aux_loss, z_loss=z_loss, loss=loss,
+                           routing=routing, logit_z=logit_z)
 
     def _check_targets(self, targets: Any, shape: tuple[int, ...]) -> Any:
         targets = _int_array(targets, "targets must be integer token ids")

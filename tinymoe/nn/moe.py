@@ -38,7 +38,8 @@ from tinymoe import functional as F
 from tinymoe import routing
 from tinymoe.autograd import Context, Function, Tensor
 from tinymoe.config import ModelConfig
-from tinymoe.nn.layers import normal_parameter
+from tinymoe.config import FFN_KINDS
+from tinymoe.nn.layers import fan_in_std, gated_triple, normal_parameter
 from tinymoe.nn.module import Module
 
 __all__ = ["Router", "Experts", "MoE", "MoEStats", "RouterFunction", "Dispatch", "Combine", "GatherRows",
@@ -296,36 +297,59 @@ class Router(Module):
 
 
 class Experts(Module):
-    """E SwiGLU experts stacked: w_gate, w_up [E, d, f], w_down [E, f, d] (no biases).
+    """E experts stacked, no biases, in the FFN form ``kind`` (see :class:`FeedForward`):
+
+    "swiglu"  w_gate, w_up [E, d, f], w_down [E, f, d];
+              expert e: swiglu(x W_gate[e], x W_up[e]) W_down[e]
+    "openmoe" wi_0 [E, d, 2f], wi_1 [E, d, f], wo [E, f, d];
+              expert e: gated_triple(x wi_0[e], x wi_1[e]) wo[e] (OpenMoE's original code)
 
     ``forward(x [M, d], load [E])``: packed rows sorted by expert, ``load[e]`` of them for
     expert e -> [M, d], grouped matmuls (:class:`GroupedMatmul`) on the rows that exist.
     ``forward(buf [E, R, d])``: the full dispatch buffer -> [E, R, d], one batched matmul
     per weight over all experts, empty slots included (the picture of lesson 5).
+    Init N(0, std^2), or with ``fan_in_scale=s`` (OpenMoE) N(0, s / fan_in) per weight.
     """
 
     def __init__(self, n_experts: int, d_model: int, d_ff: int, *, rng: Any, std: float = 0.02,
-                 dtype: Any = "float32"):
+                 kind: str = "swiglu", fan_in_scale: float | None = None, dtype: Any = "float32"):
         super().__init__()
+        if kind not in FFN_KINDS:
+            raise ValueError(f"ffn kind {kind!r} is not one of {', '.join(FFN_KINDS)}")
         dt = B.np.dtype(dtype)
-        self.n_experts, self.d_model, self.d_ff = n_experts, d_model, d_ff
-        self.w_gate = normal_parameter(rng, (n_experts, d_model, d_ff), std, dt)
-        self.w_up = normal_parameter(rng, (n_experts, d_model, d_ff), std, dt)
-        self.w_down = normal_parameter(rng, (n_experts, d_ff, d_model), std, dt)
+        self.n_experts, self.d_model, self.d_ff, self.kind = n_experts, d_model, d_ff, kind
+        E, d, f = n_experts, d_model, d_ff
+
+        def weight(shape: tuple[int, int, int]) -> Any:
+            s = std if fan_in_scale is None else fan_in_std(fan_in_scale, shape[1])
+            return normal_parameter(rng, shape, s, dt)
+
+        if kind == "swiglu":
+            self.w_gate, self.w_up, self.w_down = weight((E, d, f)), weight((E, d, f)), weight((E, f, d))
+        else:
+            self.wi_0, self.wi_1, self.wo = weight((E, d, 2 * f)), weight((E, d, f)), weight((E, f, d))
 
     def forward(self, x: Tensor, load: Any = None) -> Tensor:
         if x.ndim == 2:                                                   # packed rows [M, d]
             if load is None:
                 raise ValueError("Experts: packed rows [M, d] need load [E] (rows per expert)")
             sizes = tuple(int(n) for n in B.to_numpy(load))
-            gate = grouped_matmul(x, self.w_gate, sizes)                  # [M, d] -> [M, f]
-            up = grouped_matmul(x, self.w_up, sizes)                      # [M, d] -> [M, f]
-            return grouped_matmul(F.swiglu(gate, up), self.w_down, sizes)  # [M, f] -> [M, d]
-        h = F.swiglu(x @ self.w_gate, x @ self.w_up)                      # [E, R, d] -> [E, R, f]
-        return h @ self.w_down                                            # [E, R, f] -> [E, R, d]
+            if self.kind == "swiglu":
+                gate = grouped_matmul(x, self.w_gate, sizes)              # [M, d] -> [M, f]
+                up = grouped_matmul(x, self.w_up, sizes)                  # [M, d] -> [M, f]
+                return grouped_matmul(F.swiglu(gate, up), self.w_down, sizes)  # [M, f] -> [M, d]
+            u = grouped_matmul(x, self.wi_0, sizes)                       # [M, d] -> [M, 2f]
+            v = grouped_matmul(x, self.wi_1, sizes)                       # [M, d] -> [M, f]
+            return grouped_matmul(gated_triple(u, v), self.wo, sizes)     # [M, f] -> [M, d]
+        if self.kind == "swiglu":
+            h = F.swiglu(x @ self.w_gate, x @ self.w_up)                  # [E, R, d] -> [E, R, f]
+            return h @ self.w_down                                        # [E, R, f] -> [E, R, d]
+        h = gated_triple(x @ self.wi_0, x @ self.wi_1)                    # [E, R, d] -> [E, R, f]
+        return h @ self.wo                                                # [E, R, f] -> [E, R, d]
 
     def extra_repr(self) -> str:
-        return f"n_experts={self.n_experts}, d_model={self.d_model}, d_ff={self.d_ff}"
+        kind = "" if self.kind == "swiglu" else f", kind={self.kind}"
+        return f"n_experts={self.n_experts}, d_model={self.d_model}, d_ff={self.d_ff}{kind}"
 
 
 @dataclass
@@ -347,12 +371,15 @@ class MoEStats(routing.RoutingResult):
 
 
 class MoE(Module):
-    """Token-choice top-k MoE of SwiGLU experts with expert capacity (OpenMoE).
+    """Token-choice top-k MoE of FFN experts (``cfg.ffn_kind``) with expert capacity (OpenMoE).
 
     Parameters: ``router.weight`` [d, E], ``experts.w_gate`` / ``experts.w_up`` [E, d, f],
-    ``experts.w_down`` [E, f, d]. The capacity factor is ``cfg.capacity_factor`` in
+    ``experts.w_down`` [E, f, d] (``ffn_kind="openmoe"``: ``experts.wi_0`` [E, d, 2f],
+    ``experts.wi_1`` [E, d, f], ``experts.wo`` [E, f, d]). The capacity factor is ``cfg.capacity_factor`` in
     training mode and ``cfg.eval_capacity_factor`` in eval mode; a group is
-    ``cfg.group_size`` tokens, or one sequence (G = T) when it is None.
+    ``cfg.group_size`` tokens, or one sequence (G = T) when it is None. With
+    ``cfg.init == "openmoe"`` the experts are drawn N(0, 0.1 / fan_in) (the router stays
+    N(0, 0.02^2)).
     """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int | None = None, *, rng: Any):
@@ -361,7 +388,8 @@ class MoE(Module):
         self.layer_idx = layer_idx
         self.router = Router(cfg.d_model, cfg.n_experts, std=0.02, dtype=cfg.dtype, rng=rng)
         self.experts = Experts(cfg.n_experts, cfg.d_model, cfg.expert_ff, std=cfg.init_std,
-                               dtype=cfg.dtype, rng=rng)
+                               kind=cfg.ffn_kind, fan_in_scale=cfg.init_fan_in_scale, dtype=cfg.dtype,
+                               rng=rng)
 
     def forward(self, x: Tensor, rng: Any = None) -> tuple[Tensor, Tensor, Tensor, MoEStats]:
         """x [B, T, d] -> (y [B, T, d], L_aux, L_z, stats). ``rng`` (a host NumPy Generator)
