@@ -70,11 +70,12 @@ class Command:
 # ---------------------------------------------------------------------------- shared flags
 def _choices() -> dict[str, Sequence[str]]:
     """Fields whose value is one of a fixed set (validated by the dataclasses)."""
-    from tinymoe.config import CAPACITY_MODES, DTYPES, SLOT_PRIORITIES  # noqa: PLC0415
+    from tinymoe.config import CAPACITY_MODES, DTYPES, ROUTER_TYPES, SLOT_PRIORITIES  # noqa: PLC0415
     from tinymoe.train import OPTIMIZERS, SCHEDULES, TOKENIZERS  # noqa: PLC0415
 
     return {"schedule": SCHEDULES, "optimizer": OPTIMIZERS, "tokenizer": TOKENIZERS,
-            "capacity_mode": CAPACITY_MODES, "slot_priority": SLOT_PRIORITIES, "dtype": DTYPES}
+            "capacity_mode": CAPACITY_MODES, "slot_priority": SLOT_PRIORITIES, "dtype": DTYPES,
+            "router_type": ROUTER_TYPES}
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> list[str]:

@@ -39,7 +39,8 @@ from tinymoe import routing
 from tinymoe.autograd import Context, Function, Tensor
 from tinymoe.config import ModelConfig
 from tinymoe.nn.layers import normal_parameter
-from tinymoe.nn.module import Module
+from tinymoe.nn import routers
+from tinymoe.nn.module import Module, Parameter
 
 __all__ = ["Router", "Experts", "MoE", "MoEStats", "RouterFunction", "Dispatch", "Combine", "GatherRows",
            "GroupedMatmul", "route_differentiable", "dispatch", "combine", "gather_rows", "grouped_matmul"]
@@ -280,13 +281,23 @@ def combine(expert_out: Tensor, weight: Tensor, flat_pos: Any, token: Any, rank:
 # --------------------------------------------------------------------------------------
 
 class Router(Module):
-    """Router: logits ``z = x W_r``, weight [d, E], no bias, init N(0, 0.02) (OpenMoE)."""
+    """Router: logits ``z = x W_r``, weight [d, E], no bias, init N(0, 0.02) (OpenMoE).
+
+    Routing variants (:mod:`tinymoe.nn.routers`): ``noise=True`` adds ``noise_weight``
+    [d, E] (noisy gating's W_noise, init 0 as in Shazeer et al. 2017); ``selection_bias=True``
+    adds ``bias`` [E] (DeepSeek-V3's balancing bias, init 0; it gets no gradient, it is
+    moved by a sign rule, and is a Parameter only so that it is saved in checkpoints).
+    """
 
     def __init__(self, d_model: int, n_experts: int, *, rng: Any, std: float = 0.02,
-                 dtype: Any = "float32"):
+                 dtype: Any = "float32", noise: bool = False, selection_bias: bool = False):
         super().__init__()
         self.d_model, self.n_experts = d_model, n_experts
         self.weight = normal_parameter(rng, (d_model, n_experts), std, B.np.dtype(dtype))
+        if noise:
+            self.noise_weight = Parameter(B.to_device(B.np.zeros((d_model, n_experts)), B.np.dtype(dtype)))
+        if selection_bias:
+            self.bias = Parameter(B.to_device(B.np.zeros(n_experts), B.np.dtype(dtype)))
 
     def forward(self, x: Tensor) -> Tensor:
         return x @ self.weight                                            # [N, d] -> [N, E]
@@ -359,7 +370,8 @@ class MoE(Module):
         super().__init__()
         self.cfg = cfg
         self.layer_idx = layer_idx
-        self.router = Router(cfg.d_model, cfg.n_experts, std=0.02, dtype=cfg.dtype, rng=rng)
+        self.router = Router(cfg.d_model, cfg.n_experts, std=0.02, dtype=cfg.dtype, rng=rng,
+                             noise=cfg.router_noise, selection_bias=cfg.router_bias_rate > 0)
         self.experts = Experts(cfg.n_experts, cfg.d_model, cfg.expert_ff, std=cfg.init_std,
                                dtype=cfg.dtype, rng=rng)
 
@@ -375,9 +387,14 @@ class MoE(Module):
         logits = self.router(tokens)                                      # [N, d] -> [N, E]
         cf = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
         group = seq if cfg.group_size is None else cfg.group_size
-        weight, aux, z, result = route_differentiable(
-            logits, cfg.top_k, cf, group, cfg.min_capacity, cfg.capacity_mode,
-            cfg.slot_priority, cfg.renormalize, rng)                      # [N, k], [], []
+        if routers.uses_variant(cfg):                                     # tinymoe.routing_variants
+            weight, aux, z, result = routers.route_variant(
+                self.router, tokens, logits, cfg, training=self.training, capacity_factor=cf,
+                group_size=group, rng=rng)                                # [N, k], [], []
+        else:
+            weight, aux, z, result = route_differentiable(
+                logits, cfg.top_k, cf, group, cfg.min_capacity, cfg.capacity_mode,
+                cfg.slot_priority, cfg.renormalize, rng)                  # [N, k], [], []
         flat_pos, token, rank = routing.dispatch_indices(result)          # [M] each
         xp = B.array_module(flat_pos)
         order = xp.argsort(flat_pos, kind="stable")                       # by buffer row: expert-major
