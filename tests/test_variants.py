@@ -294,3 +294,35 @@ def test_expert_choice_leaks_token_choice_top1_does_not():
     causal = routing_changed(top1, ids, 16)
     assert leak["changed"] > 0.05, leak
     assert causal["changed"] == 0.0, causal
+
+
+# ------------------------------------------------------------------------ exact resume
+
+@pytest.mark.parametrize("variant", [
+    dict(router_bias_rate=0.01, aux_loss_coef=0.0),
+    dict(router_noise=True, renormalize=True),
+    dict(router_type="expert_choice", capacity_mode="k_scaled", capacity_factor=1.0,
+         eval_capacity_factor=1.0, min_capacity=1),
+])
+def test_variant_resume_is_bitwise_exact(tmp_path, variant):
+    """The bias (a router 'parameter' without gradient) and the noise RNG (the trainer's
+    routing RNG) are in the checkpoint: 2 + 2 steps equal 4 steps bit for bit."""
+    from tinymoe.checkpoint import load_checkpoint  # noqa: PLC0415
+    from tinymoe.train import train  # noqa: PLC0415
+    from tests.test_train import tcfg  # noqa: PLC0415
+
+    model_cfg = get_preset("toy", **variant)
+    straight = train(model_cfg, tcfg(tmp_path, "straight"), progress=False)
+    first = train(model_cfg, tcfg(tmp_path, "split", stop_at=2), progress=False)
+    second = train(None, tcfg(tmp_path, "split", resume=first.checkpoint), progress=False)
+    assert second.status == "done" and second.step == 4
+    a = load_checkpoint(straight.checkpoint).model_state
+    b = load_checkpoint(second.checkpoint).model_state
+    assert a.keys() == b.keys()
+    for k, v in a.items():
+        assert np.array_equal(v, b[k]), f"{k} differs after resume"
+    assert straight.losses[2:] == second.losses
+    if variant.get("router_bias_rate"):
+        assert np.any(a["blocks.1.moe.router.bias"]), "the bias must have moved"
+    if variant.get("router_noise"):
+        assert np.any(a["blocks.1.moe.router.noise_weight"]), "W_noise must have trained"
