@@ -266,6 +266,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("analyze", "routing analysis of a checkpoint (the paper's findings)",
             module="tinymoe.analysis"),
     Command("bench", "throughput, MFU, memory vs a PyTorch twin", module="tinymoe.bench"),
+    Command("compare-routers", "train router variants on the same budget and compare them",
+            module="tinymoe.variants"),
 )}
 
 
