@@ -33,6 +33,9 @@ def test_compare_routers_fast(capsys, lab):
     ec, tc, sw = (report["variants"][n] for n in ("expert_choice", "openmoe", "switch"))
     assert ec["load"]["max_over_mean"] == [1.0] * 4                  # C tokens per expert, always
     assert ec["drops_eval_cf"]["what"] == "tokens with no expert"
+    # counted per token, not per (token, expert) pair: the unkept pairs would be exactly
+    # 1 - C E / (G E) = 1 - k/E = 0.5 here
+    assert ec["drops_eval_cf"]["overall"] < 0.25
     assert tc["drops_train_cf"]["overall"] > tc["drops_eval_cf"]["overall"]  # cf 1.25 < 2.0
     assert ec["leak"]["changed"] > 0.05                              # routing sees later tokens
     assert sw["leak"]["changed"] == 0.0                              # top-1, position priority: causal
