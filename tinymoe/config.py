@@ -126,6 +126,11 @@ class ModelConfig:
             in its top-k form); z_loss_coef: router z-loss weight (ST-MoE,
             mean logsumexp(z)^2).
 
+    Routing variants (docs/router.md §13, :mod:`tinymoe.routing_variants`)
+        router_type ("token_choice" | "expert_choice"), router_noise (noisy top-k gating),
+        router_bias_rate (DeepSeek-V3 bias balancing; 0 = off), d_ff_shared (shared FFN
+        width: s shared fine-grained experts). Defaults: OpenMoE's router, unchanged.
+
     Other
         tie_embeddings (LM head = embedding^T), rope_base, norm_eps (RMSNorm),
         init_std (normal init), dtype ("float32" | "float64").
@@ -186,7 +191,7 @@ class ModelConfig:
     "standard deviation of the normal weight init"
     dtype: str = "float32"
     "floating-point type of weights and activations"
-    # ---- routing variants (tinymoe.routing_variants; docs/router.md "Routing variants")
+    # ---- routing variants (tinymoe.routing_variants; docs/router.md §13)
     router_type: str = "token_choice"
     ("token_choice (each token picks its top-k experts: OpenMoE, Switch, noisy, bias) or "
      "expert_choice (each expert picks its top-C tokens of a group, Zhou et al. 2022; "

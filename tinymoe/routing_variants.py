@@ -170,7 +170,9 @@ def routing_changed(model: Any, ids: Array, cut: int, seed: int = 0) -> dict[str
     layer the set of experts that process each token at positions ``0..cut-1`` is
     compared. Returns ``changed`` (share of (token, layer) pairs at positions < cut whose
     expert set differs) and ``no_expert_changed`` (share whose "got no expert" status
-    flips). A causal router gives exactly 0 (token choice with ``position`` priority).
+    flips). Only a causal router gives exactly 0: top-1 token choice with ``position``
+    priority. Top-k token choice with k > 1 is not causal either: every first choice of a
+    group is served before any second choice (docs/router.md §6, §13).
     """
     from tinymoe.autograd import no_grad  # noqa: PLC0415
 
