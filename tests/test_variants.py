@@ -326,3 +326,30 @@ def test_variant_resume_is_bitwise_exact(tmp_path, variant):
         assert np.any(a["blocks.1.moe.router.bias"]), "the bias must have moved"
     if variant.get("router_noise"):
         assert np.any(a["blocks.1.moe.router.noise_weight"]), "W_noise must have trained"
+
+
+# ------------------------------------------------------------------------ devices
+
+@pytest.mark.parametrize("variant", [
+    dict(router_type="expert_choice", capacity_mode="k_scaled", capacity_factor=0.5, eval_capacity_factor=0.5),
+    dict(router_noise=True, renormalize=True),
+    dict(router_bias_rate=0.01),
+])
+def test_variants_same_on_every_backend(backend, variant):
+    """The same float64 forward, backward and bias update on the active backend as on
+    NumPy (the CuPy case runs only where a GPU is visible)."""
+    cfg = variant_cfg(**variant)
+    extra = ({"router.noise_weight": np.full((8, 4), 0.1)} if variant.get("router_noise") else
+             {"router.bias": np.array([0.1, -0.1, 0.0, 0.05])} if variant.get("router_bias_rate") else None)
+    r = run_variant(cfg, extra)
+    B.set_device("cpu")
+    try:
+        ref = run_variant(cfg, extra)
+    finally:
+        B.set_device(backend)
+    np.testing.assert_array_equal(B.to_numpy(r["stats"].kept), B.to_numpy(ref["stats"].kept))
+    np.testing.assert_allclose(r["y"].numpy(), ref["y"].numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(B.to_numpy(r["x"].grad), B.to_numpy(ref["x"].grad), rtol=1e-10, atol=1e-12)
+    for name, p in r["moe"].named_parameters():
+        q = dict(ref["moe"].named_parameters())[name]
+        np.testing.assert_allclose(B.to_numpy(p.data), B.to_numpy(q.data), rtol=1e-12, atol=1e-14)

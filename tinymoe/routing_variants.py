@@ -64,8 +64,7 @@ from tinymoe import backend as B
 from tinymoe.config import ModelConfig, capacity
 from tinymoe.routing import RoutingResult, _group_size, softmax_and_logsumexp
 
-__all__ = ["route_expert_choice", "bias_update", "draw_noise", "fine_grained", "routing_changed",
-           "tokens_without_expert"]
+__all__ = ["route_expert_choice", "bias_update", "draw_noise", "fine_grained", "routing_changed"]
 
 Array = Any
 
@@ -109,11 +108,6 @@ def route_expert_choice(logits: Array, top_k: int, capacity_factor: float | None
         group_size=g, n_experts=n_experts, top_k=n_experts, renormalize=False,
         dropped_fraction=no_expert, confidence=float(topk_prob[:, 0].mean()),
         aux_loss=0.0, z_loss=float((lse ** 2).mean()))
-
-
-def tokens_without_expert(kept: Array) -> Array:
-    """[N] bool: the token got no expert at all (expert choice's "drop"); kept [N, k]."""
-    return ~B.array_module(kept).asarray(kept).any(axis=1)
 
 
 def bias_update(bias: Array, load: Array, rate: float) -> Array:
