@@ -388,8 +388,12 @@ class ModelConfig:
                                   else "")
         cf = "dropless" if not self.capacity_factor else f"cf {self.capacity_factor:g}"
         c = count_parameters(self)
+        variant = "".join(part for part, on in (
+            (f" {self.router_type}", self.router_type != "token_choice"),
+            (" +noise", self.router_noise),
+            (f" +bias {self.router_bias_rate:g}", self.router_bias_rate > 0)) if on)
         return (f"{self.n_layers}L d{self.d_model} {heads} {ff} | {moe} | {cf} "
-                f"{self.slot_priority} | vocab {self.vocab_size} "
+                f"{self.slot_priority}{variant} | vocab {self.vocab_size} "
                 f"{'tied' if self.tie_embeddings else 'untied'} | seq {self.max_seq_len} | "
                 f"{_human(c['total'])} params, {_human(c['active'])} active | {self.dtype}")
 
