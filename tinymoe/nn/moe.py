@@ -381,7 +381,8 @@ class MoE(Module):
 
     def forward(self, x: Tensor, rng: Any = None) -> tuple[Tensor, Tensor, Tensor, MoEStats]:
         """x [B, T, d] -> (y [B, T, d], L_aux, L_z, stats). ``rng`` (a host NumPy Generator)
-        is required by slot priority "random" and ignored otherwise."""
+        is required by slot priority "random" and by ``router_noise`` in training mode, and
+        ignored otherwise."""
         cfg = self.cfg
         if x.ndim != 3 or x.shape[-1] != cfg.d_model:
             raise ValueError(f"MoE expects x of shape [B, T, {cfg.d_model}], got {tuple(x.shape)}")
