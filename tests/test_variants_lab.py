@@ -64,6 +64,8 @@ def test_compare_routers_resumes(capsys, lab):
 @pytest.mark.parametrize("flags,match", [
     (["--routers", "openmoe,bogus"], "bogus"),
     (["--steps", "0"], "must be >= 1"),
+    (["--routers", "fine_grained", "--fine-grained-split", "3"], "does not divide the expert FFN width 128"),
+    (["--routers", "fine_grained", "--shared-experts", "-1"], "shared_experts=-1"),
 ])
 def test_compare_routers_bad_flags(capsys, tmp_path, flags, match):
     p = InProcess(capsys, "compare-routers", "--fast", "--out", tmp_path / "x", *flags)

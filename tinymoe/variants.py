@@ -15,8 +15,9 @@ Variants (:data:`VARIANTS`; the maths is in :mod:`tinymoe.routing_variants`):
 ``noisy``          noisy top-k gating (trainable noise, renormalised top-k = Shazeer's
                    softmax over the kept logits), with the aux loss
 ``bias_balanced``  DeepSeek-V3 bias balancing, rate 1e-3, aux loss off
-``fine_grained``   DeepSeekMoE: every expert split in 2 (2E experts of half width, top-2k)
-                   and 2 shared experts of that width (= OpenMoE's shared FFN width);
+``fine_grained``   DeepSeekMoE: every expert split in m (``--fine-grained-split``,
+                   default 2: mE experts of width f/m, top-mk) and s shared experts of
+                   that width (``--shared-experts``, default m: OpenMoE's shared width);
                    ``capacity_mode=k_scaled``, since OpenMoE's C = cf G / E has no k and
                    would give 2k assignments per token the slots of k / 2
 ``switch``         Switch Transformer: top-1, ``capacity_mode=k_scaled``
@@ -69,17 +70,26 @@ VARIANTS: dict[str, tuple[str, Callable[[ModelConfig], ModelConfig]]] = {
               lambda c: c.replace(router_noise=True, renormalize=True)),
     "bias_balanced": ("bias balancing (DeepSeek-V3), rate 1e-3, no aux loss",
                       lambda c: c.replace(router_bias_rate=1e-3, aux_loss_coef=0.0)),
-    "fine_grained": ("fine-grained x2 + 2 shared experts (DeepSeekMoE), k-scaled capacity",
+    "fine_grained": ("fine-grained: experts split m ways + s shared experts (DeepSeekMoE), "
+                     "k-scaled capacity",
                      lambda c: fine_grained(c, 2, shared_experts=2).replace(capacity_mode="k_scaled")),
     "switch": ("Switch: top-1, k-scaled capacity",
                lambda c: c.replace(top_k=1, capacity_mode="k_scaled")),
 }
 
 
-def variant_config(name: str, base: ModelConfig) -> ModelConfig:
-    """The model config of variant ``name`` built on ``base``; one-line ValueError if unknown."""
+def variant_config(name: str, base: ModelConfig, split: int = 2,
+                   shared_experts: int | None = None) -> ModelConfig:
+    """The model config of variant ``name`` built on ``base``; one-line ValueError if unknown.
+
+    ``split`` (m) and ``shared_experts`` (s; None: s = m, which keeps OpenMoE's shared FFN
+    width) are used by ``fine_grained`` only (:func:`tinymoe.routing_variants.fine_grained`).
+    """
     if name not in VARIANTS:
         raise ValueError(f"unknown router variant {name!r}: choose from {', '.join(VARIANTS)}")
+    if name == "fine_grained":
+        s = split if shared_experts is None else shared_experts
+        return fine_grained(base, split, shared_experts=s).replace(capacity_mode="k_scaled")
     return VARIANTS[name][1](base)
 
 
@@ -134,12 +144,14 @@ def _tokens_per_s(folder: Path) -> float:
 
 # ---------------------------------------------------------------------------- the lab
 def compare_routers(routers: Sequence[str], *, base: ModelConfig, train_cfg: Any, out: str | Path,
-                    n_windows: int = 16, n_bins: int = 8, progress: bool = True) -> dict[str, Any]:
+                    n_windows: int = 16, n_bins: int = 8, progress: bool = True, split: int = 2,
+                    shared_experts: int | None = None) -> dict[str, Any]:
     """Train (or reuse) one run per variant and measure them; returns the report dict and
     writes ``report.json``, ``report.md`` and ``figures/*.png`` under ``out``.
 
     ``train_cfg`` is a :class:`tinymoe.train.TrainConfig`; its ``out_dir`` is replaced by
-    ``<out>/<variant>`` and everything else is shared by all variants.
+    ``<out>/<variant>`` and everything else is shared by all variants. ``split`` and
+    ``shared_experts``: the fine-grained variant's m and s (:func:`variant_config`).
     """
     from tinymoe.analysis import token_windows  # noqa: PLC0415
     from tinymoe.checkpoint import load_checkpoint, load_model  # noqa: PLC0415
@@ -148,7 +160,8 @@ def compare_routers(routers: Sequence[str], *, base: ModelConfig, train_cfg: Any
     from tinymoe.train import train  # noqa: PLC0415
 
     routers = list(dict.fromkeys(routers))
-    cfgs = {name: variant_config(name, base) for name in routers}       # all errors before training
+    cfgs = {name: variant_config(name, base, split, shared_experts)
+            for name in routers}                                         # all errors before training
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"routers": routers, "steps": train_cfg.steps, "seed": train_cfg.seed,
@@ -332,6 +345,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fast", action="store_true",
                    help="seconds: toy preset, 6 steps (or --steps), batch 4 x 32 tokens, 6000 "
                         "characters per domain, a snapshot every 2 steps")
+    p.add_argument("--fine-grained-split", type=_positive, default=2, metavar="M",
+                   help="fine_grained: split every expert into M of 1/M the width, top-k times M (default: 2)")
+    p.add_argument("--shared-experts", type=int, default=None, metavar="S",
+                   help="fine_grained: S always-on shared experts of the small width (default: M, "
+                        "the width of OpenMoE's shared FFN; 0: none)")
     p.add_argument("--threads", type=_positive, default=None, help="BLAS/kernel threads")
 
 
@@ -351,7 +369,8 @@ def run(args: argparse.Namespace) -> int:
                          warmup=min(60, max(steps // 10, 1)), eval_every=0, save_every=0,
                          log_every=max(steps // 30, 1), snapshot_every=max(steps // 10, 1),
                          seed=args.seed, data=args.data, max_chars=args.max_chars, out_dir=str(args.out))
-    report = compare_routers(args.routers, base=base, train_cfg=tc, out=args.out)
+    report = compare_routers(args.routers, base=base, train_cfg=tc, out=args.out,
+                             split=args.fine_grained_split, shared_experts=args.shared_experts)
     print(format_markdown(report))
     print(f"report: {Path(args.out) / 'report.md'} (+ report.json, figures/)")
     return 0
