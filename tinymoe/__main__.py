@@ -70,13 +70,13 @@ class Command:
 # ---------------------------------------------------------------------------- shared flags
 def _choices() -> dict[str, Sequence[str]]:
     """Fields whose value is one of a fixed set (validated by the dataclasses)."""
-    from tinymoe.config import CAPACITY_MODES, DTYPES, SLOT_PRIORITIES  # noqa: PLC0415
-    from tinymoe.config import FFN_KINDS, INITS  # noqa: PLC0415
+    from tinymoe.config import (CAPACITY_MODES, DTYPES, FFN_KINDS, INITS,  # noqa: PLC0415
+                                ROUTER_TYPES, SLOT_PRIORITIES)
     from tinymoe.train import OPTIMIZERS, RECIPES, SCHEDULES, TOKENIZERS  # noqa: PLC0415
 
     return {"schedule": SCHEDULES, "optimizer": OPTIMIZERS, "tokenizer": TOKENIZERS,
             "capacity_mode": CAPACITY_MODES, "slot_priority": SLOT_PRIORITIES, "dtype": DTYPES,
-            "recipe": RECIPES, "ffn_kind": FFN_KINDS, "init": INITS}
+            "recipe": RECIPES, "ffn_kind": FFN_KINDS, "init": INITS, "router_type": ROUTER_TYPES}
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> list[str]:
@@ -273,6 +273,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("analyze", "routing analysis of a checkpoint (the paper's findings)",
             module="tinymoe.analysis"),
     Command("bench", "throughput, MFU, memory vs a PyTorch twin", module="tinymoe.bench"),
+    Command("compare-routers", "train router variants on the same budget and compare them",
+            module="tinymoe.variants"),
 )}
 
 

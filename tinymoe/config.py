@@ -30,13 +30,14 @@ from typing import Any, Iterable
 __all__ = [
     "ModelConfig", "PRESETS", "DEFAULT_PRESET", "get_preset", "preset_names",
     "parameter_shapes", "count_parameters", "memory_bytes", "parse_overrides",
-    "CAPACITY_MODES", "SLOT_PRIORITIES", "capacity", "FFN_KINDS", "INITS",
+    "CAPACITY_MODES", "SLOT_PRIORITIES", "ROUTER_TYPES", "capacity", "FFN_KINDS", "INITS",
 ]
 
 # The routing vocabulary (see tinymoe.routing for what each choice does). Adding a choice
 # means adding it here and implementing it in tinymoe.routing.
 CAPACITY_MODES = ("openmoe", "k_scaled")
 SLOT_PRIORITIES = ("position", "probability", "random")
+ROUTER_TYPES = ("token_choice", "expert_choice")  # see tinymoe.routing_variants
 DTYPES = ("float32", "float64")
 _DTYPE_BYTES = {"float32": 4, "float64": 8}
 
@@ -55,6 +56,11 @@ INITS = ("normal", "openmoe")
 OPENMOE_INIT_SCALE = 0.1
 _FLOAT_FIELDS += ("logit_z_loss_coef",)
 _STR_FIELDS += ("ffn_kind", "init")
+# routing variants (tinymoe.routing_variants): one block, validated in _validate_variants
+_OPT_INT_FIELDS += ("d_ff_shared",)
+_FLOAT_FIELDS += ("router_bias_rate",)
+_BOOL_FIELDS += ("router_noise",)
+_STR_FIELDS += ("router_type",)
 
 
 def capacity(group_size: int, n_experts: int, top_k: int, capacity_factor: float | None,
@@ -127,6 +133,11 @@ class ModelConfig:
         aux_loss_coef: load-balance loss weight (L_aux = E * sum_i f_i P_i, Switch eq. 4-6
             in its top-k form); z_loss_coef: router z-loss weight (ST-MoE,
             mean logsumexp(z)^2).
+
+    Routing variants (docs/router.md §13, :mod:`tinymoe.routing_variants`)
+        router_type ("token_choice" | "expert_choice"), router_noise (noisy top-k gating),
+        router_bias_rate (DeepSeek-V3 bias balancing; 0 = off), d_ff_shared (shared FFN
+        width: s shared fine-grained experts). Defaults: OpenMoE's router, unchanged.
 
     Other
         tie_embeddings (LM head = embedding^T), rope_base, norm_eps (RMSNorm),
@@ -209,6 +220,22 @@ class ModelConfig:
     ("weight init: normal (every matrix N(0, init_std^2), routers N(0, 0.02^2)) or openmoe "
      "(embedding N(0, 1); other matrices std sqrt(0.1 / fan_in), truncated at 2 std for dense "
      "FFNs and the LM head; routers N(0, 0.02^2))")
+    # ---- routing variants (tinymoe.routing_variants; docs/router.md §13)
+    router_type: str = "token_choice"
+    ("token_choice (each token picks its top-k experts: OpenMoE, Switch, noisy, bias) or "
+     "expert_choice (each expert picks its top-C tokens of a group, Zhou et al. 2022; "
+     "C from capacity_factor/capacity_mode; a token's routing depends on LATER tokens)")
+    router_noise: bool = False
+    ("noisy top-k gating (Shazeer et al. 2017): in training, logits + N(0,1) * "
+     "softplus(x W_noise) with a trainable W_noise (init 0); noise drawn from the run's "
+     "routing RNG (seeded, in checkpoints)")
+    router_bias_rate: float = 0.0
+    ("bias balancing without aux loss (DeepSeek-V3): a per-expert bias added to the "
+     "probabilities for top-k selection only, moved by this rate times sign(mean load - "
+     "load) after every training forward; 0 = off")
+    d_ff_shared: int | None = None
+    ("hidden width of the shared FFN of MoE blocks (none: d_ff); s shared fine-grained "
+     "experts of width w (DeepSeekMoE) are one shared SwiGLU of width s*w")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -293,6 +320,33 @@ class ModelConfig:
             v = getattr(self, name)
             if v <= 0:
                 raise ValueError(f"{name}={v} must be positive")
+        self._validate_variants()
+
+    def _validate_variants(self) -> None:
+        """The routing-variant fields: one line naming the bad setting."""
+        if self.router_type not in ROUTER_TYPES:
+            raise ValueError(f"router_type={self.router_type!r} is not one of "
+                             f"{', '.join(ROUTER_TYPES)}")
+        if self.router_bias_rate < 0:
+            raise ValueError(f"router_bias_rate={self.router_bias_rate} < 0")
+        if self.d_ff_shared is not None and self.d_ff_shared <= 0:
+            raise ValueError(f"d_ff_shared={self.d_ff_shared} must be positive (or None)")
+        if self.router_type == "expert_choice":
+            for name in ("router_noise", "renormalize"):
+                if getattr(self, name):
+                    raise ValueError(f"{name}=True is not supported with router_type='expert_choice'")
+            if self.router_bias_rate > 0:
+                raise ValueError("router_bias_rate > 0 is not supported with "
+                                 "router_type='expert_choice' (it is balanced by construction)")
+            g = self.group_size if self.group_size is not None else self.max_seq_len
+            for name in ("capacity_factor", "eval_capacity_factor"):
+                cf = getattr(self, name)
+                c = capacity(g, self.n_experts, self.top_k, cf, self.min_capacity,
+                             self.capacity_mode)
+                if c > g:
+                    raise ValueError(f"expert choice: capacity C={c} ({name}={cf}, "
+                                     f"capacity_mode={self.capacity_mode!r}, min_capacity="
+                                     f"{self.min_capacity}) is larger than the group of G={g} tokens")
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -315,6 +369,11 @@ class ModelConfig:
         """OpenMoE's init scale 0.1 (``SCALE``, TC-*:40; docs/openmoe-facts.md §9): a matrix
         with fan-in n is drawn with std sqrt(0.1 / n); None with ``init="normal"``."""
         return OPENMOE_INIT_SCALE if self.init == "openmoe" else None
+
+    @property
+    def shared_ff(self) -> int:
+        """Hidden width of the shared FFN of MoE blocks (d_ff_shared, or d_ff when None)."""
+        return self.d_ff_shared if self.d_ff_shared is not None else self.d_ff
 
     @property
     def moe_layers(self) -> list[int]:
@@ -368,8 +427,12 @@ class ModelConfig:
                                   else "")
         cf = "dropless" if not self.capacity_factor else f"cf {self.capacity_factor:g}"
         c = count_parameters(self)
+        variant = "".join(part for part, on in (
+            (f" {self.router_type}", self.router_type != "token_choice"),
+            (" +noise", self.router_noise),
+            (f" +bias {self.router_bias_rate:g}", self.router_bias_rate > 0)) if on)
         return (f"{self.n_layers}L d{self.d_model} {heads} {ff} | {moe} | {cf} "
-                f"{self.slot_priority} | vocab {self.vocab_size} "
+                f"{self.slot_priority}{variant} | vocab {self.vocab_size} "
                 f"{'tied' if self.tie_embeddings else 'untied'} | seq {self.max_seq_len} | "
                 f"{_human(c['total'])} params, {_human(c['active'])} active | {self.dtype}")
 
@@ -555,10 +618,14 @@ def parameter_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         if cfg.is_moe_block(i):
             f = cfg.expert_ff
             shapes[f"{b}.moe.router.weight"] = (d, E)
+            if cfg.router_noise:
+                shapes[f"{b}.moe.router.noise_weight"] = (d, E)
+            if cfg.router_bias_rate > 0:
+                shapes[f"{b}.moe.router.bias"] = (E,)
             shapes.update(_expert_shapes(f"{b}.moe.experts", E, d, f, cfg.ffn_kind))
             if cfg.shared_ffn:
                 shapes[f"{b}.shared_norm.weight"] = (d,)
-                shapes.update(_ffn_shapes(f"{b}.shared_ffn", d, cfg.d_ff, cfg.ffn_kind))
+                shapes.update(_ffn_shapes(f"{b}.shared_ffn", d, cfg.shared_ff, cfg.ffn_kind))
         else:
             shapes.update(_ffn_shapes(f"{b}.ffn", d, cfg.d_ff, cfg.ffn_kind))
     shapes["norm_f.weight"] = (d,)

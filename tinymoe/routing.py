@@ -313,12 +313,15 @@ def _group_size(n: int, group_size: int | None) -> int:
 
 def route(logits: Array, top_k: int, capacity_factor: float | None = 1.25,
           group_size: int | None = None, min_capacity: int = 4, capacity_mode: str = "openmoe",
-          priority: str = "position", renormalize: bool = False, rng: Any = None) -> RoutingResult:
+          priority: str = "position", renormalize: bool = False, rng: Any = None,
+          selection_bias: Array | None = None) -> RoutingResult:
     """Route N tokens to k of E experts each, with per-group expert capacity.
 
     ``logits`` is ``[N, E]`` (tokens in order, groups are contiguous runs of
     ``group_size``); see the module docstring for the maths. ``rng`` (a host NumPy
-    Generator) is used only by ``priority="random"``.
+    Generator) is used only by ``priority="random"``. ``selection_bias`` [E] (DeepSeek-V3
+    bias balancing, :mod:`tinymoe.routing_variants`): the top-k is taken on ``p + b``
+    while ``topk_prob`` and the combine weights stay the unbiased ``p`` of the choice.
     """
     xp = B.array_module(logits)
     if getattr(logits, "ndim", None) != 2:
@@ -337,7 +340,11 @@ def route(logits: Array, top_k: int, capacity_factor: float | None = 1.25,
     cap = capacity(g, n_experts, top_k, capacity_factor, min_capacity, capacity_mode)
 
     probs, lse = softmax_and_logsumexp(logits)  # [N, E], [N]
-    expert_index, topk_prob = _select_top_k(probs, top_k)  # [N, k], [N, k]
+    if selection_bias is None:
+        expert_index, topk_prob = _select_top_k(probs, top_k)  # [N, k], [N, k]
+    else:  # choose on p + b, weigh with p
+        expert_index, _ = _select_top_k(probs + selection_bias, top_k)  # [N, E] + [E] -> [N, k]
+        topk_prob = probs[xp.arange(n)[:, None], expert_index]  # [N, k]
     if renormalize:
         weight = topk_prob / topk_prob.sum(axis=1, keepdims=True)  # [N, k]
     else:

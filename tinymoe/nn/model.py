@@ -137,7 +137,7 @@ class Block(Module):
             self.moe = MoE(cfg, layer_idx=layer_idx, rng=rng)
             if self.has_shared:
                 self.shared_norm = RMSNorm(cfg.d_model, cfg.norm_eps, dtype=dt)
-                self.shared_ffn = FeedForward(cfg.d_model, cfg.d_ff, rng=rng, init_std=std,
+                self.shared_ffn = FeedForward(cfg.d_model, cfg.shared_ff, rng=rng, init_std=std,
                                               kind=cfg.ffn_kind, fan_in_scale=s, dtype=dt)
         else:
             self.ffn = FeedForward(cfg.d_model, cfg.d_ff, rng=rng, init_std=std,

@@ -22,6 +22,10 @@ One MoE forward on tokens x [N, d] (the batch [B, T] flattened in order):
    a token whose every assignment was dropped gets y = 0 (it still flows through the
    residual and the shared FFN of the block).
 
+Routing variants (expert choice, noisy gating, bias balancing: docs/router.md §13) take
+step 2 through :func:`tinymoe.nn.routers.route_variant` when a variant field of the config
+is set; steps 3-5 are the same for all of them.
+
 Losses (per group, averaged over groups):
   load balance  L_aux = E * sum_i f_i P_i  (Switch Transformer, Fedus et al. 2021, eq. 4-6,
                 in the top-k form: f_i counts tokens with expert i among their top-k, before
@@ -39,8 +43,9 @@ from tinymoe import routing
 from tinymoe.autograd import Context, Function, Tensor
 from tinymoe.config import ModelConfig
 from tinymoe.config import FFN_KINDS
+from tinymoe.nn import routers
 from tinymoe.nn.layers import fan_in_std, gated_triple, normal_parameter
-from tinymoe.nn.module import Module
+from tinymoe.nn.module import Module, Parameter
 
 __all__ = ["Router", "Experts", "MoE", "MoEStats", "RouterFunction", "Dispatch", "Combine", "GatherRows",
            "GroupedMatmul", "route_differentiable", "dispatch", "combine", "gather_rows", "grouped_matmul"]
@@ -281,13 +286,23 @@ def combine(expert_out: Tensor, weight: Tensor, flat_pos: Any, token: Any, rank:
 # --------------------------------------------------------------------------------------
 
 class Router(Module):
-    """Router: logits ``z = x W_r``, weight [d, E], no bias, init N(0, 0.02) (OpenMoE)."""
+    """Router: logits ``z = x W_r``, weight [d, E], no bias, init N(0, 0.02) (OpenMoE).
+
+    Routing variants (:mod:`tinymoe.nn.routers`): ``noise=True`` adds ``noise_weight``
+    [d, E] (noisy gating's W_noise, init 0 as in Shazeer et al. 2017); ``selection_bias=True``
+    adds ``bias`` [E] (DeepSeek-V3's balancing bias, init 0; it gets no gradient, it is
+    moved by a sign rule, and is a Parameter only so that it is saved in checkpoints).
+    """
 
     def __init__(self, d_model: int, n_experts: int, *, rng: Any, std: float = 0.02,
-                 dtype: Any = "float32"):
+                 dtype: Any = "float32", noise: bool = False, selection_bias: bool = False):
         super().__init__()
         self.d_model, self.n_experts = d_model, n_experts
         self.weight = normal_parameter(rng, (d_model, n_experts), std, B.np.dtype(dtype))
+        if noise:
+            self.noise_weight = Parameter(B.to_device(B.np.zeros((d_model, n_experts)), B.np.dtype(dtype)))
+        if selection_bias:
+            self.bias = Parameter(B.to_device(B.np.zeros(n_experts), B.np.dtype(dtype)))
 
     def forward(self, x: Tensor) -> Tensor:
         return x @ self.weight                                            # [N, d] -> [N, E]
@@ -386,14 +401,16 @@ class MoE(Module):
         super().__init__()
         self.cfg = cfg
         self.layer_idx = layer_idx
-        self.router = Router(cfg.d_model, cfg.n_experts, std=0.02, dtype=cfg.dtype, rng=rng)
+        self.router = Router(cfg.d_model, cfg.n_experts, std=0.02, dtype=cfg.dtype, rng=rng,
+                             noise=cfg.router_noise, selection_bias=cfg.router_bias_rate > 0)
         self.experts = Experts(cfg.n_experts, cfg.d_model, cfg.expert_ff, std=cfg.init_std,
                                kind=cfg.ffn_kind, fan_in_scale=cfg.init_fan_in_scale, dtype=cfg.dtype,
                                rng=rng)
 
     def forward(self, x: Tensor, rng: Any = None) -> tuple[Tensor, Tensor, Tensor, MoEStats]:
         """x [B, T, d] -> (y [B, T, d], L_aux, L_z, stats). ``rng`` (a host NumPy Generator)
-        is required by slot priority "random" and ignored otherwise."""
+        is required by slot priority "random" and by ``router_noise`` in training mode, and
+        ignored otherwise."""
         cfg = self.cfg
         if x.ndim != 3 or x.shape[-1] != cfg.d_model:
             raise ValueError(f"MoE expects x of shape [B, T, {cfg.d_model}], got {tuple(x.shape)}")
@@ -403,9 +420,14 @@ class MoE(Module):
         logits = self.router(tokens)                                      # [N, d] -> [N, E]
         cf = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
         group = seq if cfg.group_size is None else cfg.group_size
-        weight, aux, z, result = route_differentiable(
-            logits, cfg.top_k, cf, group, cfg.min_capacity, cfg.capacity_mode,
-            cfg.slot_priority, cfg.renormalize, rng)                      # [N, k], [], []
+        if routers.uses_variant(cfg):                                     # tinymoe.routing_variants
+            weight, aux, z, result = routers.route_variant(
+                self.router, tokens, logits, cfg, training=self.training, capacity_factor=cf,
+                group_size=group, rng=rng)                                # [N, k], [], []
+        else:
+            weight, aux, z, result = route_differentiable(
+                logits, cfg.top_k, cf, group, cfg.min_capacity, cfg.capacity_mode,
+                cfg.slot_priority, cfg.renormalize, rng)                  # [N, k], [], []
         flat_pos, token, rank = routing.dispatch_indices(result)          # [M] each
         xp = B.array_module(flat_pos)
         order = xp.argsort(flat_pos, kind="stable")                       # by buffer row: expert-major

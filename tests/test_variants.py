@@ -1,0 +1,355 @@
+"""Routing variants (tinymoe/routing_variants.py, tinymoe/nn/routers.py) against torch twins
+written from their papers (tests/oracle/torch_variants.py), forward and backward, float64
+and float32; config validation; fine-grained experts; the expert-choice leak."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import tinymoe
+from tinymoe import backend as B
+from tinymoe.config import count_parameters, get_preset
+from tinymoe.nn.model import OpenMoE
+from tinymoe.nn.moe import MoE
+from tinymoe.routing_variants import bias_update, fine_grained, routing_changed
+
+from tests.oracle.compare import assert_close
+from tests.oracle.torch_variants import (twin_bias_update, twin_expert_choice, twin_noisy_logits,
+                                         twin_token_choice)
+from tests.test_moe import make_weights, moe_tol
+
+BSZ, SEQ = 2, 16
+
+
+def variant_cfg(dtype="float64", **kw):
+    base = dict(d_model=8, n_experts=4, top_k=2, d_ff_expert=12, min_capacity=1, dtype=dtype)
+    return get_preset("toy", **{**base, **kw})
+
+
+def run_variant(cfg, extra_weights=None, training=True, noise_seed=7):
+    """Forward + backward of our MoE on fixed weights; returns what the twins compare."""
+    dt = np.dtype(cfg.dtype)
+    weights = make_weights(cfg)
+    weights.update(extra_weights or {})
+    moe = MoE(cfg, rng=B.default_rng(0))
+    moe.load_state_dict(weights)
+    moe.train(training)
+    rng = np.random.default_rng(0)
+    x_np = rng.normal(0.1, 1.0, size=(BSZ, SEQ, cfg.d_model)).astype(dt)
+    g_np = rng.normal(size=(BSZ, SEQ, cfg.d_model)).astype(dt)
+    x = tinymoe.Tensor(B.to_device(x_np), requires_grad=True)
+    y, aux, z, stats = moe(x, rng=np.random.default_rng(noise_seed))
+    ((y * tinymoe.Tensor(B.to_device(g_np))).sum() + aux * 1.3 + z * 0.5).backward()
+    tw = {k: torch.tensor(np.asarray(v, dtype=dt), requires_grad=True) for k, v in weights.items()}
+    xt = torch.tensor(x_np, requires_grad=True)
+    return dict(moe=moe, x=x, y=y, aux=aux, z=z, stats=stats, tw=tw, xt=xt,
+                tokens_t=xt.reshape(BSZ * SEQ, cfg.d_model), g=torch.tensor(g_np))
+
+
+def backward_twin(r, ref):
+    loss = (ref["y"].reshape(BSZ, SEQ, -1) * r["g"]).sum() + ref.get("aux", 0.0) * 1.3 + ref["z"] * 0.5
+    loss.backward()
+
+
+def compare_grads(r, tol, names):
+    assert_close("grad x", r["x"].grad, r["xt"].grad, tol)
+    params = dict(r["moe"].named_parameters())
+    for name in names:
+        assert_close(f"grad {name}", params[name].grad, r["tw"][name].grad, tol)
+
+
+# ------------------------------------------------------------------------ expert choice
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("group", [None, 8])
+def test_expert_choice_matches_torch(dtype, group):
+    cfg = variant_cfg(dtype, router_type="expert_choice", capacity_mode="k_scaled",
+                      capacity_factor=0.5, eval_capacity_factor=0.5, group_size=group)
+    g = SEQ if group is None else group
+    cap = int(np.ceil(2 * 0.5 * g / 4))                      # k_scaled: ceil(k cf G / E)
+    r = run_variant(cfg)
+    tw = r["tw"]
+    logits = r["tokens_t"] @ tw["router.weight"]
+    ref = twin_expert_choice(r["tokens_t"], logits, tw["experts.w_gate"], tw["experts.w_up"],
+                             tw["experts.w_down"], cap, g)
+    backward_twin(r, ref)
+    st, tol = r["stats"], moe_tol(cfg, BSZ * SEQ)
+    assert st.capacity == cap
+    ours = np.zeros((BSZ * SEQ, 4), dtype=bool)
+    ei, kept = B.to_numpy(st.expert_index), B.to_numpy(st.kept)
+    ours[np.nonzero(kept)[0], ei[kept]] = True
+    np.testing.assert_array_equal(ours, ref["chosen"].numpy())
+    per_token = ours.sum(axis=1)
+    assert per_token.min() == 0 and per_token.max() > 1, "case meant to give some tokens none, some several"
+    assert st.dropped_fraction == pytest.approx(float((per_token == 0).mean()))
+    np.testing.assert_array_equal(B.to_numpy(st.load_after), [cap * BSZ * SEQ // g] * 4)
+    assert float(r["aux"].item()) == 0.0
+    assert_close("y", r["y"], ref["y"].reshape(BSZ, SEQ, -1), tol)
+    assert_close("z", r["z"], ref["z"], tol)
+    compare_grads(r, tol, ["router.weight", "experts.w_gate", "experts.w_up", "experts.w_down"])
+
+
+# ------------------------------------------------------------------------ bias balancing
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_bias_balancing_matches_torch(dtype):
+    rate = 0.01
+    cfg = variant_cfg(dtype, router_bias_rate=rate, capacity_factor=1.0, eval_capacity_factor=1.0)
+    bias0 = np.array([0.3, -0.2, 0.05, -0.1])                # large enough to change choices
+    r = run_variant(cfg, {"router.bias": bias0})
+    tw = r["tw"]
+    logits = r["tokens_t"] @ tw["router.weight"]
+    cap = int(round(1.0 * SEQ / 4))                           # openmoe: round(cf G / E)
+    ref = twin_token_choice(r["tokens_t"], logits, tw["experts.w_gate"], tw["experts.w_up"],
+                            tw["experts.w_down"], 2, cap, SEQ, bias=torch.tensor(bias0, dtype=logits.dtype))
+    unbiased = twin_token_choice(r["tokens_t"], logits, tw["experts.w_gate"], tw["experts.w_up"],
+                                 tw["experts.w_down"], 2, cap, SEQ)
+    assert not torch.equal(ref["index"], unbiased["index"]), "the bias must change some choices here"
+    backward_twin(r, ref)
+    st, tol = r["stats"], moe_tol(cfg, BSZ * SEQ)
+    np.testing.assert_array_equal(B.to_numpy(st.expert_index), ref["index"].numpy())
+    np.testing.assert_array_equal(B.to_numpy(st.kept), ref["kept"].numpy())
+    assert_close("y", r["y"], ref["y"].reshape(BSZ, SEQ, -1), tol)
+    assert_close("aux", r["aux"], ref["aux"], tol)
+    assert_close("z", r["z"], ref["z"], tol)
+    compare_grads(r, tol, ["router.weight", "experts.w_gate", "experts.w_up", "experts.w_down"])
+    bias = r["moe"].router.bias
+    assert bias.grad is None, "the balancing bias must get no gradient"
+    expected = twin_bias_update(torch.tensor(bias0), ref["load"], rate).numpy()
+    np.testing.assert_allclose(B.to_numpy(bias.data), expected.astype(dtype), rtol=0, atol=1e-7)
+    assert not np.array_equal(expected, bias0)
+
+
+def test_bias_moves_only_in_training_with_grad():
+    cfg = variant_cfg(router_bias_rate=0.1)
+    moe = MoE(cfg, rng=B.default_rng(0))
+    x = tinymoe.Tensor(np.random.default_rng(0).normal(size=(2, 16, 8)))
+    with moe.evaluating():
+        moe(x)
+    with tinymoe.no_grad():
+        moe(x)
+    assert not np.any(B.to_numpy(moe.router.bias.data)), "eval or no_grad forwards must not move the bias"
+    moe(x)
+    assert np.any(B.to_numpy(moe.router.bias.data))
+
+
+def test_bias_update_sign_rule():
+    b = np.zeros(4)
+    bias_update(b, np.array([10, 2, 4, 0]), 0.5)              # mean 4
+    np.testing.assert_array_equal(b, [-0.5, 0.5, 0.0, 0.5])
+
+
+def test_bias_balancing_evens_load_without_aux_loss():
+    """A router that prefers expert 0 for almost every token: the bias alone (no aux loss,
+    no weight update) spreads the load."""
+    cfg = variant_cfg(router_bias_rate=0.01, top_k=1, aux_loss_coef=0.0, capacity_factor=0.0)
+    moe = MoE(cfg, rng=B.default_rng(0))
+    rng = np.random.default_rng(1)
+    w = rng.normal(0.0, 0.3, size=(8, 4))
+    w[:, 0] += 0.6
+    moe.router.weight.data[...] = w
+    x = tinymoe.Tensor(np.abs(rng.normal(size=(4, 16, 8))))
+    ratio = []                                                # max load / mean load
+    for _ in range(150):
+        load = B.to_numpy(moe(x)[3].load_before)
+        ratio.append(load.max() / load.mean())
+    assert ratio[0] > 3.0, ratio[0]
+    assert np.mean(ratio[-20:]) < 2.0, ratio[-20:]            # (4.0 = everything on one expert)
+
+
+# ------------------------------------------------------------------------ noisy gating
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("renorm", [True, False])
+def test_noisy_gating_matches_torch(dtype, renorm):
+    cfg = variant_cfg(dtype, router_noise=True, renormalize=renorm, capacity_factor=1.0)
+    w_noise = np.random.default_rng(5).normal(0.0, 0.5, size=(8, 4))
+    r = run_variant(cfg, {"router.noise_weight": w_noise}, noise_seed=11)
+    tw = r["tw"]
+    eps = torch.tensor(np.random.default_rng(11).standard_normal((BSZ * SEQ, 4)).astype(dtype))
+    logits = twin_noisy_logits(r["tokens_t"], tw["router.weight"], tw["router.noise_weight"], eps)
+    ref = twin_token_choice(r["tokens_t"], logits, tw["experts.w_gate"], tw["experts.w_up"],
+                            tw["experts.w_down"], 2, int(round(SEQ / 4)), SEQ, renormalize=renorm)
+    backward_twin(r, ref)
+    st, tol = r["stats"], moe_tol(cfg, BSZ * SEQ)
+    np.testing.assert_array_equal(B.to_numpy(st.expert_index), ref["index"].numpy())
+    assert_close("y", r["y"], ref["y"].reshape(BSZ, SEQ, -1), tol)
+    assert_close("aux", r["aux"], ref["aux"], tol)
+    assert_close("z", r["z"], ref["z"], tol)
+    compare_grads(r, tol, ["router.weight", "router.noise_weight", "experts.w_gate", "experts.w_down"])
+
+
+def test_noise_only_in_training_and_seeded():
+    cfg = variant_cfg(router_noise=True)
+    moe = MoE(cfg, rng=B.default_rng(0))
+    x = tinymoe.Tensor(np.random.default_rng(0).normal(size=(2, 16, 8)))
+    with moe.evaluating():
+        a = moe(x)[3].expert_index
+        b = moe(x, rng=np.random.default_rng(1))[3].expert_index
+    np.testing.assert_array_equal(a, b)                      # eval: no noise, no rng needed
+    one = moe(x, rng=np.random.default_rng(3))[3].expert_index
+    same = moe(x, rng=np.random.default_rng(3))[3].expert_index
+    other = moe(x, rng=np.random.default_rng(4))[3].expert_index
+    np.testing.assert_array_equal(one, same)
+    assert not np.array_equal(one, other)
+    with pytest.raises(ValueError, match="rng"):
+        moe(x)
+
+
+# ------------------------------------------------------------------------ fine-grained + shared
+
+def test_fine_grained_keeps_parameters_and_compute():
+    cfg = get_preset("mini")
+    fg = fine_grained(cfg, 4, shared_experts=4)              # 4 shared small experts = d_ff width
+    assert (fg.n_experts, fg.top_k, fg.expert_ff, fg.shared_ff) == (32, 8, 64, 256)
+    a, b = count_parameters(cfg), count_parameters(fg)
+    assert a["experts"] == b["experts"] and a["experts_active"] == b["experts_active"]
+    assert a["shared_ffn"] == b["shared_ffn"]
+    assert b["routers"] == 4 * a["routers"]                  # the router grows: [d, E] -> [d, 4 E]
+    assert b["total"] - b["routers"] == a["total"] - a["routers"]
+    assert count_parameters(fine_grained(cfg, 2, shared_experts=0))["shared_ffn"] == 0
+
+
+def test_fine_grained_layer_equals_split_experts():
+    """m copies of each router column and each expert cut into m slices of its hidden
+    units (w_down scaled by m): with renormalised weights and no drops, the fine-grained
+    layer computes exactly the original top-k layer (DeepSeekMoE's construction)."""
+    m = 3
+    cfg = variant_cfg(d_ff_expert=12, renormalize=True, capacity_factor=0.0, eval_capacity_factor=0.0)
+    fg = fine_grained(cfg, m, shared_experts=0)
+    w = make_weights(cfg)
+    E, f = cfg.n_experts, cfg.expert_ff
+    def cut(a):                                               # [E, d, f] -> [E m, d, f/m]
+        return a.reshape(E, 8, m, f // m).transpose(0, 2, 1, 3).reshape(E * m, 8, f // m)
+
+    split = {"router.weight": np.repeat(w["router.weight"], m, axis=1),         # [d, E m]
+             "experts.w_gate": cut(w["experts.w_gate"]), "experts.w_up": cut(w["experts.w_up"]),
+             "experts.w_down": m * w["experts.w_down"].reshape(E * m, f // m, 8)}
+    x = tinymoe.Tensor(np.random.default_rng(2).normal(size=(2, 16, 8)))
+    outs = []
+    for c, weights in ((cfg, w), (fg, split)):
+        moe = MoE(c, rng=B.default_rng(0))
+        moe.load_state_dict(weights)
+        outs.append(moe(x)[0].numpy())
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------------ validation
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(router_type="expert_choice", capacity_factor=3.0, capacity_mode="k_scaled"), "larger than the group"),
+    (dict(router_type="expert_choice", eval_capacity_factor=0.5, min_capacity=100), "larger than the group"),
+    (dict(router_bias_rate=-0.1), "router_bias_rate=-0.1 < 0"),
+    (dict(router_type="mixed"), "router_type='mixed' is not one of"),
+    (dict(router_type="expert_choice", router_noise=True), "not supported"),
+    (dict(d_ff_shared=0), "d_ff_shared=0"),
+])
+def test_bad_variant_configs(kw, match):
+    with pytest.raises(ValueError, match=match) as e:
+        get_preset("toy", **kw)
+    assert "\n" not in str(e.value)
+
+
+def test_fine_grained_refuses_bad_splits():
+    with pytest.raises(ValueError, match="does not divide the expert FFN width 128"):
+        fine_grained(get_preset("toy"), 3)
+    with pytest.raises(ValueError, match="top_k=5 > n_experts=4"):
+        fine_grained(get_preset("toy", top_k=5), 2)
+    with pytest.raises(ValueError, match="must be an integer >= 1"):
+        fine_grained(get_preset("toy"), 0)
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--router-type", "expert_choice", "--capacity-factor", "9", "--capacity-mode", "k_scaled"],
+     "larger than the group"),
+    (["--router-bias-rate", "-1"], "router_bias_rate"),
+    (["--router-type", "nope"], "router_type"),
+])
+def test_cli_bad_variant_exit_2(capsys, tmp_path, flags, match):
+    from tests.test_cli import InProcess, one_line_error  # noqa: PLC0415
+
+    p = InProcess(capsys, "train", "--config", "toy", "--steps", "1", "--out", tmp_path / "r", *flags)
+    one_line_error(p)
+    assert match in p.stderr
+
+
+def test_help_lists_variant_fields(capsys):
+    from tests.test_cli import InProcess  # noqa: PLC0415
+
+    p = InProcess(capsys, "train", "--help")
+    for flag in ("--router-type", "--router-noise", "--router-bias-rate", "--d-ff-shared"):
+        assert flag in p.stdout
+    assert "expert_choice" in p.stdout
+
+
+# ------------------------------------------------------------------------ the leak
+
+def test_expert_choice_leaks_token_choice_top1_does_not():
+    ids = np.random.default_rng(0).integers(0, 258, size=(4, 32))
+    ec = OpenMoE(get_preset("toy", router_type="expert_choice", capacity_mode="k_scaled",
+                            capacity_factor=1.0, eval_capacity_factor=1.0, min_capacity=1), seed=0)
+    top1 = OpenMoE(get_preset("toy", top_k=1, eval_capacity_factor=0.5, min_capacity=1), seed=0)
+    leak = routing_changed(ec, ids, 16)
+    causal = routing_changed(top1, ids, 16)
+    assert leak["changed"] > 0.05, leak
+    assert causal["changed"] == 0.0, causal
+
+
+# ------------------------------------------------------------------------ exact resume
+
+@pytest.mark.parametrize("variant", [
+    dict(router_bias_rate=0.01, aux_loss_coef=0.0),
+    dict(router_noise=True, renormalize=True),
+    dict(router_type="expert_choice", capacity_mode="k_scaled", capacity_factor=1.0,
+         eval_capacity_factor=1.0, min_capacity=1),
+])
+def test_variant_resume_is_bitwise_exact(tmp_path, variant):
+    """The bias (a router 'parameter' without gradient) and the noise RNG (the trainer's
+    routing RNG) are in the checkpoint: 2 + 2 steps equal 4 steps bit for bit."""
+    from tinymoe.checkpoint import load_checkpoint  # noqa: PLC0415
+    from tinymoe.train import train  # noqa: PLC0415
+    from tests.test_train import tcfg  # noqa: PLC0415
+
+    model_cfg = get_preset("toy", **variant)
+    straight = train(model_cfg, tcfg(tmp_path, "straight"), progress=False)
+    first = train(model_cfg, tcfg(tmp_path, "split", stop_at=2), progress=False)
+    second = train(None, tcfg(tmp_path, "split", resume=first.checkpoint), progress=False)
+    assert second.status == "done" and second.step == 4
+    a = load_checkpoint(straight.checkpoint).model_state
+    b = load_checkpoint(second.checkpoint).model_state
+    assert a.keys() == b.keys()
+    for k, v in a.items():
+        assert np.array_equal(v, b[k]), f"{k} differs after resume"
+    assert straight.losses[2:] == second.losses
+    if variant.get("router_bias_rate"):
+        assert np.any(a["blocks.1.moe.router.bias"]), "the bias must have moved"
+    if variant.get("router_noise"):
+        assert np.any(a["blocks.1.moe.router.noise_weight"]), "W_noise must have trained"
+
+
+# ------------------------------------------------------------------------ devices
+
+@pytest.mark.parametrize("variant", [
+    dict(router_type="expert_choice", capacity_mode="k_scaled", capacity_factor=0.5, eval_capacity_factor=0.5),
+    dict(router_noise=True, renormalize=True),
+    dict(router_bias_rate=0.01),
+])
+def test_variants_same_on_every_backend(backend, variant):
+    """The same float64 forward, backward and bias update on the active backend as on
+    NumPy (the CuPy case runs only where a GPU is visible)."""
+    cfg = variant_cfg(**variant)
+    extra = ({"router.noise_weight": np.full((8, 4), 0.1)} if variant.get("router_noise") else
+             {"router.bias": np.array([0.1, -0.1, 0.0, 0.05])} if variant.get("router_bias_rate") else None)
+    r = run_variant(cfg, extra)
+    B.set_device("cpu")
+    try:
+        ref = run_variant(cfg, extra)
+    finally:
+        B.set_device(backend)
+    np.testing.assert_array_equal(B.to_numpy(r["stats"].kept), B.to_numpy(ref["stats"].kept))
+    np.testing.assert_allclose(r["y"].numpy(), ref["y"].numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(B.to_numpy(r["x"].grad), B.to_numpy(ref["x"].grad), rtol=1e-10, atol=1e-12)
+    for name, p in r["moe"].named_parameters():
+        q = dict(ref["moe"].named_parameters())[name]
+        np.testing.assert_allclose(B.to_numpy(p.data), B.to_numpy(q.data), rtol=1e-12, atol=1e-14)

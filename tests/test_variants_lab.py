@@ -1,0 +1,73 @@
+"""``python -m tinymoe compare-routers`` (tinymoe/variants.py) in fast mode: the report,
+its figures, resumability, the leak it measures, and one-line errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.test_cli import InProcess, one_line_error
+
+ROUTERS = "openmoe,expert_choice,switch"
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lab") / "cmp"
+    return out
+
+
+def test_compare_routers_fast(capsys, lab):
+    p = InProcess(capsys, "compare-routers", "--fast", "--routers", ROUTERS, "--out", lab)
+    assert p.returncode == 0, p.stderr
+    report = json.loads((lab / "report.json").read_text())
+    assert list(report["variants"]) == ROUTERS.split(",")
+    md = (lab / "report.md").read_text()
+    for name in ROUTERS.split(","):
+        r = report["variants"][name]
+        assert r["status"] == "trained" and name in md
+        assert set(r["held_out"]) >= {"mean"} and r["held_out"]["mean"]["nats_per_byte"] > 0
+        assert r["load"]["step"] == [0, 2, 4, 6]                     # a snapshot every 2 steps
+        assert len(r["drops_train_cf"]["drop_rate"]) == 8
+        assert (lab / name / "checkpoint.npz").exists()
+    ec, tc, sw = (report["variants"][n] for n in ("expert_choice", "openmoe", "switch"))
+    assert ec["load"]["max_over_mean"] == [1.0] * 4                  # C tokens per expert, always
+    assert ec["drops_eval_cf"]["what"] == "tokens with no expert"
+    # counted per token, not per (token, expert) pair: the unkept pairs would be exactly
+    # 1 - C E / (G E) = 1 - k/E = 0.5 here
+    assert ec["drops_eval_cf"]["overall"] < 0.25
+    assert tc["drops_train_cf"]["overall"] > tc["drops_eval_cf"]["overall"]  # cf 1.25 < 2.0
+    assert ec["leak"]["changed"] > 0.05                              # routing sees later tokens
+    assert sw["leak"]["changed"] == 0.0                              # top-1, position priority: causal
+    figs = sorted(f.split("/")[-1] for f in report["figures"])
+    assert figs == ["drops_eval_cf.png", "drops_train_cf.png", "held_out_loss.png", "leak.png",
+                    "load_balance.png"]
+    for f in report["figures"]:
+        assert open(f, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_routers_resumes(capsys, lab):
+    """A second call reuses finished runs; more steps resume them."""
+    before = json.loads((lab / "report.json").read_text())
+    p = InProcess(capsys, "compare-routers", "--fast", "--routers", "openmoe,switch", "--out", lab)
+    assert p.returncode == 0, p.stderr
+    again = json.loads((lab / "report.json").read_text())
+    assert [r["status"] for r in again["variants"].values()] == ["reused", "reused"]
+    assert again["variants"]["switch"]["held_out"] == before["variants"]["switch"]["held_out"]
+    p = InProcess(capsys, "compare-routers", "--fast", "--steps", "8", "--routers", "switch", "--out", lab)
+    assert p.returncode == 0, p.stderr
+    more = json.loads((lab / "report.json").read_text())
+    assert more["variants"]["switch"]["status"] == "resumed"
+    assert more["variants"]["switch"]["load"]["step"][-1] == 8
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--routers", "openmoe,bogus"], "bogus"),
+    (["--steps", "0"], "must be >= 1"),
+    (["--routers", "fine_grained", "--fine-grained-split", "3"], "does not divide the expert FFN width 128"),
+    (["--routers", "fine_grained", "--shared-experts", "-1"], "shared_experts=-1"),
+])
+def test_compare_routers_bad_flags(capsys, tmp_path, flags, match):
+    p = InProcess(capsys, "compare-routers", "--fast", "--out", tmp_path / "x", *flags)
+    one_line_error(p)
+    assert match in p.stderr

@@ -1,0 +1,89 @@
+"""The differentiable side of the routing variants (:mod:`tinymoe.routing_variants`).
+
+:func:`route_variant` is what :class:`tinymoe.nn.moe.MoE` calls when a variant field of
+the config is set; it returns the same ``(weight, L_aux, L_z, RoutingResult)`` as
+:func:`tinymoe.nn.moe.route_differentiable`, and the combine weights and losses go
+through the same :class:`tinymoe.nn.moe.RouterFunction` backward (which only needs the
+decisions and ``p``; the decisions of every variant are held fixed in the backward):
+
+- expert choice: the decisions come from
+  :func:`tinymoe.routing_variants.route_expert_choice`; ``w[n, j] = kept * p[n, e_j]``
+  is the raw-weight case of RouterFunction; ``f = 0`` makes ``L_aux`` and its gradient 0.
+- bias balancing: ``route(..., selection_bias=b)``; the weights are the unbiased ``p``
+  of the choice, so the backward is exactly token choice's. b gets no gradient.
+- noisy gating: :class:`NoisyLogits` makes ``H = z + eps * softplus(z_noise)`` with a
+  hand-written backward; everything after it sees H as its logits.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from tinymoe import backend as B
+from tinymoe import routing, routing_variants
+from tinymoe.autograd import Context, Function, Tensor, is_grad_enabled
+from tinymoe.config import ModelConfig
+
+__all__ = ["NoisyLogits", "noisy_logits", "route_variant", "uses_variant"]
+
+
+class NoisyLogits(Function):
+    """Noisy top-k gating's logits (Shazeer et al. 2017, eq. 4):
+
+        H = z + eps * softplus(u),     z = x W_r, u = x W_noise, eps ~ N(0, 1) fixed
+
+    Backward: dH/dz = 1; dH/du = eps * sigmoid(u) (softplus' = sigmoid), elementwise.
+    softplus(u) = max(u, 0) + log1p(exp(-|u|)) (stable for large |u|).
+    """
+
+    @staticmethod
+    def forward(ctx: Context, z: Any, u: Any, eps: Any) -> Any:
+        xp = B.array_module(z)
+        softplus = xp.maximum(u, 0) + xp.log1p(xp.exp(-xp.abs(u)))            # [N, E]
+        ctx.save_for_backward(u, eps)
+        return z + eps * softplus                                             # [N, E]
+
+    @staticmethod
+    def backward(ctx: Context, g: Any) -> tuple:
+        u, eps = ctx.saved
+        xp = B.array_module(g)
+        sig = 0.5 * (1.0 + xp.tanh(0.5 * u))                                  # sigmoid(u), stable
+        return g, g * eps * sig, None
+
+
+def noisy_logits(z: Tensor, u: Tensor, eps: Any) -> Tensor:
+    """``z + eps * softplus(u)`` for z, u [N, E] Tensors and a fixed noise array eps [N, E]."""
+    return NoisyLogits.apply(z, u, eps)
+
+
+def uses_variant(cfg: ModelConfig) -> bool:
+    """True when a routing-variant field of ``cfg`` is set (else the MoE runs OpenMoE's path)."""
+    return cfg.router_type != "token_choice" or cfg.router_noise or cfg.router_bias_rate > 0
+
+
+def route_variant(router: Any, tokens: Tensor, logits: Tensor, cfg: ModelConfig, *,
+                  training: bool, capacity_factor: float | None, group_size: int, rng: Any
+                  ) -> tuple[Tensor, Tensor, Tensor, routing.RoutingResult]:
+    """Route ``logits [N, E]`` of ``tokens [N, d]`` with the variant ``cfg`` selects.
+
+    ``router`` is the layer's :class:`tinymoe.nn.moe.Router` (``noise_weight`` and
+    ``bias`` live there). In training mode with autograd on, bias balancing updates
+    ``router.bias`` in place after the decision (:func:`routing_variants.bias_update`).
+    """
+    from tinymoe.nn.moe import RouterFunction  # noqa: PLC0415 (moe imports this module)
+
+    if cfg.router_noise and training:
+        eps = routing_variants.draw_noise(rng, tuple(logits.shape), logits.dtype)  # [N, E]
+        logits = noisy_logits(logits, tokens @ router.noise_weight, eps)          # [N, E]
+    if cfg.router_type == "expert_choice":
+        result = routing_variants.route_expert_choice(
+            logits.data, cfg.top_k, capacity_factor, group_size, cfg.min_capacity,
+            cfg.capacity_mode)
+    else:
+        bias = router.bias.data if cfg.router_bias_rate > 0 else None              # [E]
+        result = routing.route(logits.data, cfg.top_k, capacity_factor, group_size,
+                               cfg.min_capacity, cfg.capacity_mode, cfg.slot_priority,
+                               cfg.renormalize, rng, selection_bias=bias)
+        if bias is not None and training and is_grad_enabled():
+            routing_variants.bias_update(router.bias.data, result.load_before, cfg.router_bias_rate)
+    weight, aux, z = RouterFunction.apply(logits, result)
+    return weight, aux, z, result

@@ -1,0 +1,197 @@
+"""Routing variants beyond OpenMoE, on plain arrays: expert choice, bias balancing, noise,
+fine-grained experts. The differentiable side is :mod:`tinymoe.nn.routers`.
+
+Each variant is one :class:`tinymoe.config.ModelConfig` field (``python -m tinymoe train
+--help`` lists them); the default values give OpenMoE's token-choice router unchanged.
+
+1. **Expert choice** (Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing",
+   eq. 1-2), ``router_type="expert_choice"``. Inside a group of G tokens,
+   ``S = softmax(X W_r)`` [G, E] (over experts, as in token choice); each expert e takes
+   the C tokens with the largest ``S[:, e]`` (``I = TopK(S^T, C)``), gating weight
+   ``S[n, e]`` for a taken token. A token may get several experts or none; every expert
+   gets exactly C tokens, so no load-balance loss is needed (``L_aux`` is 0 here).
+   C = :func:`tinymoe.config.capacity` of the config (``capacity_mode="k_scaled"``,
+   ``cf = 1`` gives ``C = k G / E``: the compute of dropless top-k), at most G.
+   Ties: a lower token position first.
+
+   **The leak.** In a decoder the choice looks at the whole group, so whether token t gets
+   an expert depends on the tokens *after* t (an expert may prefer a later token and
+   drop t). Training therefore sees the future through the router, and generation (one
+   new token at a time, a group of one) routes differently from training.
+   :func:`routing_changed` measures it on a model; the lab reports it.
+
+   Representation: the result is a :class:`tinymoe.routing.RoutingResult` with k = E
+   "choices" per token: ``expert_index[n]`` = all E experts ordered by the token's own
+   probability (rank 0 = its favourite), ``kept[n, j]`` = expert ``expert_index[n, j]``
+   took token n, ``slot`` = the token's rank in that expert's top-C. Everything
+   downstream (dispatch, combine, the router backward) works unchanged.
+   ``dropped_fraction`` = share of tokens that got **no** expert.
+
+2. **Bias balancing without aux loss** (DeepSeek-V3, Liu et al. 2024, section 2.1.2),
+   ``router_bias_rate=gamma > 0``: a per-expert bias b is added to the scores for the
+   top-k *selection only* (``tinymoe.routing.route(selection_bias=b)``); the combine
+   weights use the unbiased probabilities. After every training forward
+   ``b_i <- b_i + gamma * sign(mean_j load_j - load_i)`` (:func:`bias_update`; load =
+   assignments before capacity, summed over the batch): an overloaded expert's bias goes
+   down. DeepSeek-V3 scores with a sigmoid; here the scores stay OpenMoE's softmax
+   probabilities (a sigmoid router is not implemented). The bias is stored as a router
+   "parameter" that never gets a gradient (the optimizer skips it), so it is in every
+   checkpoint and resume stays exact.
+
+3. **Noisy top-k gating** (Shazeer et al. 2017, eq. 3-5), ``router_noise=True``: in
+   training ``H = x W_r + eps * softplus(x W_noise)``, ``eps ~ N(0, 1)`` drawn from the
+   run's routing RNG (:func:`draw_noise`), W_noise trainable (init 0 as in the paper);
+   routing and losses then use H. Shazeer's ``softmax(KeepTopK(H, k))`` equals the top-k
+   probabilities renormalised, i.e. ``renormalize=True``. Their smooth "load" loss is not
+   implemented (the Switch aux loss is used). Eval: no noise.
+
+4. **Fine-grained and shared experts** (DeepSeekMoE, Dai et al. 2024, section 3):
+   :func:`fine_grained` splits each expert into m of 1/m the width and routes to m k of
+   the m E experts (same parameters and compute), and makes the shared FFN ``s``
+   always-on experts of the small width (``d_ff_shared = s * width / m``: a sum of s
+   SwiGLUs on the same input is one SwiGLU with the hidden units side by side). OpenMoE's
+   shared FFN is the case "one shared expert of width d_ff". The shared part keeps
+   OpenMoE's placement (after the MoE, its own norm), not DeepSeekMoE's parallel one.
+
+5. **Switch** (Fedus et al. 2021): top-1, ``capacity_mode="k_scaled"``; a preset of the
+   lab (:mod:`tinymoe.variants`), no new code.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from tinymoe import backend as B
+from tinymoe.config import ModelConfig, capacity
+from tinymoe.routing import RoutingResult, _group_size, softmax_and_logsumexp
+
+__all__ = ["route_expert_choice", "bias_update", "draw_noise", "fine_grained", "routing_changed"]
+
+Array = Any
+
+
+def route_expert_choice(logits: Array, top_k: int, capacity_factor: float | None = 1.0,
+                        group_size: int | None = None, min_capacity: int = 4,
+                        capacity_mode: str = "k_scaled") -> RoutingResult:
+    """Expert-choice routing of ``logits [N, E]`` (see the module docstring, item 1).
+
+    ``top_k`` only enters the capacity (``capacity_mode="k_scaled"``); C is capped at G.
+    """
+    xp = B.array_module(logits)
+    n, n_experts = logits.shape
+    g = _group_size(n, group_size)
+    n_groups = n // g
+    cap = min(capacity(g, n_experts, top_k, capacity_factor, min_capacity, capacity_mode), g)
+
+    probs, lse = softmax_and_logsumexp(logits)                                  # [N, E], [N]
+    scores = probs.reshape(n_groups, g, n_experts).transpose(0, 2, 1)           # [ng, E, G]
+    chosen = xp.argsort(-scores, axis=-1, kind="stable")[..., :cap]             # [ng, E, C] positions
+    gi = xp.arange(n_groups)[:, None, None]                                     # [ng, 1, 1]
+    ei = xp.arange(n_experts)[None, :, None]                                    # [1, E, 1]
+    slot_ge = xp.full((n_groups, n_experts, g), -1, dtype=xp.int64)             # [ng, E, G]
+    slot_ge[gi, ei, chosen] = xp.arange(cap, dtype=xp.int64)                    # rank in the expert's pick
+    slot_ne = slot_ge.transpose(0, 2, 1).reshape(n, n_experts)                  # [N, E] by expert id
+
+    rows = xp.arange(n)[:, None]                                                # [N, 1]
+    expert_index = xp.argsort(-probs, axis=1, kind="stable").astype(xp.int64)   # [N, E] favourite first
+    topk_prob = probs[rows, expert_index]                                       # [N, E]
+    slot = slot_ne[rows, expert_index]                                          # [N, E]
+    kept = slot >= 0                                                            # [N, E]
+    combine_weight = xp.where(kept, topk_prob, xp.zeros((), dtype=probs.dtype))  # [N, E]
+    load = xp.bincount(expert_index[kept], minlength=n_experts).astype(xp.int64)  # [E] = ng * C each
+    no_expert = float((~kept.any(axis=1)).mean())
+    return RoutingResult(
+        expert_index=expert_index, topk_prob=topk_prob, combine_weight=combine_weight,
+        kept=kept, slot=slot, probs=probs, lse=lse,
+        f=xp.zeros((n_groups, n_experts), dtype=probs.dtype),   # no aux loss: zero gradient
+        mean_prob=probs.reshape(n_groups, g, n_experts).mean(axis=1),
+        load_before=load, load_after=load.copy(), capacity=cap, n_groups=n_groups,
+        group_size=g, n_experts=n_experts, top_k=n_experts, renormalize=False,
+        dropped_fraction=no_expert, confidence=float(topk_prob[:, 0].mean()),
+        aux_loss=0.0, z_loss=float((lse ** 2).mean()))
+
+
+def bias_update(bias: Array, load: Array, rate: float) -> Array:
+    """DeepSeek-V3's update, in place: ``b_i += rate * sign(mean(load) - load_i)``.
+
+    ``bias`` [E] float, ``load`` [E] assignments per expert (before capacity). An expert
+    above the mean load gets a lower bias (chosen less), one below a higher bias; an
+    expert exactly at the mean keeps its bias. Returns ``bias``.
+    """
+    xp = B.array_module(bias)
+    load = xp.asarray(load).astype(bias.dtype)                                   # [E]
+    bias += rate * xp.sign(load.mean() - load)                                  # [E]
+    return bias
+
+
+def draw_noise(rng: Any, shape: tuple[int, int], dtype: Any) -> Array:
+    """Standard normal noise ``eps`` [N, E] for noisy gating, from the host NumPy Generator
+    ``rng`` (the trainer's routing RNG, seeded and saved in checkpoints), on the device."""
+    if rng is None:
+        raise ValueError("router_noise=True needs rng (a numpy Generator) in training mode")
+    return B.to_device(rng.standard_normal(shape).astype(B.np.dtype(dtype)))
+
+
+def fine_grained(cfg: ModelConfig, split: int, shared_experts: int = 1) -> ModelConfig:
+    """DeepSeekMoE's fine-grained experts: each of the E experts cut into ``split`` experts
+    of width ``expert_ff / split``; the layer routes every token to ``split * top_k`` of
+    ``split * E``, so parameters and per-token expert compute are unchanged. The shared
+    FFN becomes ``shared_experts`` always-on experts of the small width (0: no shared FFN).
+
+    One-line ValueError when ``split`` does not divide the expert width, is < 1, or the
+    top-k after splitting would exceed the expert count after splitting.
+    """
+    if isinstance(split, bool) or not isinstance(split, int) or split < 1:
+        raise ValueError(f"fine-grained split={split!r} must be an integer >= 1")
+    if isinstance(shared_experts, bool) or not isinstance(shared_experts, int) or shared_experts < 0:
+        raise ValueError(f"shared_experts={shared_experts!r} must be an integer >= 0")
+    width = cfg.expert_ff
+    if width % split != 0:
+        raise ValueError(f"fine-grained split={split} does not divide the expert FFN width {width}")
+    if cfg.top_k * split > cfg.n_experts * split:
+        raise ValueError(f"fine-grained: top_k {cfg.top_k}*{split} > n_experts {cfg.n_experts}*{split}")
+    small = width // split
+    return cfg.replace(n_experts=cfg.n_experts * split, top_k=cfg.top_k * split, d_ff_expert=small,
+                       shared_ffn=shared_experts > 0,
+                       d_ff_shared=shared_experts * small if shared_experts > 0 else None)
+
+
+def routing_changed(model: Any, ids: Array, cut: int, seed: int = 0) -> dict[str, float]:
+    """The expert-choice leak, measured: how often a token's routing changes when only
+    LATER tokens change.
+
+    ``ids`` [B, T] int. Positions ``cut..T-1`` are replaced by random token ids (a fixed
+    ``seed``); the model runs (eval mode, no gradients) on both batches, and for every MoE
+    layer the set of experts that process each token at positions ``0..cut-1`` is
+    compared. Returns ``changed`` (share of (token, layer) pairs at positions < cut whose
+    expert set differs) and ``no_expert_changed`` (share whose "got no expert" status
+    flips). Only a causal router gives exactly 0: top-1 token choice with ``position``
+    priority. Top-k token choice with k > 1 is not causal either: every first choice of a
+    group is served before any second choice (docs/router.md §6, §13).
+    """
+    from tinymoe.autograd import no_grad  # noqa: PLC0415
+
+    np = B.np
+    ids = np.asarray(ids, dtype=np.int64)
+    bsz, seq = ids.shape
+    if not 0 < cut < seq:
+        raise ValueError(f"cut={cut} must lie in 1..{seq - 1}")
+    other = ids.copy()
+    rng = np.random.default_rng(seed)
+    other[:, cut:] = rng.integers(0, model.cfg.vocab_size, size=(bsz, seq - cut))
+    with model.evaluating(), no_grad():
+        a = model(ids).routing
+        b = model(other).routing
+    changed = flips = total = 0
+    for sa, sb in zip(a, b):
+        n_exp = sa.n_experts
+        sets = []
+        for s in (sa, sb):
+            ei, kept = B.to_numpy(s.expert_index), B.to_numpy(s.kept)                # [N, k]
+            m = np.zeros((ei.shape[0], n_exp), dtype=bool)                            # [N, E]
+            m[np.nonzero(kept)[0], ei[kept]] = True
+            sets.append(m.reshape(bsz, seq, n_exp)[:, :cut])                          # [B, cut, E]
+        changed += int((sets[0] != sets[1]).any(axis=2).sum())
+        flips += int((sets[0].any(axis=2) != sets[1].any(axis=2)).sum())
+        total += bsz * cut
+    return {"changed": changed / max(total, 1), "no_expert_changed": flips / max(total, 1),
+            "tokens": total}
