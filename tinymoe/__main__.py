@@ -143,6 +143,12 @@ def build_parser(extra: str | None = None) -> _Parser:
     t.add_argument("--device", choices=("cpu", "cuda"), default=None)
     _add_threads_flag(t)
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--parallel", choices=("none", "data", "expert"), default="none",
+                   help="MPI parallelism, run under mpiexec -n P (see docs/parallel.md): "
+                        "none = one process; data = every rank holds the model, gradients "
+                        "are all-reduced; expert = experts sharded E/P per rank, tokens "
+                        "exchanged with Alltoall. --batch-size is the per-rank micro-batch b "
+                        "(global batch P*b)")
     _add_train_flags(t)
     _add_model_flags(t)
 
@@ -217,7 +223,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         model_cfg = get_preset(name, **model_over)
         tcfg = TrainConfig(**train_over, out_dir=args.out or f"runs/{name}",
                            device=args.device, overwrite=args.overwrite)
-    result = train(model_cfg, tcfg, progress=not args.quiet)
+    from tinymoe.parallel import run_train  # noqa: PLC0415  [parallel hook]
+    result = run_train(args.parallel, train, model_cfg, tcfg, progress=not args.quiet)
     if result.eval and result.status in ("done", "stopped"):
         for dom, v in result.eval.items():
             print(f"held-out {dom:>8}: {v['ce']:.4f} nats/token, {v['nats_per_byte']:.4f} nats/byte")

@@ -52,8 +52,9 @@ __all__ = ["MODES", "Comm", "Parallel", "ExpertParallelMoE", "exchange_to_owners
 MODES = ("none", "data", "expert")
 
 
-class ParallelError(RuntimeError):
-    """A setup error under MPI: every rank reports it and the job aborts."""
+class ParallelError(ValueError):
+    """A setup error: one line (without mpiexec: exit status 2; under mpiexec every rank
+    reports it and the job aborts)."""
 
 
 # --------------------------------------------------------------------------------------
@@ -361,6 +362,47 @@ class Parallel:
         if self.mode == "expert":
             shard_experts(model, self.comm)
 
+    # ---- small collectives the training loop needs
+    def mean(self, *values: float) -> Any:
+        """The mean over ranks of each Python float (one Allreduce for all); returns one
+        float for one value, else a tuple. A NaN on any rank makes every rank's mean NaN,
+        so all ranks stop at the same step."""
+        if self.size == 1:
+            return values[0] if len(values) == 1 else values
+        sums = self.comm.allreduce_sum(np.asarray(values, dtype=np.float64), kind="scalars")
+        out = tuple(float(v) / self.size for v in sums)
+        return out[0] if len(out) == 1 else out
+
+    def all_ranks(self, flag: bool) -> bool:
+        """True when ``flag`` is true on every rank."""
+        if self.size == 1:
+            return bool(flag)
+        return self.comm.allreduce_float(0.0 if flag else 1.0) == 0.0
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            self.comm.barrier()
+
+    def log_fields(self, batch_size: int) -> dict[str, Any]:
+        """What the log and the checkpoint record about the parallel run."""
+        if self.mode == "none":
+            return {}
+        return {"parallel": {"mode": self.mode, "ranks": self.size, "micro_batch": batch_size,
+                             "global_batch": self.global_batch(batch_size)}}
+
+    def full_states(self, model: Module, optimizer: Any) -> tuple[Any, Any]:
+        """(model state, optimizer state) as one process holds them, on rank 0 (expert
+        shards gathered: a collective every rank must call); (None, None) elsewhere."""
+        return self.full_model_state(model), self.full_optimizer_state(model, optimizer)
+
+    def clip_grad_norm_fn(self, model: Module, serial: Any) -> Any:
+        """The clipping function to call as ``clip(params, max_norm)``: ``serial``
+        (:func:`tinymoe.optim.clip_grad_norm_`) unless the experts are sharded; then the
+        norm of the shards is summed over ranks."""
+        if self.mode != "expert" or self.size == 1:
+            return serial
+        return lambda params, max_norm: self.clip_grad_norm_(list(model.named_parameters()), max_norm)
+
     # ---- gradients
     def reduce_grads(self, named_params: Iterable[tuple[str, Any]]) -> None:
         """Average gradients over ranks: replicated ones Allreduce(sum)/P; expert shards
@@ -483,3 +525,47 @@ def setup(mode: str) -> Parallel:
     except ImportError:
         raise ParallelError("--parallel needs mpi4py (pip install mpi4py mpich)") from None
     return Parallel(mode, comm)
+
+
+FAULT_ENV = "TINYMOE_FAULT"
+
+
+def _fault_hook(par: Parallel) -> Any:
+    """Fault injection for tests: ``TINYMOE_FAULT="rank:step:raise"`` makes that rank raise
+    after that update, ``"rank:step:exit"`` makes it die (``os._exit(1)``, no MPI call)."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    rank, step, kind = spec.split(":")
+
+    def hook(step_now: int, model: Any) -> None:
+        if par.rank == int(rank) and step_now == int(step):
+            if kind == "exit":
+                os._exit(1)
+            raise RuntimeError(f"injected fault on rank {rank} after step {step}")
+    return hook
+
+
+def run_train(mode: str, train_fn: Any, model_cfg: Any, train_cfg: Any, progress: bool) -> Any:
+    """``python -m tinymoe train --parallel mode``: call ``train_fn`` (tinymoe.train.train)
+    on this rank. Any exception on any rank prints one line and aborts the whole job
+    (``MPI_Abort``), so no rank waits forever in a collective; the last good checkpoint
+    (written atomically by rank 0) is kept. Ranks other than 0 stay silent."""
+    if mode == "none":
+        n = mpi_world_size()
+        if n > 1:
+            raise ParallelError(f"running under mpiexec with {n} ranks but --parallel none: "
+                                "add --parallel data or --parallel expert")
+        return train_fn(model_cfg, train_cfg, progress=progress)
+    par = setup(mode)
+    try:
+        result = train_fn(model_cfg, train_cfg, progress=progress and par.is_root, parallel=par,
+                          on_step=_fault_hook(par))
+    except BaseException as e:  # noqa: BLE001 (every failure ends the job, never a hang)
+        msg = str(e).splitlines()[0] if str(e) else ""
+        par.comm.abort(f"{type(e).__name__}: {msg}" if not isinstance(e, ValueError) else msg)
+        raise  # not reached
+    if not par.is_root:   # rank 0 prints the results
+        devnull = open(os.devnull, "w")  # noqa: SIM115
+        sys.stdout = sys.stderr = devnull
+    return result

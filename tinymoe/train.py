@@ -393,7 +393,7 @@ def _probe_batch(val: dict[str, Any], seq_len: int, per_domain: int = 4) -> tupl
 
 
 def _save_snapshot(path: Path, model: Any, step: int, tokens: Any, domain: Any,
-                   domain_names: list[str]) -> None:
+                   domain_names: list[str], write: bool = True) -> None:
     """Route the probe batch in eval mode and save, per MoE layer, each token's experts.
 
     File (npz): step, tokens [N, T], domain [N], domain_names [D], layers [L] (block
@@ -408,6 +408,8 @@ def _save_snapshot(path: Path, model: Any, step: int, tokens: Any, domain: Any,
             out = model(tokens, rng=B.default_rng(0))
     finally:
         model.train(was_training)
+    if not write:   # another MPI rank writes it (the forward above is collective)
+        return
     n, t = tokens.shape
     idx = np.stack([B.to_numpy(s.expert_index).reshape(n, t, -1) for s in out.routing])  # [L, N, T, k]
     kept = np.stack([B.to_numpy(s.kept).reshape(n, t, -1) for s in out.routing])        # [L, N, T, k]
@@ -542,7 +544,7 @@ def _check_resume_train(ckpt: Any, cfg: TrainConfig) -> None:
 
 
 def train(model_cfg: ModelConfig | None, train_cfg: TrainConfig, progress: bool = True,
-          on_step: Callable[[int, Any], None] | None = None) -> TrainResult:
+          on_step: Callable[[int, Any], None] | None = None, parallel: Any = None) -> TrainResult:
     """Train (or resume) an OpenMoE model; see the module docstring.
 
     model_cfg   the model; None when resuming (the checkpoint's is used). The vocabulary
@@ -550,12 +552,17 @@ def train(model_cfg: ModelConfig | None, train_cfg: TrainConfig, progress: bool 
     train_cfg   every training setting.
     progress    show a progress bar and notes (on stderr).
     on_step     called as ``on_step(step, model)`` after every update (tests, lessons).
+    parallel    a :class:`tinymoe.parallel.Parallel` (MPI data/expert parallelism; every
+                ``par.`` call below is its hook); None: one process.
 
     Bad input raises ValueError / FileNotFoundError / CheckpointError (one line). A NaN,
     Ctrl-C, or ``stop_at`` return normally; see ``TrainResult.status``.
     """
     from tinymoe.nn.model import OpenMoE  # noqa: PLC0415
 
+    from tinymoe.parallel import Parallel  # noqa: PLC0415
+    par = parallel if parallel is not None else Parallel("none", None)   # [parallel hook]
+    progress = progress and par.is_root                        # only rank 0 talks
     t_start = time.perf_counter()
     cfg = train_cfg
     if cfg.device is not None:
@@ -586,6 +593,7 @@ def train(model_cfg: ModelConfig | None, train_cfg: TrainConfig, progress: bool 
         cfg = cfg.replace(seq_len=model_cfg.max_seq_len)
     if ckpt is not None:
         _check_resume_train(ckpt, cfg)
+    par.check(model_cfg, cfg)                                  # [parallel hook]
     corpus = load_data(cfg)
     if ckpt is None:
         tokenizer = build_tokenizer(cfg, corpus, model_cfg.vocab_size)
@@ -600,18 +608,20 @@ def train(model_cfg: ModelConfig | None, train_cfg: TrainConfig, progress: bool 
     if ckpt is not None and ckpt.extra.get("data_fingerprint") not in (None, fingerprint):
         raise CheckpointError(f"{ckpt.path}: the training data differs from the data the "
                               "checkpoint was trained on (changed files or settings)")
-    sampler = BatchSampler(train_tok, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+    sampler = BatchSampler(train_tok, par.global_batch(cfg.batch_size), cfg.seq_len,
+                           seed=cfg.seed)                      # [parallel hook] P*b rows
     route_rng = B.default_rng(cfg.seed + 1_000_003)   # slot priority "random" only
     byte_lengths = _token_byte_lengths(tokenizer, model_cfg.vocab_size)
 
     model = OpenMoE(model_cfg, seed=cfg.seed)
+    par.prepare_model(model)                                   # [parallel hook] shard experts
     model.train()
     optimizer = build_optimizer(model, cfg)
     start_step = 0
     if ckpt is not None:
         try:
-            model.load_state_dict(ckpt.model_state)
-            optimizer.load_state_dict(ckpt.optimizer_state)
+            model.load_state_dict(par.local_model_state(model, ckpt.model_state))   # [parallel hook]
+            optimizer.load_state_dict(par.local_optimizer_state(model, optimizer, ckpt.optimizer_state))
             sampler.load_state_dict(ckpt.sampler_state)
             if ckpt.rng_state and "route_rng" in ckpt.rng_state:
                 route_rng.bit_generator.state = ckpt.rng_state["route_rng"]
@@ -621,8 +631,9 @@ def train(model_cfg: ModelConfig | None, train_cfg: TrainConfig, progress: bool 
     end_step = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    log = _Log(out_dir / "log.jsonl", fresh=ckpt is None)
-    if ckpt is None:   # a fresh run: routing snapshots of an earlier run here are stale
+    log = _Log(out_dir / "log.jsonl" if par.is_root else Path(os.devnull),   # [parallel hook]
+               fresh=ckpt is None)
+    if ckpt is None and par.is_root:   # a fresh run: routing snapshots of an earlier run here are stale
         for old in (out_dir / "snapshots").glob("step_*.npz"):
             old.unlink()
     probe_x, probe_dom = (_probe_batch(val_tok, cfg.seq_len) if cfg.snapshot_every
@@ -636,9 +647,11 @@ def train(model_cfg: ModelConfig | None, train_cfg: TrainConfig, progress: bool 
                "domains": {k: {"train_tokens": int(train_tok[k].size),
                                "val_tokens": int(val_tok[k].size),
                                "val_unigram_entropy": unigram_entropy(val_tok[k])}
-                           for k in train_tok}})
+                           for k in train_tok},
+               **par.log_fields(cfg.batch_size)})              # [parallel hook] mode, P
     note(f"model: {model_cfg.describe()}")
-    note(f"data: {corpus!r}; tokens per update {cfg.grad_accum * cfg.batch_size * cfg.seq_len}")
+    note(f"data: {corpus!r}; tokens per update "
+         f"{cfg.grad_accum * par.global_batch(cfg.batch_size) * cfg.seq_len}")
 
     last_ckpt: str | None = str(ckpt_path) if ckpt_path.exists() and ckpt is not None else None
     last_ckpt_step = ckpt.step if ckpt is not None else None
@@ -648,14 +661,18 @@ def train(model_cfg: ModelConfig | None, train_cfg: TrainConfig, progress: bool 
     def save(step_now: int, sampler_state: dict[str, Any], rng_state: Any) -> bool:
         """Write the checkpoint unless a weight is non-finite (then keep the old one)."""
         nonlocal last_ckpt, last_ckpt_step
-        if not _params_finite(model):
+        if not par.all_ranks(_params_finite(model)):           # [parallel hook]
             return False
-        save_checkpoint(ckpt_path, model_config=model_cfg, model_state=model.state_dict(),
-                        tokenizer=tokenizer, step=step_now, train_config=cfg.to_dict(),
-                        optimizer_state=optimizer.state_dict(), sampler_state=sampler_state,
-                        rng_state={"route_rng": rng_state},
-                        extra={"data_fingerprint": fingerprint, "last_eval": last_eval,
-                               "corpus": corpus.source, "domains": list(train_tok)})
+        model_state, optim_state = par.full_states(model, optimizer)   # [parallel hook] gather
+        if par.is_root:
+            save_checkpoint(ckpt_path, model_config=model_cfg, model_state=model_state,
+                            tokenizer=tokenizer, step=step_now, train_config=cfg.to_dict(),
+                            optimizer_state=optim_state, sampler_state=sampler_state,
+                            rng_state={"route_rng": rng_state},
+                            extra={"data_fingerprint": fingerprint, "last_eval": last_eval,
+                                   "corpus": corpus.source, "domains": list(train_tok),
+                                   **par.log_fields(cfg.batch_size)})
+        par.barrier()                                          # [parallel hook]
         last_ckpt, last_ckpt_step = str(ckpt_path), step_now
         return True
 
@@ -667,7 +684,7 @@ def train(model_cfg: ModelConfig | None, train_cfg: TrainConfig, progress: bool 
     def snapshot(step_now: int) -> None:
         if probe_x is not None:
             _save_snapshot(out_dir / "snapshots" / f"step_{step_now}.npz", model, step_now,
-                           probe_x, probe_dom, list(val_tok))
+                           probe_x, probe_dom, list(val_tok), write=par.is_root)   # [parallel hook]
 
     def run_eval(step_now: int) -> dict[str, dict[str, float]]:
         res = evaluate(model, val_tok, cfg.batch_size, cfg.seq_len, cfg.eval_batches,
@@ -713,25 +730,30 @@ def train(model_cfg: ModelConfig | None, train_cfg: TrainConfig, progress: bool 
                         "busiest": 0.0}
                 bad = None
                 for _ in range(cfg.grad_accum):
-                    batch = sampler.next()
+                    batch = par.local_rows(sampler.next())     # [parallel hook] rows r*b...
                     out = model(batch.x, targets=batch.y, rng=route_rng)
-                    loss_value = float(out.loss.item())
+                    loss_value = par.mean(float(out.loss.item()))   # [parallel hook] global mean
                     if not math.isfinite(loss_value):
                         bad = f"loss is {loss_value}"
                         break
                     out.loss.backward()
                     dropped, busiest = routing_summary(out.routing)
+                    ce, aux, zl, dropped, busiest = par.mean(   # [parallel hook] over ranks
+                        float(out.ce.item()), float(out.aux_loss.item()),
+                        float(out.z_loss.item()), dropped, busiest)
                     sums["loss"] += loss_value
-                    sums["ce"] += float(out.ce.item())
-                    sums["aux"] += float(out.aux_loss.item())
-                    sums["z"] += float(out.z_loss.item())
+                    sums["ce"] += ce
+                    sums["aux"] += aux
+                    sums["z"] += zl
                     sums["dropped"] += dropped
                     sums["busiest"] += busiest
                 if bad is None:
+                    par.reduce_grads(model.named_parameters())  # [parallel hook] all-reduce
                     if cfg.grad_accum > 1:
                         scale_grads_(params, 1.0 / cfg.grad_accum)
-                    gnorm = clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 \
-                        else clip_grad_norm_(params, float("inf"))
+                    clip = par.clip_grad_norm_fn(model, clip_grad_norm_)   # [parallel hook]
+                    gnorm = clip(params, cfg.grad_clip) if cfg.grad_clip > 0 \
+                        else clip(params, float("inf"))
                     if not math.isfinite(gnorm):
                         bad = f"gradient norm is {gnorm}"
                 if bad is not None:
@@ -755,11 +777,11 @@ def train(model_cfg: ModelConfig | None, train_cfg: TrainConfig, progress: bool 
                     interval[k] = interval.get(k, 0.0) + v / n
                 interval["gnorm"] = interval.get("gnorm", 0.0) + gnorm
                 interval["count"] = interval.get("count", 0.0) + 1
-                tokens_seen += n * cfg.batch_size * cfg.seq_len
+                tokens_seen += n * par.global_batch(cfg.batch_size) * cfg.seq_len
                 if step % cfg.log_every == 0 or step == end_step:
                     now = time.perf_counter()
                     c = interval.pop("count")
-                    tps = c * n * cfg.batch_size * cfg.seq_len / max(now - t_interval, 1e-9)
+                    tps = c * n * par.global_batch(cfg.batch_size) * cfg.seq_len / max(now - t_interval, 1e-9)
                     ev = {"event": "train", "step": step, "lr": lr, "tokens_per_s": tps,
                           **{k: v / c for k, v in interval.items()}}
                     ev["grad_norm"] = ev.pop("gnorm")
@@ -775,7 +797,8 @@ def train(model_cfg: ModelConfig | None, train_cfg: TrainConfig, progress: bool 
                     bar.update(1)
                 if cfg.eval_every and step % cfg.eval_every == 0 and step != end_step:
                     last_eval = run_eval(step)
-                    plot_curves(log.path, out_dir / "curves.png")
+                    if par.is_root:                            # [parallel hook]
+                        plot_curves(log.path, out_dir / "curves.png")
                 if cfg.snapshot_every and step % cfg.snapshot_every == 0 and step != end_step:
                     snapshot(step)
                 if cfg.save_every and step % cfg.save_every == 0 and step != end_step:
@@ -823,7 +846,8 @@ def train(model_cfg: ModelConfig | None, train_cfg: TrainConfig, progress: bool 
                    "wall_time": wall, "time": time.time()})
         log.close()
     try:
-        plot_curves(out_dir / "log.jsonl", out_dir / "curves.png")
+        if par.is_root:                                        # [parallel hook]
+            plot_curves(out_dir / "log.jsonl", out_dir / "curves.png")
     except Exception as e:  # noqa: BLE001 (a plot must never lose a finished run)
         note(f"note: could not draw curves.png ({type(e).__name__}: {e})")
     return TrainResult(status=status, step=step, losses=losses, eval=last_eval,
