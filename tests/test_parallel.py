@@ -42,3 +42,124 @@ def test_two_ranks_match_one_process(mode: str) -> None:
     res = mpirun([str(ROOT / "tests" / "parallel_worker.py"), *mode.split()])
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.startswith(f"OK {mode.split()[0]} P=2"), res.stdout + res.stderr
+
+
+# ----------------------------------------------------------------------------- the CLI
+COMMON = ["--config", "toy", "--dtype", "float64", "--seq-len", "32", "--max-chars", "20000",
+          "--eval-every", "0", "--eval-batches", "1", "--snapshot-every", "2", "--log-every", "1",
+          "--save-every", "2", "--capacity-factor", "1.0", "--quiet"]
+
+
+def _train_one(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tinymoe", "train", *COMMON, "--out", str(out), *extra],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+
+
+def _train_mpi(out: Path, mode: str, *extra: str, n: int = 2, env: dict | None = None,
+               timeout: float = 240) -> subprocess.CompletedProcess:
+    e = _env()
+    e.update(env or {})
+    return subprocess.run([MPIEXEC, "-n", str(n), sys.executable, "-m", "tinymoe", "train", *COMMON,
+                           "--parallel", mode, "--out", str(out), *extra],
+                          cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
+
+
+def _losses(out: Path) -> list[float]:
+    import json
+    return [e["loss"] for e in map(json.loads, (out / "log.jsonl").read_text().splitlines())
+            if e["event"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    """One process, batch 4, 4 steps: the reference of the CLI tests."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    res = _train_one(out, "--batch-size", "4", "--steps", "4")
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+@pytest.mark.parametrize("mode", ["data", "expert"])
+def test_train_cli_matches_one_process(mode: str, one_process: Path, tmp_path: Path) -> None:
+    """mpiexec -n 2 train --parallel mode --batch-size 2 == train --batch-size 4: the
+    logged losses, the checkpoint's weights and optimizer state (rank 0 gathered the
+    expert shards into one ordinary checkpoint), the routing snapshots; only rank 0 logs."""
+    import json
+
+    import numpy as np
+
+    from tinymoe.checkpoint import load_checkpoint, load_model
+    out = tmp_path / mode
+    res = _train_mpi(out, mode, "--batch-size", "2", "--steps", "4")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.count("mean:") == 1, res.stdout                  # rank 0 prints, once
+    np.testing.assert_allclose(_losses(out), _losses(one_process), rtol=1e-12)
+    start = json.loads((out / "log.jsonl").read_text().splitlines()[0])
+    assert start["parallel"] == {"mode": mode, "ranks": 2, "micro_batch": 2, "global_batch": 4}
+    a, b = load_checkpoint(out), load_checkpoint(one_process)
+    assert a.model_state.keys() == b.model_state.keys()
+    for k in b.model_state:
+        np.testing.assert_allclose(a.model_state[k], b.model_state[k], rtol=1e-9, atol=1e-12, err_msg=k)
+    for i, s in b.optimizer_state["state"].items():
+        for k, v in s.items():
+            np.testing.assert_allclose(a.optimizer_state["state"][i][k], v, rtol=1e-9, atol=1e-15)
+    assert a.sampler_state["rng"] == b.sampler_state["rng"]
+    load_model(out / "checkpoint.npz")                                  # loads in one process
+    sa, sb = np.load(out / "snapshots" / "step_2.npz"), np.load(one_process / "snapshots" / "step_2.npz")
+    np.testing.assert_array_equal(sa["expert_index"], sb["expert_index"])
+
+
+def test_expert_resume_is_bit_exact(tmp_path: Path) -> None:
+    """Expert parallel: 2 steps, stop, resume to 4 (same P) == 4 steps straight, bit for bit."""
+    import numpy as np
+
+    from tinymoe.checkpoint import load_checkpoint
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert _train_mpi(straight, "expert", "--batch-size", "2", "--steps", "4").returncode == 0
+    res = _train_mpi(split, "expert", "--batch-size", "2", "--steps", "4", "--stop-at", "2")
+    assert res.returncode == 0, res.stderr
+    res = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "tinymoe", "train", "--resume",
+                          str(split), "--parallel", "expert", "--quiet"],
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stdout + res.stderr
+    a, b = load_checkpoint(split), load_checkpoint(straight)
+    assert a.step == b.step == 4
+    for k in b.model_state:
+        np.testing.assert_array_equal(a.model_state[k], b.model_state[k], err_msg=k)
+    assert _losses(split) == _losses(straight)
+
+
+# ----------------------------------------------------------------------------- faults
+def test_parallel_without_mpiexec_is_one_line(tmp_path: Path) -> None:
+    env = {k: v for k, v in _env().items() if not k.startswith(("PMI_", "HYDRA", "MPI"))}
+    res = subprocess.run([sys.executable, "-m", "tinymoe", "train", *COMMON, "--parallel", "expert",
+                          "--steps", "1", "--out", str(tmp_path / "x")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "mpiexec -n P" in lines[0], res.stderr
+
+
+@pytest.mark.parametrize("experts, top_k, words", [(3, 1, "not divisible by 2 ranks"),
+                                                   (1, 1, "2 ranks > n_experts=1")])
+def test_bad_expert_split_aborts_every_rank(tmp_path: Path, experts: int, top_k: int, words: str) -> None:
+    res = _train_mpi(tmp_path / "x", "expert", "--steps", "1", "--n-experts", str(experts),
+                     "--top-k", str(top_k), timeout=120)
+    assert res.returncode != 0
+    assert words in res.stderr, res.stderr
+    assert not (tmp_path / "x" / "checkpoint.npz").exists()
+
+
+@pytest.mark.parametrize("kind", ["raise", "exit"])
+def test_a_failing_rank_ends_the_job_and_keeps_the_last_checkpoint(tmp_path: Path, kind: str) -> None:
+    """Rank 1 raises (or dies without a word to MPI) after update 3; save_every 2: the job
+    ends on every rank within the timeout (no hang) and the step-2 checkpoint is intact."""
+    from tinymoe.checkpoint import load_checkpoint
+    out = tmp_path / "run"
+    res = _train_mpi(out, "expert", "--batch-size", "2", "--steps", "6",
+                     env={"TINYMOE_FAULT": f"1:3:{kind}"}, timeout=120)
+    assert res.returncode != 0
+    if kind == "raise":
+        assert "injected fault on rank 1 after step 3" in res.stderr, res.stderr
+    ckpt = load_checkpoint(out)
+    assert ckpt.step == 2

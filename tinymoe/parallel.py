@@ -297,10 +297,13 @@ def is_expert_param(name: str) -> bool:
 
 def shard_experts(model: Module, comm: Comm) -> None:
     """Replace every MoE layer of ``model`` (in place) by an :class:`ExpertParallelMoE`
-    holding this rank's experts; other parameters stay (replicated)."""
+    holding this rank's experts; other parameters stay (replicated). The parameter order
+    is kept, so optimizer state indices are those of one process."""
     for _, m in list(model.named_modules()):
         if getattr(m, "is_moe", False) and isinstance(getattr(m, "moe", None), MoE):
+            order = list(m._modules)
             m.moe = ExpertParallelMoE(m.moe, comm)
+            m._modules.update({k: m._modules.pop(k) for k in order})   # "moe" back in its place
 
 
 # --------------------------------------------------------------------------------------
