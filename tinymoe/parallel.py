@@ -142,6 +142,7 @@ class Comm:
         sys.stderr.write(f"error (rank {self.rank} of {self.size}): {message}\n")
         sys.stderr.flush()
         self.comm.Abort(code)
+        os._exit(code)   # MPICH's MPI_Abort can return to the caller before the job is torn down
 
 
 def mpi_world_size() -> int:
