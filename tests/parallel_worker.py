@@ -67,7 +67,7 @@ def main(mode: str, steps: int = 3, b: int = 2, seq: int = 16, capacity_factor: 
             if mode == "expert" and is_expert_param(name):
                 want = want[r * per:(r + 1) * per]
             close(prm.grad, want, f"step {step} grad of {name}")
-        dropped += comm.allreduce_float(sum(s.dropped_fraction for s in out.routing)) / p
+        dropped += comm.allreduce_float(sum(s.dropped_fraction for s in out.routing) / len(out.routing)) / p
         opt_ref.step(); opt_ref.zero_grad()
         opt.step(); opt.zero_grad()
         for name, prm in named:
