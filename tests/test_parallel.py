@@ -163,3 +163,61 @@ def test_a_failing_rank_ends_the_job_and_keeps_the_last_checkpoint(tmp_path: Pat
         assert "injected fault on rank 1 after step 3" in res.stderr, res.stderr
     ckpt = load_checkpoint(out)
     assert ckpt.step == 2
+
+
+def _rank_pid(root_pid: int, rank: int) -> int | None:
+    """The pid of MPI rank ``rank`` among the descendants of ``root_pid`` (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    todo, seen = [root_pid], []
+    while todo:
+        pid = todo.pop()
+        seen.append(pid)
+        todo.extend(children.get(pid, []))
+    for pid in seen[1:]:
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"PMI_RANK={rank}".encode() in env and b"tinymoe" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return pid
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc to find a rank")
+def test_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step_and_saves(tmp_path: Path) -> None:
+    """SIGINT to rank 1 only (the worst case of ranks seeing a Ctrl-C at different steps):
+    the ranks agree on stopping (one Allreduce per step), rank 0 saves one checkpoint,
+    the job ends within the timeout."""
+    import json
+    import signal
+    import time
+
+    from tinymoe.checkpoint import load_checkpoint
+    out = tmp_path / "run"
+    cmd = [MPIEXEC, "-n", "2", sys.executable, "-m", "tinymoe", "train", *COMMON, "--parallel", "expert",
+           "--batch-size", "2", "--steps", "100000", "--save-every", "0", "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "log.jsonl").exists() or \
+                '"train"' not in (out / "log.jsonl").read_text():
+            time.sleep(0.2)
+            assert time.time() < deadline, "the run did not start training"
+        pid = _rank_pid(proc.pid, 1)
+        assert pid is not None, "rank 1 not found"
+        os.kill(pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "checkpoint saved" in err, err
+    end = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    assert end["event"] == "end" and end["status"] == "interrupted"
+    assert load_checkpoint(out).step == end["step"] > 0

@@ -383,6 +383,13 @@ class Parallel:
             return bool(flag)
         return self.comm.allreduce_float(0.0 if flag else 1.0) == 0.0
 
+    def any_rank(self, flag: bool) -> bool:
+        """True when ``flag`` is true on some rank (so that a Ctrl-C seen by the ranks at
+        different steps stops them all at the same step)."""
+        if self.size == 1:
+            return bool(flag)
+        return self.comm.allreduce_float(1.0 if flag else 0.0) > 0.0
+
     def barrier(self) -> None:
         if self.size > 1:
             self.comm.barrier()

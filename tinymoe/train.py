@@ -722,7 +722,7 @@ def train(model_cfg: ModelConfig | None, train_cfg: TrainConfig, progress: bool 
             if step == 0 and cfg.snapshot_every:
                 snapshot(0)
             while step < end_step:
-                if interrupt.requested:
+                if par.any_rank(interrupt.requested):           # [parallel hook] stop together
                     raise KeyboardInterrupt
                 pre_state = cur_state()
                 lr = set_lr(optimizer, lr_at(step, cfg))
