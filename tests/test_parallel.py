@@ -127,6 +127,12 @@ def test_expert_resume_is_bit_exact(tmp_path: Path) -> None:
     for k in b.model_state:
         np.testing.assert_array_equal(a.model_state[k], b.model_state[k], err_msg=k)
     assert _losses(split) == _losses(straight)
+    # the file does not depend on the layout: data parallelism continues the expert run
+    res = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "tinymoe", "train", "--resume",
+                          str(straight), "--parallel", "data", "--steps", "5", "--quiet"],
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert load_checkpoint(straight).step == 5
 
 
 # ----------------------------------------------------------------------------- faults
