@@ -22,6 +22,7 @@ from tinymoe.data import BatchSampler, Corpus, builtin_corpus, encode_corpus, lo
 from tinymoe.evaluate import token_byte_lengths
 from tinymoe.optim import (Optimizer, configure_optimizers, constant, inverse_sqrt,
                            warmup_cosine)
+from tinymoe.parallel import Parallel
 from tinymoe.runfolder import RunFolder
 from tinymoe.tokenizer import ByteTokenizer
 
@@ -175,13 +176,20 @@ class Session:
     ckpt: Checkpoint | None
     start_step: int
     notes: list[str]
+    parallel: Parallel
 
 
-def set_up(model_cfg: ModelConfig | None, cfg: TrainConfig, rf: RunFolder) -> Session:
+def set_up(model_cfg: ModelConfig | None, cfg: TrainConfig, rf: RunFolder,
+           parallel: Parallel | None = None) -> Session:
     """Checkpoint (when resuming), data, tokenizer, model, optimizer, sampler, RNGs, with
-    every check that can refuse the start (one-line errors)."""
+    every check that can refuse the start (one-line errors).
+
+    ``parallel`` (MPI ranks, :mod:`tinymoe.parallel`; None: one process) makes the sampler
+    draw the global batch of P * batch_size rows, shards the experts (expert mode) and
+    loads this rank's slice of a checkpoint."""
     from tinymoe.nn.model import OpenMoE  # noqa: PLC0415
 
+    par = parallel if parallel is not None else Parallel("none", None)
     ckpt = None
     notes: list[str] = []
     if cfg.resume is not None:
@@ -202,6 +210,7 @@ def set_up(model_cfg: ModelConfig | None, cfg: TrainConfig, rf: RunFolder) -> Se
         _check_resume_train(ckpt, cfg)
         _check_not_finished(ckpt, cfg)
         notes += filter(None, [_schedule_notice(ckpt, cfg)])
+    par.check(model_cfg, cfg, ckpt)
     corpus = load_data(cfg)
     if ckpt is None:
         tokenizer = build_tokenizer(cfg, corpus, model_cfg.vocab_size)
@@ -216,15 +225,18 @@ def set_up(model_cfg: ModelConfig | None, cfg: TrainConfig, rf: RunFolder) -> Se
     if ckpt is not None and ckpt.extra.get("data_fingerprint") not in (None, fingerprint):
         raise CheckpointError(f"{ckpt.path}: the training data differs from the data the "
                               "checkpoint was trained on (changed files or settings)")
-    sampler = BatchSampler(train_tok, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+    sampler = BatchSampler(train_tok, par.global_batch(cfg.batch_size), cfg.seq_len,
+                           seed=cfg.seed)                        # P * b rows, one process: b
     route_rng = B.default_rng(cfg.seed + 1_000_003)   # slot priority "random" only
     model = OpenMoE(model_cfg, seed=cfg.seed)
+    par.prepare_model(model)                                     # expert mode: E/P experts here
     model.train()
     optimizer = build_optimizer(model, cfg)
     if ckpt is not None:
         try:
-            model.load_state_dict(ckpt.model_state)
-            optimizer.load_state_dict(ckpt.optimizer_state)
+            model.load_state_dict(par.local_model_state(model, ckpt.model_state))
+            optimizer.load_state_dict(par.local_optimizer_state(model, optimizer,
+                                                                ckpt.optimizer_state))
             sampler.load_state_dict(ckpt.sampler_state)
             if ckpt.rng_state and "route_rng" in ckpt.rng_state:
                 route_rng.bit_generator.state = ckpt.rng_state["route_rng"]
@@ -237,5 +249,6 @@ def set_up(model_cfg: ModelConfig | None, cfg: TrainConfig, rf: RunFolder) -> Se
                     train_tok=train_tok, val_tok=val_tok,
                     byte_lengths=token_byte_lengths(tokenizer, model_cfg.vocab_size),
                     fingerprint=fingerprint, ckpt=ckpt,
-                    start_step=ckpt.step if ckpt is not None else 0, notes=notes)
+                    start_step=ckpt.step if ckpt is not None else 0, notes=notes,
+                    parallel=par)
 
