@@ -232,3 +232,67 @@ def test_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step_and_saves(tmp_path
     end = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
     assert end["event"] == "end" and end["status"] == "interrupted"
     assert load_checkpoint(out).step == end["step"] > 0
+
+
+# ----------------------------------------------------------------------------- bench
+@pytest.mark.parametrize("mode", ["expert", "data"])
+def test_bench_parallel_counts_the_formula_bytes_and_splits_the_step(mode: str, tmp_path: Path) -> None:
+    """mpiexec -n 2 bench --parallel: the bytes each rank hands to MPI per step equal the
+    formulas (all-to-all per MoE layer and exchange: the buffer E x n_groups C x d, which is
+    n k d bytes padding; gradient all-reduce: the replicated parameters), and each rank's
+    step splits into compute + all-to-all + all-reduce with every part >= 0 (the MPI timers
+    nest inside the step timer). No timing values are asserted."""
+    import json
+    import math
+
+    from tinymoe import routing
+    from tinymoe.config import get_preset
+    from tinymoe.nn.model import OpenMoE
+    from tinymoe.parallel import is_expert_param
+
+    p, b, t = 2, 2, 32
+    out = tmp_path / "bench.json"
+    res = mpirun(["-m", "tinymoe", "bench", "--parallel", mode, "--config", "toy", "--batch", str(b),
+                  "--seq", str(t), "--steps", "3", "--warmup", "1", "--threads", "1", "--json", str(out)],
+                 n=p, timeout=180)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.count("tinymoe bench --parallel") == 1, res.stdout          # rank 0 prints, once
+    assert "tokens/s" in res.stdout and "all-to-all" in res.stdout
+    rep = json.loads(out.read_text())["parallel"]
+    cfg = get_preset("toy")
+    item = 4                                                                       # float32
+    e, k, d, n_moe = cfg.n_experts, cfg.top_k, cfg.d_model, len(cfg.moe_layers)
+    # all-to-all: the dispatch buffer [E, (b T / G) C, d] of one rank, G = T (one sequence)
+    c = routing.capacity(t, e, k, cfg.capacity_factor, cfg.min_capacity, cfg.capacity_mode)
+    buffer_bytes = e * (b * t // t) * c * d * item
+    assert math.isclose(buffer_bytes, b * t * k * d * item * (e * c / (k * t)))   # = n k d bytes padding
+    # gradient all-reduce: every replicated parameter once (expert mode: all but the experts)
+    model = OpenMoE(cfg, seed=0)
+    replicated = sum(prm.data.size for name, prm in model.named_parameters()
+                     if not (mode == "expert" and is_expert_param(name)))
+    assert rep["allreduce_bytes"] == replicated * item
+    for q in rep["per_rank"]:
+        kinds = ("dispatch", "combine", "dispatch_backward", "combine_backward")
+        if mode == "expert":
+            assert all(q["bytes"][kd] == n_moe * buffer_bytes for kd in kinds), q["bytes"]
+            assert q["alltoall_s"] > 0
+        else:
+            assert not any(kd in q["bytes"] for kd in kinds) and q["alltoall_s"] == 0
+        assert q["bytes"]["allreduce"] == replicated * item
+        parts = (q["compute_s"], q["alltoall_s"], q["allreduce_s"])
+        assert all(v >= 0 for v in parts) and q["allreduce_s"] > 0, q
+        assert math.isclose(sum(parts), q["step_s"], rel_tol=1e-9)
+        assert q["step_s"] == sorted(q["all_step_s"])[1]                          # the median of 3
+    if mode == "expert":
+        assert rep["alltoall_bytes_per_layer"] == {kd: buffer_bytes for kd in kinds}
+    assert rep["alltoall_matches_formula"] and rep["allreduce_matches_formula"]
+    assert math.isclose(rep["tokens_per_s"], p * b * t / max(q["step_s"] for q in rep["per_rank"]))
+
+
+def test_bench_parallel_without_mpiexec_is_one_line() -> None:
+    env = {k: v for k, v in _env().items() if not k.startswith(("PMI_", "HYDRA", "MPI"))}
+    res = subprocess.run([sys.executable, "-m", "tinymoe", "bench", "--parallel", "expert", "--config", "toy"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "mpiexec -n P python -m tinymoe bench" in lines[0], res.stderr

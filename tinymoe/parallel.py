@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Any, Iterable
 
 from tinymoe import backend as B
@@ -63,11 +64,19 @@ class ParallelError(ValueError):
 # --------------------------------------------------------------------------------------
 
 class Comm:
-    """A thin wrapper of an mpi4py communicator that counts the bytes it sends.
+    """A thin wrapper of an mpi4py communicator that counts the bytes it sends and the time
+    it spends in MPI.
 
-    ``bytes[kind]`` adds up, per call kind ("alltoall", "allreduce", "gather"), the bytes
-    this rank hands to MPI; ``remote_bytes[kind]`` only the part that leaves the rank (an
-    all-to-all keeps 1/P of its buffer at home). Counts are exact (array sizes), not timed.
+    ``bytes[kind]`` adds up, per call kind (the all-to-alls "dispatch", "combine",
+    "dispatch_backward", "combine_backward"; "allreduce" for gradients, "scalars" for the
+    small all-reduces of statistics, norms and flags; "gather"), the bytes this rank hands
+    to MPI; ``remote_bytes[kind]`` only the part that leaves the rank (an all-to-all keeps
+    1/P of its buffer at home). Counts are exact (array sizes).
+
+    ``seconds[kind]``: wall time inside those calls, host staging included (on a GPU the
+    device is synchronised before the clock starts, so pending compute is not counted).
+    An MPI call also waits for the slowest rank to arrive, so this is transfer time plus
+    load imbalance, not bandwidth alone.
     """
 
     def __init__(self, mpi_comm: Any = None):
@@ -83,14 +92,25 @@ class Comm:
             self.cuda_aware = False
         self.bytes: dict[str, int] = {}
         self.remote_bytes: dict[str, int] = {}
+        self.seconds: dict[str, float] = {}
 
-    def _count(self, kind: str, total: int, remote: int) -> None:
+    def _count(self, kind: str, total: int, remote: int, t0: float) -> None:
+        """Add one call's bytes and the seconds since ``t0`` to ``kind``."""
+        self.seconds[kind] = self.seconds.get(kind, 0.0) + (time.perf_counter() - t0)
         self.bytes[kind] = self.bytes.get(kind, 0) + int(total)
         self.remote_bytes[kind] = self.remote_bytes.get(kind, 0) + int(remote)
+
+    @staticmethod
+    def _start(a: Any = None) -> float:
+        """The clock at the start of a call (after finishing pending device work on ``a``)."""
+        if a is not None and B.array_module(a) is not np:
+            B.synchronize()
+        return time.perf_counter()
 
     def reset_counts(self) -> None:
         self.bytes.clear()
         self.remote_bytes.clear()
+        self.seconds.clear()
 
     def _host(self, a: Any) -> tuple[Any, bool]:
         """(a buffer MPI can read, whether it was staged from the device)."""
@@ -103,34 +123,46 @@ class Comm:
         from rank q. One ``MPI_Alltoall``; equal chunk sizes (the exchange is static)."""
         if send.shape[0] != self.size:
             raise ValueError(f"alltoall: leading axis {send.shape[0]} != {self.size} ranks")
+        t0 = self._start(send)
         xp = B.array_module(send)
         buf, staged = self._host(xp.ascontiguousarray(send))
         recv = np.empty_like(buf) if staged else B.array_module(buf).empty_like(buf)
         if staged or xp is not np:
             B.synchronize()
         self.comm.Alltoall(buf, recv)
-        self._count(kind, buf.nbytes, buf.nbytes * (self.size - 1) // self.size)
-        return xp.asarray(recv) if staged else recv              # host -> device copy when staged
+        out = xp.asarray(recv) if staged else recv               # host -> device copy when staged
+        self._count(kind, buf.nbytes, buf.nbytes * (self.size - 1) // self.size, t0)
+        return out
 
     def allreduce_sum(self, a: Any, kind: str = "allreduce") -> Any:
         """The element-wise sum of ``a`` over ranks (a new array, same device)."""
+        t0 = self._start(a)
         xp = B.array_module(a)
         buf, staged = self._host(xp.ascontiguousarray(a))
         out = np.empty_like(buf) if staged else B.array_module(buf).empty_like(buf)
         self.comm.Allreduce(buf, out, op=self.MPI.SUM)
-        self._count(kind, buf.nbytes, buf.nbytes)
-        return xp.asarray(out) if staged else out
+        res = xp.asarray(out) if staged else out
+        self._count(kind, buf.nbytes, buf.nbytes, t0)
+        return res
 
-    def allreduce_float(self, v: float) -> float:
-        """The sum of a Python float over ranks."""
-        return float(self.comm.allreduce(float(v), op=self.MPI.SUM))
+    def allreduce_float(self, v: float, kind: str = "scalars") -> float:
+        """The sum of a Python float over ranks (counted as 8 bytes of ``kind``)."""
+        t0 = self._start()
+        total = float(self.comm.allreduce(float(v), op=self.MPI.SUM))
+        self._count(kind, 8, 8, t0)
+        return total
 
     def gather_axis0(self, a: Any, kind: str = "gather") -> Any:
         """Rank 0 gets the ranks' arrays concatenated along axis 0 (others get None)."""
+        t0 = self._start(a)
         host = np.ascontiguousarray(B.to_numpy(a))
         parts = self.comm.gather(host, root=0)
-        self._count(kind, host.nbytes, 0 if self.rank == 0 else host.nbytes)
+        self._count(kind, host.nbytes, 0 if self.rank == 0 else host.nbytes, t0)
         return np.concatenate(parts, axis=0) if self.rank == 0 else None
+
+    def allgather_obj(self, obj: Any) -> list[Any]:
+        """Every rank's (picklable) ``obj``, in rank order, on every rank (not counted)."""
+        return self.comm.allgather(obj)
 
     def bcast(self, obj: Any) -> Any:
         return self.comm.bcast(obj, root=0)
@@ -422,7 +454,7 @@ class Parallel:
         written), the same on every rank; None when no rank has one."""
         if self.size == 1:
             return reason
-        reasons = self.comm.comm.allgather(reason)
+        reasons = self.comm.allgather_obj(reason)
         for r, why in enumerate(reasons):
             if why is not None:
                 return f"{why} (rank {r})"
@@ -570,12 +602,13 @@ class Parallel:
         return {**full, "state": state}
 
 
-def setup(mode: str) -> Parallel:
+def setup(mode: str, command: str = "train") -> Parallel:
     """The :class:`Parallel` of this process for ``--parallel mode``.
 
     ``none``: one process, no MPI (under mpiexec with P > 1 ranks a one-line
     ParallelError: P independent runs would write the same folder). ``data``/``expert``:
-    MPI is initialised; without mpiexec (one rank) it raises a one-line ParallelError."""
+    MPI is initialised; without mpiexec (one rank) it raises a one-line ParallelError
+    naming ``command`` (train, bench) in the mpiexec line it suggests."""
     if mode not in MODES:
         raise ValueError(f"--parallel {mode!r} is not one of {', '.join(MODES)}")
     if mode == "none":
@@ -586,7 +619,7 @@ def setup(mode: str) -> Parallel:
         return Parallel("none", None)
     if mpi_world_size() < 2:
         raise ParallelError(f"--parallel {mode} needs at least 2 ranks: run it as "
-                            f"mpiexec -n P python -m tinymoe train --parallel {mode} ...")
+                            f"mpiexec -n P python -m tinymoe {command} --parallel {mode} ...")
     try:
         comm = Comm()
     except ImportError:
@@ -613,21 +646,29 @@ def _fault_hook(par: Parallel) -> Any:
     return hook
 
 
-def run_train(par: Parallel, train_fn: Any, model_cfg: Any, train_cfg: Any, progress: bool) -> Any:
-    """``python -m tinymoe train --parallel mode``: call ``train_fn`` (tinymoe.train.train)
-    on this rank with ``parallel=par``. On P > 1 ranks any exception on any rank prints one
-    line and aborts the whole job (``MPI_Abort``), so no rank waits forever in a
-    collective; the last good checkpoint (written atomically by rank 0) is kept. The caller
-    prints the results on rank 0 only (``par.is_root``)."""
-    if par.mode == "none":
-        return train_fn(model_cfg, train_cfg, progress=progress)
+def call_on_every_rank(par: Parallel, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` on this rank. On P > 1 ranks any exception on any rank
+    prints one line and aborts the whole job (``MPI_Abort``), so no rank waits forever in
+    a collective."""
+    if par.size == 1:
+        return fn(*args, **kwargs)
     try:
-        return train_fn(model_cfg, train_cfg, progress=progress and par.is_root, parallel=par,
-                        on_step=_fault_hook(par))
+        return fn(*args, **kwargs)
     except BaseException as e:  # noqa: BLE001 (every failure ends the job, never a hang)
         msg = str(e).splitlines()[0] if str(e) else ""
         par.comm.abort(f"{type(e).__name__}: {msg}" if not isinstance(e, ValueError) else msg)
         raise  # not reached
+
+
+def run_train(par: Parallel, train_fn: Any, model_cfg: Any, train_cfg: Any, progress: bool) -> Any:
+    """``python -m tinymoe train --parallel mode``: ``train_fn`` (tinymoe.train.train) on this
+    rank with ``parallel=par`` (:func:`call_on_every_rank`: a failure on any rank aborts the
+    job; the last good checkpoint, written atomically by rank 0, is kept). The caller
+    prints the results on rank 0 only (``par.is_root``)."""
+    if par.mode == "none":
+        return train_fn(model_cfg, train_cfg, progress=progress)
+    return call_on_every_rank(par, train_fn, model_cfg, train_cfg, progress=progress and par.is_root,
+                              parallel=par, on_step=_fault_hook(par))
 
 
 # --------------------------------------------------------------------------------------
