@@ -48,7 +48,8 @@ print("mpiexec:", MPIEXEC or "not found (pip install mpi4py mpich): the MPI cell
 # fills the dispatch buffer [E, R, d] with $R = n_{groups} C$ rows per expert, and must now
 # send expert e's R rows to e's owner. That is an **all-to-all**: rank r cuts its buffer
 # into P chunks [E/P, R, d] and sends chunk q to rank q; it receives one chunk from every
-# rank and stacks them into [E/P, P R, d], which its experts process. A second all-to-all
+# rank and stacks them into [E/P, P R, d], whose filled rows its experts process (a mask of
+# one byte per row, sent the same way, says which are filled). A second all-to-all
 # sends the outputs back along the reverse path, and `combine` adds them to the tokens.
 #
 # Below: the dispatch buffers of 2 ranks (toy sizes, real routing of random logits).

@@ -18,7 +18,7 @@ import numpy as np
 from tinymoe.config import ModelConfig
 from tinymoe.nn.model import OpenMoE
 from tinymoe.optim import AdamW, clip_grad_norm_, param_groups_for_decay
-from tinymoe.parallel import Comm, Parallel, is_expert_param
+from tinymoe.parallel import Comm, ExpertParallelMoE, Parallel, is_expert_param
 
 
 def close(a, b, what: str, rtol: float = 1e-9, atol: float = 1e-12) -> None:
@@ -53,6 +53,14 @@ def main(mode: str, steps: int = 3, b: int = 2, seq: int = 16, capacity_factor: 
         rows = slice(r * b, (r + 1) * b)
         out = model(x[rows], targets=y[rows])
         out.loss.backward()
+        if mode == "expert":   # experts run on the filled rows only: the kept assignments to them
+            layers = [m for _, m in model.named_modules() if isinstance(m, ExpertParallelMoE)]
+            for layer, st in zip(layers, out.routing):
+                load = comm.allreduce_sum(np.asarray(st.load_after, dtype=np.int64), kind="test")  # [E]
+                if layer.rows_computed != int(load[layer.lo:layer.hi].sum()):
+                    raise AssertionError(f"step {step}: layer {layer.layer_idx} computed "
+                                         f"{layer.rows_computed} rows, its experts were given "
+                                         f"{int(load[layer.lo:layer.hi].sum())} assignments")
         named = list(model.named_parameters())
         par.reduce_grads(named)
         norm = par.clip_grad_norm_(named, 0.5)

@@ -275,6 +275,7 @@ def test_bench_parallel_counts_the_formula_bytes_and_splits_the_step(mode: str, 
         kinds = ("dispatch", "combine", "dispatch_backward", "combine_backward")
         if mode == "expert":
             assert all(q["bytes"][kd] == n_moe * buffer_bytes for kd in kinds), q["bytes"]
+            assert q["bytes"]["dispatch_mask"] == n_moe * buffer_bytes // (d * item)   # 1 byte a row
             assert q["alltoall_s"] > 0
         else:
             assert not any(kd in q["bytes"] for kd in kinds) and q["alltoall_s"] == 0

@@ -10,8 +10,10 @@ Expert parallelism (``mode="expert"``): the E experts of every MoE layer are sha
 r owns experts ``r*E/P ... (r+1)*E/P - 1``; every other parameter is replicated (its
 gradient is averaged as above). Each rank routes its own groups, fills the fixed-capacity
 dispatch buffer ``[E, R, d]`` (R = n_groups * C rows per expert) and sends expert e's rows
-to e's owner with one ``Alltoall``; the owner runs its experts on ``[E/P, P*R, d]`` (all
-ranks' rows) and returns the outputs with a second ``Alltoall``. The backward pass mirrors
+to e's owner with one ``Alltoall``; the owner runs its experts on the filled rows of
+``[E/P, P*R, d]`` (all ranks' rows; which are filled it learns from a one-byte-per-row mask
+sent alongside) with grouped GEMMs, as one process does, and returns the outputs with a
+second ``Alltoall``. The backward pass mirrors
 both exchanges (the adjoint of an all-to-all is the same all-to-all with the roles of
 sender and receiver swapped). Because the capacity C is fixed, every rank knows in advance
 how many bytes go to every other rank: the exchange is static, a plain ``Alltoall``.
@@ -44,7 +46,7 @@ from tinymoe import routing
 from tinymoe.autograd import Context, Function, Tensor
 from tinymoe.evaluate import routing_summary
 from tinymoe.nn.module import Module, Parameter
-from tinymoe.nn.moe import MoE, MoEStats, Experts, combine, dispatch, route_differentiable
+from tinymoe.nn.moe import MoE, MoEStats, Experts, combine, dispatch, gather_rows, route_differentiable
 
 np = B.np
 
@@ -271,9 +273,17 @@ class ExpertParallelMoE(Module):
         z = x W_r; route per group (as one process)        -> weights [N, k], aux, z-loss
         buf = dispatch(x)                                  [N, d] -> [E, R, d]
         mine = Alltoall(buf)                               [E, R, d] -> [E/P, P*R, d]
-        out = experts_r(mine)                              [E/P, P*R, d] (empty slots give 0)
-        back = Alltoall(out)                               [E/P, P*R, d] -> [E, R, d]
+        filled = Alltoall(row mask of buf)                 [E, R] -> [E/P, P*R] (1 byte a row)
+        packed = mine[filled]                              -> [M_r, d], expert-major
+        out = experts_r(packed, load_r)                    [M_r, d] grouped GEMMs, kept rows only
+        full = scatter(out into zeros at filled)           -> [E/P, P*R, d] (empty slots 0)
+        back = Alltoall(full)                              [E/P, P*R, d] -> [E, R, d]
         y = combine(back, weights)                         [E, R, d] -> [N, d]
+
+    The data exchanges stay static (whole buffers, the bytes of the volume formula); only
+    the M_r filled rows are computed, in the order one process computes them (rank 0's
+    groups first), so the receiving rank does the single-process MoE's work, not the
+    buffer's. ``rows_computed`` holds M_r of the last forward.
     """
 
     def __init__(self, moe: MoE, comm: Comm):
@@ -294,6 +304,21 @@ class ExpertParallelMoE(Module):
         for name in ("w_gate", "w_up", "w_down"):
             setattr(ex, name, Parameter(getattr(full, name).data[self.lo:self.hi].copy()))
         self.experts = ex
+        self.rows_computed = 0
+
+    def _filled_rows(self, flat_pos: Any, n_rows: int) -> tuple[Any, Any]:
+        """(rows [M_r], load [E/P]): the filled rows of this rank's received buffer
+        [E/P, P*R] (flattened, expert-major) and how many belong to each of its experts.
+        Each rank marks its kept slots in a [E, R] byte mask and sends it with the data's
+        Alltoall pattern."""
+        xp = B.array_module(flat_pos)
+        e = self.cfg.n_experts
+        mask = xp.zeros(e * n_rows, dtype=xp.uint8)                        # [E * R]
+        mask[flat_pos] = 1
+        mine = _to_owners(self.comm, mask.reshape(e, n_rows, 1), "dispatch_mask")   # [E/P, P*R, 1]
+        mine = mine.reshape(e // self.comm.size, -1)                       # [E/P, P*R]
+        rows = xp.nonzero(mine.reshape(-1))[0].astype(xp.int64)            # [M_r], sorted
+        return rows, mine.sum(axis=1, dtype=xp.int64)                      # [M_r], [E/P]
 
     def forward(self, x: Tensor, rng: Any = None) -> tuple[Tensor, Tensor, Tensor, MoEStats]:
         cfg = self.cfg
@@ -312,8 +337,14 @@ class ExpertParallelMoE(Module):
         rows = result.rows_per_expert                                     # R = n_groups * C
         buf = dispatch(tokens, flat_pos, token, cfg.n_experts, rows)      # [N, d] -> [E, R, d]
         mine = exchange_to_owners(buf, self.comm)                         # -> [E/P, P*R, d]
-        out = self.experts(mine)                                          # [E/P, P*R, d]
-        back = exchange_to_sources(out, self.comm)                        # -> [E, R, d]
+        el, pr = mine.shape[0], mine.shape[1]
+        filled, load = self._filled_rows(flat_pos, rows)                  # [M_r], [E/P]
+        packed = gather_rows(mine.reshape(el * pr, d), filled)            # [E/P * P*R, d] -> [M_r, d]
+        out = self.experts(packed, load=load)                             # [M_r, d]
+        xp = B.array_module(filled)
+        full = dispatch(out, filled, xp.arange(len(filled)), el, pr)      # [M_r, d] -> [E/P, P*R, d]
+        self.rows_computed = int(len(filled))
+        back = exchange_to_sources(full, self.comm)                       # -> [E, R, d]
         y = combine(back, weight, flat_pos, token, rank, n)               # [N, d]
         stats = MoEStats.from_result(result, self.layer_idx, (bsz, seq))
         return y.reshape(bsz, seq, d), aux, z, stats

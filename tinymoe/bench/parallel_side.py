@@ -10,7 +10,8 @@ Time split, per rank, of the median step (steps sorted by wall time; the lower m
 
     step      wall time of the whole update (all ranks start it together, after a barrier)
     all-to-all  time inside the four expert exchanges of every MoE layer (dispatch,
-              combine; forward and backward), host staging included
+              combine; forward and backward) and the filled-row mask sent with the
+              dispatch, host staging included
     all-reduce  time inside the gradient all-reduces and the small ones (global-batch
               statistics, the clipping norm of sharded experts)
     compute   step - all-to-all - all-reduce (everything outside MPI)
@@ -24,7 +25,8 @@ Bytes (exact counts from the buffers handed to MPI, one rank, one step):
 
 (:func:`tinymoe.parallel.exchange_bytes_per_step`: n = b T tokens of the rank, G tokens per
 routing group, C the capacity; padding < 1 when capacity drops assignments, E/k when
-dropless), four exchanges per layer; all-reduce of the gradients = W * bytes, W the
+dropless), four exchanges per layer, plus the filled-row mask of the dispatch (one byte
+per buffer row, E n_groups C per layer, forward only); all-reduce of the gradients = W * bytes, W the
 replicated parameters (expert mode: all but the experts; data mode: all of them). The
 report compares the counted bytes with these formulas.
 """
@@ -47,6 +49,7 @@ np = B.np
 __all__ = ["ALLTOALL_KINDS", "ALLREDUCE_KINDS", "bench_parallel", "split_step", "expected_bytes"]
 
 ALLTOALL_KINDS = ("dispatch", "combine", "dispatch_backward", "combine_backward")
+MASK_KIND = "dispatch_mask"
 ALLREDUCE_KINDS = ("allreduce", "scalars")
 
 
@@ -60,9 +63,10 @@ def expected_bytes(cfg: ModelConfig, mode: str, micro_batch: int, seq: int) -> d
     if mode == "expert" and cfg.moe_layers:
         v = exchange_bytes_per_step(cfg, micro_batch * seq, seq)
         out.update(alltoall_per_layer=v["per_exchange"], padding=v["padding"],
+                   mask_per_layer=v["per_exchange"] / (cfg.d_model * item),
                    capacity=v["capacity"], group=v["group"], moe_layers=v["moe_layers"])
     else:
-        out.update(alltoall_per_layer=0.0, padding=None, capacity=None, group=None,
+        out.update(alltoall_per_layer=0.0, mask_per_layer=0.0, padding=None, capacity=None, group=None,
                    moe_layers=len(cfg.moe_layers))
     return out
 
@@ -70,7 +74,7 @@ def expected_bytes(cfg: ModelConfig, mode: str, micro_batch: int, seq: int) -> d
 def split_step(step_s: float, seconds: dict[str, float]) -> dict[str, float]:
     """One step's wall time split into compute, all-to-all and all-reduce (see the module
     docstring); ``seconds`` are :attr:`tinymoe.parallel.Comm.seconds` of that step."""
-    a2a = sum(seconds.get(k, 0.0) for k in ALLTOALL_KINDS)
+    a2a = sum(seconds.get(k, 0.0) for k in (*ALLTOALL_KINDS, MASK_KIND))
     ar = sum(seconds.get(k, 0.0) for k in ALLREDUCE_KINDS)
     return {"step_s": step_s, "compute_s": step_s - a2a - ar, "alltoall_s": a2a, "allreduce_s": ar,
             "scalars_s": seconds.get("scalars", 0.0)}
@@ -127,6 +131,7 @@ def bench_parallel(par: Parallel, args: argparse.Namespace, cfg: ModelConfig, mi
     return {"mode": par.mode, "ranks": p, "micro_batch": micro_batch, "global_batch": p * micro_batch,
             "seq": seq, "tokens_per_step": tokens, "tokens_per_s": tokens / slowest,
             "per_rank": per_rank, "alltoall_bytes_per_layer": a2a_layer,
+            "mask_bytes_per_layer": counted.get(MASK_KIND, 0) / n_moe if n_moe else 0.0,
             "allreduce_bytes": counted.get("allreduce", 0), "scalars_bytes": counted.get("scalars", 0),
             "expected": want,
             "alltoall_matches_formula": all(v == want["alltoall_per_layer"] for v in a2a_layer.values()),

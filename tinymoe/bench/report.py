@@ -131,6 +131,8 @@ def format_parallel_report(r: dict[str, Any]) -> str:
                      f"bytes x {want['padding']:.4f} (C = {want['capacity']} per group of {want['group']}) = "
                      f"{_h(want['alltoall_per_layer'], 'B')}: "
                      + ("equal to the counted bytes" if x["alltoall_matches_formula"] else "DIFFERS from the counted bytes"))
+        lines.append(f"plus the filled-row mask sent with each dispatch (1 byte per buffer row): "
+                     f"{_h(x['mask_bytes_per_layer'], 'B')} per MoE layer per step")
     lines.append(f"gradient all-reduce per step (one rank): {_h(x['allreduce_bytes'], 'B')}; formula "
                  f"{want['replicated_params']:,} replicated parameters x bytes = {_h(want['allreduce'], 'B')}: "
                  + ("equal" if x["allreduce_matches_formula"] else "DIFFERS")
