@@ -36,6 +36,7 @@ back to the device after) unless the MPI library reports CUDA-aware support
 """
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 import time
@@ -655,6 +656,9 @@ def setup(mode: str, command: str = "train") -> Parallel:
         comm = Comm()
     except ImportError:
         raise ParallelError("--parallel needs mpi4py (pip install mpi4py mpich)") from None
+    # a rank killed by a fatal signal (segfault, abort, bus error) prints its Python stack;
+    # mpiexec (hydra) then names the signal and ends the other ranks
+    faulthandler.enable()
     return Parallel(mode, comm)
 
 
@@ -662,8 +666,10 @@ FAULT_ENV = "TINYMOE_FAULT"
 
 
 def _fault_hook(par: Parallel) -> Any:
-    """Fault injection for tests: ``TINYMOE_FAULT="rank:step:raise"`` makes that rank raise
-    after that update, ``"rank:step:exit"`` makes it die (``os._exit(1)``, no MPI call)."""
+    """Fault injection for tests: ``TINYMOE_FAULT="rank:step:kind"`` makes that rank, after
+    that update, ``raise`` a RuntimeError, ``sysexit`` (``sys.exit(3)``), ``exit`` (die by
+    ``os._exit(1)``: no Python clean-up, no MPI call) or ``segv`` (a real segmentation
+    fault)."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return None
@@ -673,6 +679,11 @@ def _fault_hook(par: Parallel) -> Any:
         if par.rank == int(rank) and step_now == int(step):
             if kind == "exit":
                 os._exit(1)
+            if kind == "sysexit":
+                sys.exit(3)
+            if kind == "segv":
+                import faulthandler  # noqa: PLC0415
+                faulthandler._sigsegv()
             raise RuntimeError(f"injected fault on rank {rank} after step {step}")
     return hook
 
