@@ -22,11 +22,11 @@ from tinymoe.data import BatchSampler, Corpus, builtin_corpus, encode_corpus, lo
 from tinymoe.evaluate import token_byte_lengths
 from tinymoe.optim import (Optimizer, configure_optimizers, constant, inverse_sqrt,
                            warmup_cosine)
-from tinymoe.parallel import Parallel
 from tinymoe.runfolder import RunFolder
 from tinymoe.tokenizer import ByteTokenizer
 
 if TYPE_CHECKING:
+    from tinymoe.parallel import Parallel
     from tinymoe.train import TrainConfig
 
 np = B.np
@@ -188,6 +188,7 @@ def set_up(model_cfg: ModelConfig | None, cfg: TrainConfig, rf: RunFolder,
     draw the global batch of P * batch_size rows, shards the experts (expert mode) and
     loads this rank's slice of a checkpoint."""
     from tinymoe.nn.model import OpenMoE  # noqa: PLC0415
+    from tinymoe.parallel import Parallel  # noqa: PLC0415
 
     par = parallel if parallel is not None else Parallel("none", None)
     ckpt = None

@@ -44,7 +44,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from tinymoe import backend as B
 from tinymoe.autograd import no_grad
@@ -52,11 +52,13 @@ from tinymoe.config import ModelConfig, count_parameters
 from tinymoe.data import Batch, BatchSampler, unigram_entropy
 from tinymoe.evaluate import evaluate, probe_batch, routing_summary
 from tinymoe.optim import Optimizer, clip_grad_norm_, scale_grads_, set_lr
-from tinymoe.parallel import Parallel
 from tinymoe.runfolder import RunFolder, RunFolderView, plot_curves, write_line
 # the set-up pieces, importable from here as before the split
 from tinymoe.session import (RESUME_MUST_MATCH, Session, build_optimizer, build_tokenizer,
                              load_data, lr_at, set_up)
+
+if TYPE_CHECKING:   # the model code loads lazily (docs/architecture.md §3)
+    from tinymoe.parallel import Parallel
 
 np = B.np
 
@@ -405,6 +407,8 @@ def train(model_cfg: ModelConfig | None, train_cfg: TrainConfig, progress: bool 
     Ctrl-C / SIGTERM, or ``stop_at`` return normally; see ``TrainResult.status``.
     """
     t_start = time.perf_counter()
+    from tinymoe.parallel import Parallel  # noqa: PLC0415 (imports the model code)
+
     par = parallel if parallel is not None else Parallel("none", None)
     if train_cfg.device is not None:
         B.set_device(train_cfg.device)
