@@ -23,7 +23,8 @@ import time
 from tinymoe import backend as B  # first: before NumPy loads, see backend.py
 from tinymoe.config import count_parameters, get_preset
 from tinymoe.nn.model import OpenMoE
-from tinymoe.optim import Adafactor, AdamW, clip_grad_norm_, param_groups_for_decay
+from tinymoe.bench.tinymoe_side import bench_train_config
+from tinymoe.optim import clip_grad_norm_, configure_optimizers
 
 
 def rss_gb() -> float:
@@ -80,11 +81,8 @@ def main() -> None:
 
     params = list(model.parameters())
     opt = None
-    if args.optimizer == "adamw":
-        opt = AdamW(param_groups_for_decay(model.named_parameters(), 0.1), lr=1e-4)
-    elif args.optimizer == "adafactor":      # OpenMoE's setting (as tinymoe.train builds it)
-        opt = Adafactor(params, lr=1e-2, decay_rate=0.8, beta1=None, clip_threshold=1.0,
-                        scale_parameter=True, relative_step=False)
+    if args.optimizer in ("adamw", "adafactor"):   # built as `train` and `bench` build it
+        opt = configure_optimizers(model, bench_train_config(args.optimizer))
 
     prof = None
     for step in range(1, args.steps + 1):

@@ -284,39 +284,101 @@ def test_collect_routing_matches_the_model_and_restores_settings():
     np.testing.assert_array_equal(tr.kept[0][: 2 * T], out.routing[0].kept)
     free = A.collect_routing(model, windows, None, batch_size=2, eval_capacity_factor=0.0)
     assert free.all_kept().all()
+    # per-token CE: -log softmax(logits)[target], float64 from the model's logits
+    with no_grad(), A.routing_settings(model, eval_capacity_factor=0.0):
+        out0 = model(windows[:1, :-1], windows[:1, 1:])                   # dropless, as `free`
+    z = np.asarray(out0.logits.data, dtype=np.float64)[0]                  # [T, V]
+    ref = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1) - z[np.arange(T), windows[0, 1:]]
+    # float32 logits of a batch of 2 there, of 1 here: BLAS may sum in another order, so
+    # agreement to float32 rounding over the d-long dot products (~ sqrt(d) * eps32 ~ 1e-6)
+    np.testing.assert_allclose(free.token_ce[:T], ref, rtol=1e-5)
+    assert free.token_ce.shape == (5 * T,)
+    assert abs(free.token_ce.mean() - free.ce) < 1e-5 * free.ce      # float32 mean over 5T tokens
     with pytest.raises(ValueError, match="not a routing setting"):
         with A.routing_settings(model, d_model=3):
             pass
 
 
 # ------------------------------------------------------------------ plots and report
+def _id_router(n_windows: int, seq: int, E: int, noise: float, seed: int):
+    """Tokens routed by a fixed id -> expert table, a ``noise`` share re-drawn at random."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, 30, size=n_windows * seq)
+    table = np.arange(30) % E
+    ex = np.where(rng.random(ids.size) < noise, rng.integers(0, E, ids.size), table[ids])
+    return ids, np.arange(ids.size) % seq, ex, np.arange(ids.size) // seq
+
+
 def _synthetic_report():
-    E = 4
+    """A report whose sections hold real statistics of synthetic routing with known
+    answers: a trained router that routes by id (10% noise) against an untrained one
+    (70% noise); snapshots that agree with the final one on 40% / 60% / 97% of the
+    probe tokens; drops from random routing (in_distribution) and from a router that
+    crowds the end of each group (held_out_domain)."""
+    from tinymoe.analysis import baselines as S
+
+    E, G, k = 4, 32, 2
+    ids_, pos_, ex_, win_ = _id_router(40, 32, E, 0.1, 0)
+    st = S.specialization_statistics(ids_, pos_, ex_, E, win_, n_boot=200)
+    ids_, pos_, ex_, win_ = _id_router(40, 32, E, 0.7, 1)
+    ist = S.specialization_statistics(ids_, pos_, ex_, E, win_, n_boot=200)
     layer = {
         "layer": 1,
         "predictors": {"token_id": 0.8, "position": 0.3, "majority_class": 0.3, "chance": 0.25,
                        "sampling_sd": 0.01, "token_id_coverage": 1.0, "n_fit": 10, "n_score": 10},
+        "statistics": st,
         "init": {"predictors": {"token_id": 0.6, "position": 0.3, "majority_class": 0.3,
                                 "chance": 0.25, "sampling_sd": 0.01, "token_id_coverage": 1.0},
+                 "statistics": ist,
                  "std_token_id": {"mean_std": 0.2, "n_keys": 3, "token_share": 1.0},
                  "std_position": {"mean_std": 0.05, "n_keys": 4, "token_share": 1.0}},
         "per_domain": {"a": {"token_id": 0.8, "position": 0.3, "majority_class": 0.3,
                              "n_score": 5}},
-        "std": {k: {"mean_std": v, "max_std": A.max_routing_std(E), "relative": v / 0.433,
-                    "n_keys": 3, "token_share": 1.0}
-                for k, v in [("token_id", 0.3), ("token_id_shuffled", 0.05), ("position", 0.02),
-                             ("position_shuffled", 0.02), ("token_id_topk", 0.2)]},
+        "std": {k_: {"mean_std": v, "max_std": A.max_routing_std(E), "relative": v / 0.433,
+                     "n_keys": 3, "token_share": 1.0}
+                for k_, v in [("token_id", 0.3), ("token_id_shuffled", 0.05), ("position", 0.02),
+                              ("position_shuffled", 0.02), ("token_id_topk", 0.2)]},
         "domain_share": [[0.4, 0.2, 0.2, 0.2], [0.1, 0.1, 0.1, 0.7]],
         "top_tokens": [{"expert": e, "n_tokens": 5, "frequent": [{"id": 97, "text": "a",
                                                                   "count": 3, "share": 0.6}],
                         "specific": [{"id": 97, "text": "a", "count": 3, "p": 1.0,
                                       "lift": 4.0}]} for e in range(E)],
     }
-    curve = {"bin_start": [0, 4], "bin_end": [4, 8], "drop_rate": [0.0, 0.5],
-             "n_assignments": [8, 8], "overall": 0.25, "first_quarter": 0.0,
-             "last_quarter": 0.5, "first_choice": {"overall": 0.1, "first_quarter": 0.0,
-                                                   "last_quarter": 0.2},
-             "ce": 2.0, "per_layer": []}
+    # snapshots: 32 probe sequences of 16 tokens; step s agrees on a prefix of sequences
+    rng = np.random.default_rng(2)
+    ids = rng.integers(0, 30, size=(32, 16))
+    final = (ids % E).reshape(-1, 1)
+    snaps = []
+    for step, agree in ((0, 0.0), (1, 0.4), (2, 0.6), (4, 1.0)):
+        ex = final.copy().reshape(32, 16)
+        ex[int(round(agree * 32)):] = (ex[int(round(agree * 32)):] + 1) % E
+        snaps.append({"step": step, "token_ids": ids.reshape(-1),
+                      "experts": {1: ex.reshape(-1, 1)},
+                      "sequence": np.repeat(np.arange(32), 16)})
+    early = A.early_routing_report(snaps, E, loss_curve=[(0, 3.0), (2, 2.0), (4, 1.5)],
+                                   n_boot=200, n_splits=10)
+
+    def curve(kept, name, setting):
+        pos = np.arange(kept.shape[0]) % G
+        c = A.drop_by_position(kept, pos, G, 2)
+        q = A.drop_quarters(kept, pos, G)
+        st_ = S.drop_statistics(kept, pos, G, k, n_boot=200)
+        return {**c, "first_quarter": q["first_quarter"], "last_quarter": q["last_quarter"],
+                "first_choice": {"overall": 0.1, "first_quarter": 0.0, "last_quarter": 0.2},
+                "ce": 2.0, "per_layer": [], "stats": st_, "n_groups": st_["n_units"],
+                "baseline": S.random_drop_baseline(st_["n_units"], 1, G, E, k, 1.25,
+                                                   n_boot=200, seed=5),
+                "dataset": name, "setting": setting, "label": setting, "model": "main",
+                "group_len": G}
+
+    rnd = S.simulate_random_routing(64, G, E, k, 1.25, seed=1)[0]
+    z = rng.standard_normal((64 * G, E))
+    z[(np.arange(64 * G) % G >= G // 2) & (rng.random(64 * G) < 0.6), 0] += 6
+    crowd = np.asarray(routing.route(z, k, 1.25, G).kept)
+    curves = [curve(rnd, "in_distribution", s) for s in ("train_cf", "eval_cf")]
+    curves += [curve(crowd, "held_out_domain", s) for s in ("train_cf", "eval_cf")]
+    free = {**curves[0], "setting": "dropless", "label": "dropless"}
+    free.pop("baseline")
     report = {
         "config": {"describe": "toy", "n_experts": E},
         "data": {"source": "synthetic", "domains": ["a", "b"], "excluded_in_training": ["b"],
@@ -324,32 +386,62 @@ def _synthetic_report():
         "specialization": {"n_tokens": 20, "n_experts": E, "top_k": 2, "min_count": 2,
                            "domains": ["a", "b"], "excluded": ["b"], "ce": 2.0,
                            "capacity_factor": 2.0, "layers": [layer]},
-        "early_routing": {"available": True, "note": "", "steps": [1, 2, 4], "final_step": 4,
-                          "chance": 0.25, "layers": [{"layer": 1, "ids": [0.3, 0.7, 1.0],
-                                                      "occurrences": [0.4, 0.8, 1.0],
-                                                      "tokens": [0.3, 0.6, 1.0]}]},
-        "drops": {"n_positions": 8, "n_bins": 2, "larger_cf": 4.0,
-                  "datasets": [{"name": "in_distribution", "title": "in", "n_tokens": 16},
-                               {"name": "multi_turn", "title": "mt", "skipped": "no"}],
-                  "curves": [{**curve, "dataset": "in_distribution", "setting": s, "label": s,
-                              "model": "main"} for s in ("train_cf", "eval_cf", "dropless")]},
+        "early_routing": {"available": True, "note": "", **early},
+        "drops": {"n_positions": G, "n_bins": 2, "larger_cf": 4.0, "paper_group": None,
+                  "datasets": [{"name": "in_distribution", "title": "in", "n_tokens": 64 * G},
+                               {"name": "multi_turn", "title": "mt", "skipped": "no"},
+                               {"name": "held_out_domain", "title": "held", "n_tokens": 64 * G}],
+                  "curves": curves + [free], "effects": []},
     }
     report["summary"] = A._summary(report)
+    report["findings"] = A.findings_table(report)
     return report
 
 
 def test_summary_rules():
     rep = _synthetic_report()
     summ = rep["summary"]
-    assert summ["specialization"]["reproduced"] is True
-    # first snapshot at >= 25% of 4 steps is step 1, where 40% of occurrences agree
-    assert summ["early_routing"]["reproduced"] is False and summ["early_routing"]["step"] == 1
-    rep["early_routing"].update(steps=[0, 4], layers=[{"layer": 1, "ids": [0.1, 1.0],
-                                                        "occurrences": [0.1, 1.0],
-                                                        "tokens": [0.1, 1.0]}])
-    assert A._summary(rep)["early_routing"]["reproduced"] is None   # only start and end
+    sp = summ["specialization"]
+    assert sp["reproduced"] is True and sp["training_adds"] is True
+    # first snapshot at >= 25% of 4 steps is step 1, where 40% of probe tokens agree
+    er = summ["early_routing"]
+    assert er["reproduced"] is False and er["step"] == 1
+    assert er["agreement_tokens"][0]["estimate"] == 13 / 32      # round(0.4 * 32) sequences
+    assert er["learned_since_first"] == [True]
+    assert er["ceiling_occurrences"] == [1.0] and er["probe_ok"] == [True]
+    only_ends = {**rep["early_routing"], "steps": [0, 4]}
+    assert A._summary({**rep, "early_routing": only_ends})["early_routing"]["reproduced"] is None
     dt = summ["drop_towards_the_end"]
-    assert dt["reproduced_at_train_cf"] == ["in_distribution"]      # 0% -> 50%
+    # random routing rises towards the end too, but not more than the random baseline
+    assert dt["reproduced_at_train_cf"] == ["held_out_domain"]
+    assert dt["reproduced_at_eval_cf"] == ["held_out_domain"]
+    rnd = dt["datasets"][0]["train_cf"]
+    assert rnd["last_quarter"] > 1.5 * rnd["first_quarter"] and rnd["towards_end"] is False
+    # the findings table: one row per (finding, measure, baseline)
+    rows = rep["findings"]
+    verdicts = {(r["finding"], r["baseline_name"]): r["verdict"] for r in rows
+                if "train_cf" not in r["measure"]}
+    assert verdicts[("context-independent specialization", "shuffled labels")] is True
+    assert verdicts[("what training adds to specialization", "untrained router")] is True
+    assert verdicts[("early routing learning", "ceiling (final vs itself)")] is False
+    for r in rows:
+        assert {"finding", "measure", "effect", "baseline_name", "baseline", "verdict",
+                "rule"} <= set(r)
+
+
+def test_early_routing_verdict_passes_when_routing_is_fixed_early():
+    rep = _synthetic_report()
+    layers = rep["early_routing"]["layers"]
+    fixed = [{**L, "tokens_interval": [L["tokens_interval"][0]] + [
+        {"estimate": 0.97, "low": 0.95, "high": 0.99, "level": 0.95}] * 2
+        + [L["tokens_interval"][-1]]} for L in layers]
+    summ = A._summary({**rep, "early_routing": {**rep["early_routing"], "layers": fixed}})
+    assert summ["early_routing"]["reproduced"] is True
+    unsure = [{**L, "tokens_interval": [L["tokens_interval"][0]] + [
+        {"estimate": 0.9, "low": 0.85, "high": 0.95, "level": 0.95}] * 2
+        + [L["tokens_interval"][-1]]} for L in layers]
+    summ = A._summary({**rep, "early_routing": {**rep["early_routing"], "layers": unsure}})
+    assert summ["early_routing"]["reproduced"] is None
 
 
 def test_plots_write_png_files(tmp_path):
@@ -368,7 +460,11 @@ def test_report_text_comes_from_its_json():
     text = A.format_report(rep)
     again = A.format_report(json.loads(json.dumps(json_ready(rep), allow_nan=False)))
     assert text == again
-    assert "80.0%" in text and "REPRODUCED" in text
+    assert "80.0%" in text and "REPRODUCED" in text and "NOT reproduced" in text
+    assert "== Findings: effect against baseline" in text
+    md = A.format_markdown(rep)
+    assert md.count("\n| ") == len(rep["findings"]) + 1            # header + one row each
+    assert "| PASS |" in md and "| fail |" in md
     assert A._json_ready is json_ready             # the name it had inside analysis.py
 
 
@@ -424,11 +520,28 @@ def test_analyze_command_end_to_end(tmp_path, capsys):
         assert p.stat().st_size > 5000 and rep["figures"][name] == str(p)
     assert format_tail(printed) == A.format_report(rep)       # every printed number in the JSON
     assert rep["data"]["excluded_in_training"] == ["digits"]
+    md = (out / "analysis.md").read_text()
+    assert md == A.format_markdown(rep) and "| finding | measure |" in md
     names = [d["name"] for d in rep["drops"]["datasets"] if not d.get("skipped")]
     assert names == ["in_distribution", "multi_turn", "held_out_domain"]
     settings = {c["setting"] for c in rep["drops"]["curves"]}
-    assert settings == {"train_cf", "eval_cf", "probability", "larger_cf", "dropless",
-                        "compare_train_cf", "compare_eval_cf"}
+    assert settings == {"train_cf", "eval_cf", "paper_group", "probability", "larger_cf",
+                        "dropless", "compare_train_cf", "compare_eval_cf"}
+    T = rep["config"]["seq_len"]
+    for c in rep["drops"]["curves"]:
+        # several sequences per group in the paper-like run (here all 8 windows of a batch)
+        assert (c["group_len"] == 8 * T) == (c["setting"] == "paper_group"), c["setting"]
+        assert ("baseline" in c) == (c["setting"] != "dropless"), c["setting"]
+        if "baseline" in c:
+            assert c["baseline"]["group_size"] == c["group_len"]
+            assert c["baseline"]["n_units"] == c["stats"]["n_units"] == c["n_groups"]
+    for ds in rep["drops"]["datasets"]:
+        if not ds.get("skipped"):
+            assert set(ds["ce_cost"]) == {"train_cf", "eval_cf", "paper_group"}
+    assert [(e["dataset"], e["against"]) for e in rep["drops"]["effects"]] == [
+        ("multi_turn", "in_distribution"), ("held_out_domain", "in_distribution"),
+        ("held_out_domain", "multi_turn")]
+    assert rep["findings"] and all(r["verdict"] in (True, False, None) for r in rep["findings"])
     by = {(c["dataset"], c["setting"]): c for c in rep["drops"]["curves"]}
     # the same analysis called directly on each model: the command's main curves come
     # from the main checkpoint, its compare curves from the --compare one
@@ -456,6 +569,9 @@ def test_analyze_command_end_to_end(tmp_path, capsys):
     assert er["layers"][0]["tokens"] == [0.0, 0.0, 1.0]
     (layer,) = rep["specialization"]["layers"]
     assert "init" in layer
+    # 1024 held-out tokens per domain = 16 windows of 64: probes of 4, 8, 16 windows
+    assert [r["per_domain"] for r in layer["probe_ceiling"]] == [4, 8, 16]
+    assert "smallest probe reaching a 95% ceiling" in printed
 
 
 def format_tail(printed: str) -> str:
@@ -482,3 +598,17 @@ def test_token_windows_are_contiguous_and_disjoint():
     assert np.all(np.diff(w, axis=1) == 1), "each window is a contiguous run of tokens"
     starts = np.sort(w[:, 0])
     assert np.all(np.diff(starts) >= 17), f"windows overlap: starts {starts}"
+
+
+def test_specialization_verdict_needs_both_baselines():
+    rep = _synthetic_report()
+    (layer,) = rep["specialization"]["layers"]
+    iv = lambda lo, hi: {"estimate": (lo + hi) / 2, "low": lo, "high": hi, "level": 0.95}  # noqa: E731
+    for shuffled, position, expected in [((0.52, 0.6), (0.2, 0.3), False),   # loads explain it
+                                         ((0.2, 0.3), (0.52, 0.6), False),   # position explains it
+                                         ((0.2, 0.3), (0.2, 0.3), True)]:
+        st = {**layer["statistics"], "token_id": iv(0.5, 0.55), "shuffled": iv(*shuffled),
+              "position": iv(*position)}
+        spec = {**rep["specialization"], "layers": [{**layer, "statistics": st}]}
+        assert A._summary({**rep, "specialization": spec})["specialization"]["reproduced"] \
+            is expected, (shuffled, position)

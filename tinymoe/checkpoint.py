@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from tinymoe import backend as B
+from tinymoe.jsonio import json_ready
 from tinymoe.config import ModelConfig, parameter_shapes
 
 np = B.np
@@ -164,16 +165,10 @@ def _digest(meta_bytes: bytes, arrays: dict[str, Any]) -> str:
 
 
 def _json_safe(obj: Any) -> Any:
-    """Tuples -> lists, NumPy scalars -> Python numbers, recursively (for json.dumps)."""
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        raise TypeError("arrays belong in the npz part of a checkpoint, not in its JSON")
-    return obj
+    """The checkpoint's JSON policy: :func:`tinymoe.jsonio.json_ready` keeping non-finite
+    floats (an ``inf`` config value must come back as ``inf``) and refusing arrays (they
+    belong in the npz part)."""
+    return json_ready(obj, nonfinite="keep", arrays=False)
 
 
 def _split_optimizer_state(opt_state: dict[str, Any] | None

@@ -349,9 +349,7 @@ def routing_snapshot(model: Any, step: int, tokens: Any, domain: Any,
 def plot_curves(log_path: str | os.PathLike[str], png_path: str | os.PathLike[str]) -> Path | None:
     """Draw training loss and held-out loss per domain (top), and the dropped fraction
     and busiest expert's share (bottom), from ``log.jsonl``; returns the PNG path."""
-    # matplotlib's object API on an Agg canvas: no pyplot, so the caller's backend is untouched
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 (plotting only when asked)
-    from matplotlib.figure import Figure  # noqa: PLC0415
+    from tinymoe.plotting import agg_figure  # noqa: PLC0415 (matplotlib only when asked)
 
     log_path, png_path = Path(log_path), Path(png_path)
     train_ev, eval_ev = [], []
@@ -366,8 +364,7 @@ def plot_curves(log_path: str | os.PathLike[str], png_path: str | os.PathLike[st
             eval_ev.append(ev)
     if not train_ev:
         return None
-    fig = Figure(figsize=(8, 7))
-    FigureCanvasAgg(fig)
+    fig = agg_figure(8, 7)   # Agg canvas, no pyplot: the caller's backend is untouched
     ax1, ax2 = fig.subplots(2, 1, sharex=True)
     steps = [e["step"] for e in train_ev]
     ax1.plot(steps, [e["ce"] for e in train_ev], label="train CE", color="black", lw=1)

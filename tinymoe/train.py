@@ -68,7 +68,7 @@ __all__ = ["TrainConfig", "TrainResult", "StepStats", "UpdateInterrupted", "trai
            "SCHEDULES", "OPTIMIZERS", "TOKENIZERS"]
 
 SCHEDULES = ("cosine", "inverse_sqrt", "constant")
-OPTIMIZERS = ("adamw", "adafactor")
+from tinymoe.optim import OPTIMIZERS  # noqa: E402  (one vocabulary: optim owns the optimizer names)
 TOKENIZERS = ("byte", "bpe")
 
 

@@ -19,21 +19,34 @@ Xue et al. 2024 ("OpenMoE", section 5) report three properties of a trained MoE 
    (d) the top tokens of each expert (most frequent, and most specific by lift
        ``P(e | id) / P(e)``).
 2. **Early routing learning.** Routing is fixed early in training: for each routing
-   snapshot of a fixed probe batch (written by the trainer with ``--snapshot-every``), the
-   share of token ids (and of token occurrences) whose majority top-1 expert equals the
-   one at the final snapshot.
+   snapshot of a fixed probe batch (written by the trainer with ``--snapshot-every``),
+   per-token agreement with the final snapshot (ceiling exactly 1) with intervals over
+   probe sequences, and the majority expert per id (per id and occurrence-weighted) on
+   split halves of the probe, next to its ceiling (the final routing against itself), set
+   against the train loss.
 3. **Drop-towards-the-end.** With ``position`` slot priority, slots fill in token order, so
    when an expert is over-subscribed the *late* tokens of a group are the ones dropped.
-   Dropped fraction of assignments against the position inside the routing group, at the
-   train and eval capacity factors, on in-distribution text, on "multi-turn" sequences
-   stitched from several domains, and on a domain left out of training; then the cures on
-   the same data: dropless, ``probability`` slot priority, a larger capacity factor, and
-   (``--compare``) a model trained with the shifted data mixed in.
+   Dropped fraction of assignments (first and second choices separately) against the
+   position inside the routing group, at the train and eval capacity factors, at the
+   model's group size and a paper-like one, on in-distribution text, on "multi-turn"
+   sequences stitched from several domains, and on a domain left out of training, against
+   balanced random routing at the same shape and capacity (which already drops more at the
+   end); the loss cost of the drops per position; then the cures on the same data:
+   dropless, ``probability`` slot priority, a larger capacity factor, and (``--compare``)
+   a model trained with the shifted data mixed in.
+
+Every verdict is an effect against a baseline, with 95% bootstrap intervals: PASS iff the
+effect's interval lies entirely above the baseline's (:func:`.baselines.verdict`). The
+baselines: balanced random routing at the model's shape, capacity and slot priority (for
+drops), the shuffled-label predictor, the position predictor and the untrained router
+(for specialization), the ceiling of each agreement measure (for early routing).
 
 One job per module; imports flow one way, each module using only those above it:
 
 =================  ===================================================================
 ``measures``       pure measures: plain host arrays in, numbers out (no model, no files)
+``baselines``      baselines, bootstrap intervals and the verdict rule (pure; simulates
+                   random routing with :mod:`tinymoe.routing`)
 ``collect``        runs a model on token windows (:func:`collect_routing`) and reads the
                    trainer's routing snapshots (:func:`load_snapshots`)
 ``report``         the whole analysis of one model as a JSON-ready dict (:func:`analyze`)
@@ -48,6 +61,11 @@ package was one module.
 """
 from __future__ import annotations
 
+from tinymoe.analysis.baselines import (
+    bootstrap_ratio, ce_cost_by_position, ceiling_by_probe_size, drop_difference, drop_statistics,
+    expected_drop_by_position, expected_drop_summary, interval, random_drop_baseline,
+    simulate_random_routing, specialization_statistics, split_half_agreement,
+    token_agreement, verdict)
 from tinymoe.analysis.cli import add_arguments, run
 from tinymoe.analysis.collect import (
     RoutingTrace, collect_routing, load_snapshots, routing_settings, token_windows)
@@ -59,8 +77,10 @@ from tinymoe.analysis.measures import (
 from tinymoe.analysis.plots import (
     plot_domain_share, plot_drop_vs_position, plot_early_routing, plot_specialization)
 from tinymoe.analysis.report import _summary  # noqa: F401 (the tests check its rules)
-from tinymoe.analysis.report import analyze, drop_report, specialization_report
-from tinymoe.analysis.text import format_report
+from tinymoe.analysis.report import (
+    EARLY_FRACTION, EARLY_THRESHOLD, analyze, drop_report, early_routing_report, early_routing_verdict, findings_table,
+    specialization_report)
+from tinymoe.analysis.text import format_markdown, format_report
 from tinymoe.jsonio import json_ready as _json_ready  # noqa: F401 (its name in analysis.py)
 
 __all__ = [
@@ -69,11 +89,17 @@ __all__ = [
     "routing_std", "max_routing_std", "shuffled_routing_std", "expert_share_by_domain",
     "top_tokens_per_expert", "majority_agreement", "early_routing", "position_in_group",
     "drop_by_position", "drop_quarters", "token_label", "token_windows",
+    # baselines, intervals, verdicts
+    "interval", "verdict", "bootstrap_ratio", "simulate_random_routing",
+    "expected_drop_by_position", "expected_drop_summary", "drop_statistics",
+    "random_drop_baseline", "drop_difference", "ce_cost_by_position",
+    "specialization_statistics", "split_half_agreement", "token_agreement",
+    "ceiling_by_probe_size", "EARLY_FRACTION", "EARLY_THRESHOLD",
     # report sections
-    "specialization_report", "drop_report",
+    "specialization_report", "drop_report", "early_routing_report", "early_routing_verdict", "findings_table",
     # collection from a model
     "RoutingTrace", "routing_settings", "collect_routing", "load_snapshots",
     # plots and report
     "plot_specialization", "plot_domain_share", "plot_early_routing",
-    "plot_drop_vs_position", "format_report", "analyze", "add_arguments", "run",
+    "plot_drop_vs_position", "format_report", "format_markdown", "analyze", "add_arguments", "run",
 ]

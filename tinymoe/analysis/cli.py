@@ -4,7 +4,8 @@
 the command (``tinymoe.__main__`` finds both as ``tinymoe.analysis.add_arguments`` /
 ``tinymoe.analysis.run``). :func:`run` loads the checkpoint, its data and snapshots, the
 optional ``--compare`` model and the untrained control, calls :func:`.report.analyze`,
-then writes the figures (:mod:`.plots`) and ``analysis.json`` (:func:`tinymoe.jsonio.json_ready`:
+then writes the figures (:mod:`.plots`), ``analysis.md`` (the findings table: finding,
+measure, effect, baseline, interval, verdict; then the text report) and ``analysis.json`` (:func:`tinymoe.jsonio.json_ready`:
 NaN -> null, strict JSON) and prints the tables (:mod:`.text`). Bad input ends with one
 line on stderr and exit status 2.
 """
@@ -23,7 +24,7 @@ from tinymoe.analysis.collect import load_snapshots
 from tinymoe.analysis.plots import (
     plot_domain_share, plot_drop_vs_position, plot_early_routing, plot_specialization)
 from tinymoe.analysis.report import analyze
-from tinymoe.analysis.text import format_report
+from tinymoe.analysis.text import format_markdown, format_report
 from tinymoe.jsonio import json_ready
 
 __all__ = ["add_arguments", "run"]
@@ -75,8 +76,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="threads for BLAS and tinymoe's row-parallel kernels (default: "
                              "every core). 1 is often faster on a busy machine")
+    parser.add_argument("--paper-group", type=int, default=None, metavar="G",
+                        help="tokens per routing group of the paper-like drop run (default: "
+                             "batch size x sequence length, i.e. several sequences per group "
+                             "as in OpenMoE's 4096-token groups)")
+    parser.add_argument("--boot", type=int, default=1000, metavar="N",
+                        help="bootstrap resamples of every 95%% interval (default 1000)")
+    parser.add_argument("--splits", type=int, default=50, metavar="N",
+                        help="random split halves of the snapshot probe for the early-routing "
+                             "majority agreement and its ceiling (default 50)")
     parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the multi-turn sequences and shuffled baselines")
+                        help="seed of the multi-turn sequences, shuffled baselines, random-"
+                             "routing baselines and bootstrap resamples")
 
 
 def _train_info(train_config: Mapping[str, Any]) -> tuple[list[str], str | None]:
@@ -98,7 +109,7 @@ def _train_info(train_config: Mapping[str, Any]) -> tuple[list[str], str | None]
 
 def _check_positive(args: argparse.Namespace) -> None:
     for name in ("max_tokens", "drop_tokens", "init_tokens", "batch_size", "min_count",
-                 "top_tokens", "bins"):
+                 "top_tokens", "bins", "boot", "splits"):
         v = getattr(args, name)
         if v < 1:
             raise ValueError(f"--{name.replace('_', '-')}={v} must be >= 1")
@@ -108,6 +119,23 @@ def _check_positive(args: argparse.Namespace) -> None:
         raise ValueError(f"--seq-len={args.seq_len} must be >= 1")
     if args.larger_cf is not None and args.larger_cf <= 0:
         raise ValueError(f"--larger-cf={args.larger_cf} must be > 0")
+    if args.paper_group is not None and args.paper_group < 1:
+        raise ValueError(f"--paper-group={args.paper_group} must be >= 1")
+
+
+def _loss_curve(log_path: Path) -> list[tuple[int, float]]:
+    """(step, train CE) of the trainer's ``log.jsonl`` (events ``train``); [] if absent."""
+    if not log_path.is_file():
+        return []
+    curve = []
+    for line in log_path.read_text().splitlines():
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if e.get("event") == "train" and "step" in e and "ce" in e:
+            curve.append((int(e["step"]), float(e["ce"])))
+    return curve
 
 
 def run(args: argparse.Namespace) -> int:
@@ -191,7 +219,10 @@ def _run_analysis(args: argparse.Namespace) -> int:
                      batch_size=args.batch_size, seq_len=args.seq_len,
                      min_count=args.min_count, n_top=args.top_tokens, n_bins=args.bins,
                      large_cf=args.larger_cf, seed=args.seed, init_model=init_model,
-                     init_tokens=args.init_tokens, log=log)
+                     init_tokens=args.init_tokens,
+                     loss_curve=_loss_curve(ckpt_path.parent / "log.jsonl"),
+                     paper_group=args.paper_group, n_boot=args.boot, n_splits=args.splits,
+                     log=log)
     report = {"checkpoint": str(ckpt_path), "step": ckpt.step, **report}
 
     out_dir = Path(args.out) if args.out else ckpt_path.parent / "analysis"
@@ -208,12 +239,15 @@ def _run_analysis(args: argparse.Namespace) -> int:
     report["figures"] = figures
     report["wall_seconds"] = round(time.perf_counter() - start, 2)
     report["json"] = str(out_dir / "analysis.json")
+    report["markdown"] = str(out_dir / "analysis.md")
     report = json_ready(report)                  # NaN -> null: strict JSON
     text = json.dumps(report, indent=1, allow_nan=False)
     from tinymoe.checkpoint import atomic_write_bytes  # noqa: PLC0415
 
     atomic_write_bytes(out_dir / "analysis.json", lambda f: f.write(text.encode("utf-8")))
+    md = format_markdown(report)
+    atomic_write_bytes(out_dir / "analysis.md", lambda f: f.write(md.encode("utf-8")))
     print()
     print(format_report(report))
-    print(f"numbers: {report['json']}")
+    print(f"numbers: {report['json']}; findings table: {report['markdown']}")
     return 0

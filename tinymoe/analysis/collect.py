@@ -34,7 +34,9 @@ class RoutingTrace:
     (index in its routing group), ``domain`` (index into ``domain_names``), ``window``
     (which input window). Per MoE layer (``layers`` = block indices): ``expert_index``
     [N, k] and ``kept`` [N, k]. ``group_len`` = positions per group, ``ce`` = mean
-    next-token cross-entropy over the tokens.
+    next-token cross-entropy over the tokens, ``token_ce`` [N] each token's own
+    cross-entropy (``-log softmax(logits)[target]``, computed here from the logits the
+    model returns; for the loss cost of drops per position).
     """
 
     token_ids: Array
@@ -50,6 +52,7 @@ class RoutingTrace:
     group_len: int
     domain_names: list[str] = field(default_factory=list)
     ce: float = float("nan")
+    token_ce: Array | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -107,8 +110,6 @@ def collect_routing(model: Any, windows: Array, domain: Array | None = None,
     runs in eval mode, so its capacity factor is ``eval_capacity_factor``.
     A trailing batch whose size does not split into routing groups is left out.
     """
-    from tinymoe.autograd import no_grad  # noqa: PLC0415 (analysis imports model code lazily)
-
     w = np.asarray(windows, dtype=np.int64)
     if w.ndim != 2 or w.shape[1] < 2:
         raise ValueError(f"windows must be [n, T+1] with T >= 1, got shape {w.shape}")
@@ -119,34 +120,30 @@ def collect_routing(model: Any, windows: Array, domain: Array | None = None,
         d = np.asarray(domain, dtype=np.int64)
         dom = (np.broadcast_to(d[:, None], (n_win, seq)) if d.ndim == 1 else d[:, :seq])
     cfg = model.cfg
-    was_training = getattr(model, "training", False)
-    model.eval()
-    parts: dict[str, list[Array]] = {k: [] for k in ("ids", "pos", "gpos", "dom", "win")}
+    parts: dict[str, list[Array]] = {k: [] for k in ("ids", "pos", "gpos", "dom", "win", "ce")}
     experts: dict[int, list[Array]] = {}
     kept: dict[int, list[Array]] = {}
     ce_sum, n_ce, group_len = 0.0, 0, 0
-    try:
-        with routing_settings(model, **overrides), no_grad():
-            for s in range(0, n_win, batch_size):
-                rows = w[s: s + batch_size]                               # [b, T+1]
-                b = rows.shape[0]
-                if not _usable_rows(b, seq, cfg.group_size):
-                    continue
-                out = model(rows[:, :-1], rows[:, 1:])
-                ce_sum += float(B.to_numpy(out.ce.data)) * b * seq
-                n_ce += b * seq
-                gpos = position_in_group(b, seq, cfg.group_size)          # [b*T]
-                group_len = max(group_len, int(gpos.max()) + 1)
-                parts["ids"].append(rows[:, :-1].reshape(-1))
-                parts["pos"].append(np.tile(np.arange(seq, dtype=np.int64), b))
-                parts["gpos"].append(gpos)
-                parts["dom"].append(dom[s: s + b].reshape(-1))
-                parts["win"].append(np.repeat(np.arange(s, s + b, dtype=np.int64), seq))
-                for st in out.routing:
-                    experts.setdefault(st.layer, []).append(B.to_numpy(st.expert_index))
-                    kept.setdefault(st.layer, []).append(B.to_numpy(st.kept))
-    finally:
-        model.train(was_training)
+    with model.evaluating(), routing_settings(model, **overrides):   # eval mode, no graph
+        for s in range(0, n_win, batch_size):
+            rows = w[s: s + batch_size]                               # [b, T+1]
+            b = rows.shape[0]
+            if not _usable_rows(b, seq, cfg.group_size):
+                continue
+            out = model(rows[:, :-1], rows[:, 1:])
+            ce_sum += float(B.to_numpy(out.ce.data)) * b * seq
+            n_ce += b * seq
+            gpos = position_in_group(b, seq, cfg.group_size)          # [b*T]
+            group_len = max(group_len, int(gpos.max()) + 1)
+            parts["ids"].append(rows[:, :-1].reshape(-1))
+            parts["pos"].append(np.tile(np.arange(seq, dtype=np.int64), b))
+            parts["gpos"].append(gpos)
+            parts["dom"].append(dom[s: s + b].reshape(-1))
+            parts["win"].append(np.repeat(np.arange(s, s + b, dtype=np.int64), seq))
+            parts["ce"].append(_token_ce(B.to_numpy(out.logits.data), rows[:, 1:]))
+            for st in out.routing:
+                experts.setdefault(st.layer, []).append(B.to_numpy(st.expert_index))
+                kept.setdefault(st.layer, []).append(B.to_numpy(st.kept))
     if n_ce == 0:
         raise ValueError(f"no batch of {batch_size} windows of {seq} tokens fits the routing "
                          f"group size {cfg.group_size}")
@@ -158,7 +155,17 @@ def collect_routing(model: Any, windows: Array, domain: Array | None = None,
         expert_index=[np.concatenate(experts[i]).astype(np.int64) for i in layers],
         kept=[np.concatenate(kept[i]).astype(bool) for i in layers],
         n_experts=cfg.n_experts, top_k=cfg.top_k, group_len=group_len,
-        domain_names=list(domain_names), ce=ce_sum / n_ce)
+        domain_names=list(domain_names), ce=ce_sum / n_ce, token_ce=np.concatenate(parts["ce"]))
+
+
+def _token_ce(logits: Array, targets: Array) -> Array:
+    """Per-token cross-entropy ``logsumexp(z) - z[target]`` in float64: logits [b, T, V],
+    targets [b, T] -> [b*T]."""
+    z = np.asarray(logits, dtype=np.float64).reshape(-1, logits.shape[-1])   # [b*T, V]
+    t = np.asarray(targets, dtype=np.int64).reshape(-1)                     # [b*T]
+    m = z.max(axis=1)                                                       # [b*T]
+    lse = m + np.log(np.exp(z - m[:, None]).sum(axis=1))                    # [b*T]
+    return lse - z[np.arange(t.size), t]                                    # [b*T]
 
 
 _SNAPSHOT_RE = re.compile(r"step_?(\d+)\.npz$")
@@ -172,7 +179,9 @@ def load_snapshots(folder: str | Path) -> list[dict[str, Any]]:
     ``kept``, ``probs_top1``, ``domain``. Also accepted: ``token_ids`` / ``ids`` for the
     tokens and one array per layer named ``experts_<layer>`` (or ``layer_<layer>``,
     ``expert_index_<layer>``, ``top1_<layer>``). The step comes from ``step`` or the file
-    name. Returns dicts for :func:`early_routing`, sorted by step.
+    name. Returns dicts for :func:`early_routing` (``step``, ``token_ids`` [N*T],
+    ``experts`` {layer: [N*T, k]}, ``sequence`` [N*T] = probe row of each token, ``path``),
+    sorted by step.
     """
     folder = Path(folder)
     files = sorted(p for p in folder.glob("*.npz") if _SNAPSHOT_RE.search(p.name))
@@ -196,10 +205,16 @@ def load_snapshots(folder: str | Path) -> list[dict[str, Any]]:
             layer_ids = (data["layers"].tolist() if "layers" in data
                          else list(range(stacked.shape[0])))
             per_layer = {int(layer): stacked[j] for j, layer in enumerate(layer_ids)}
-        ids = np.asarray(ids).reshape(-1)
+        ids = np.asarray(ids)
+        # probe sequence of each token: the rows of a [N, T] probe (units of the
+        # intervals and of the split halves); one unit per token for a flat probe
+        seq = (np.repeat(np.arange(ids.shape[0]), ids.shape[1]) if ids.ndim == 2
+               else np.arange(ids.size))
+        ids = ids.reshape(-1)
         per_layer = {k: np.asarray(v).reshape(ids.size, -1) for k, v in per_layer.items()}
         step = int(data["step"]) if "step" in data else int(_SNAPSHOT_RE.search(p.name).group(1))
-        snaps.append({"step": step, "token_ids": ids, "experts": per_layer, "path": str(p)})
+        snaps.append({"step": step, "token_ids": ids, "experts": per_layer, "sequence": seq,
+                      "path": str(p)})
     return sorted(snaps, key=lambda s: s["step"])
 
 

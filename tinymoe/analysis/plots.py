@@ -48,12 +48,37 @@ def plot_specialization(spec: Mapping[str, Any], path: str | Path) -> str:
     init_bars = ([("token id predictor, untrained model", "token_id", "tab:blue"),
                   ("majority class, untrained model", "majority_class", "tab:gray")]
                  if all("init" in L for L in layers) else [])
+    stats = all("statistics" in L for L in layers)
+    if stats:            # the interval statistics: token id, position, shuffled labels
+        bars = [("token id predictor", "token_id", "tab:blue"),
+                ("position predictor", "position", "tab:orange"),
+                ("token id, shuffled labels (baseline)", "shuffled", "tab:gray")]
     n_bars = len(bars) + len(init_bars)
     w = 0.8 / n_bars
     for j, (label, key, color) in enumerate(bars):
+        if stats:
+            iv = [L["statistics"][key] for L in layers]
+            vals = [100 * v["estimate"] for v in iv]
+            err = [[100 * (v["estimate"] - v["low"]) for v in iv],
+                   [100 * (v["high"] - v["estimate"]) for v in iv]]
+            ax1.bar(x + (j - (n_bars - 1) / 2) * w, vals, w, label=label + " (95% CI)",
+                    color=color, yerr=err, capsize=3)
+            continue
         vals = [100 * L["predictors"][key] for L in layers]
         ax1.bar(x + (j - (n_bars - 1) / 2) * w, vals, w, label=label, color=color)
+    init_stats = stats and all("statistics" in L.get("init", {}) for L in layers)
+    if init_bars and init_stats:
+        init_bars = [("token id predictor, untrained model", "token_id", "tab:blue"),
+                     ("shuffled labels, untrained model", "shuffled", "tab:gray")]
     for j, (label, key, color) in enumerate(init_bars, start=len(bars)):
+        if init_stats:
+            iv = [L["init"]["statistics"][key] for L in layers]
+            ax1.bar(x + (j - (n_bars - 1) / 2) * w, [100 * v["estimate"] for v in iv], w,
+                    label=label + " (95% CI)", color=color, alpha=0.4, hatch="..",
+                    edgecolor="k", lw=0.3,
+                    yerr=[[100 * (v["estimate"] - v["low"]) for v in iv],
+                          [100 * (v["high"] - v["estimate"]) for v in iv]], capsize=3)
+            continue
         vals = [100 * L["init"]["predictors"][key] for L in layers]
         ax1.bar(x + (j - (n_bars - 1) / 2) * w, vals, w, label=label, color=color, alpha=0.4,
                 hatch="..", edgecolor="k", lw=0.3)
@@ -115,34 +140,59 @@ def plot_domain_share(spec: Mapping[str, Any], path: str | Path) -> str:
 
 
 def plot_early_routing(early: Mapping[str, Any], path: str | Path) -> str:
-    """Agreement with the final routing against the training step, per layer."""
-    fig = _figure(7.5, 4.5)
+    """Agreement with the final routing against the training step, per layer: per token
+    (with its 95% interval band; ceiling 100%) and occurrence-weighted majority agreement
+    on split halves of the probe, with its ceiling (final against itself) as a dotted
+    line; the train loss on a second axis when the report has it."""
+    fig = _figure(8.5, 4.8)
     ax = fig.subplots()
     steps = np.asarray(early["steps"], dtype=float)
     for j, L in enumerate(early["layers"]):
         color = f"C{j}"
-        ax.plot(steps, [100 * v for v in L["occurrences"]], "-o", color=color, ms=3,
-                label=f"block {L['layer']}: token occurrences")
-        ax.plot(steps, [100 * v for v in L["ids"]], "--", color=color,
-                label=f"block {L['layer']}: token ids")
+        if "tokens_interval" in L:
+            iv = L["tokens_interval"]
+            ax.fill_between(steps, [100 * v["low"] for v in iv], [100 * v["high"] for v in iv],
+                            color=color, alpha=0.2, lw=0)
+            ax.plot(steps, [100 * v["estimate"] for v in iv], "-o", color=color, ms=3,
+                    label=f"block {L['layer']}: per token (ceiling 100%)")
+        else:
+            ax.plot(steps, [100 * v for v in L["tokens"]], "-o", color=color, ms=3,
+                    label=f"block {L['layer']}: per token")
+        if "split_half" in L:
+            ax.plot(steps, [100 * v["estimate"] for v in L["split_half"]["occurrences"]], "--",
+                    color=color, label=f"block {L['layer']}: occurrence-weighted majority "
+                                       "(split halves)")
+            ax.axhline(100 * L["ceiling"]["occurrences"]["estimate"], color=color, ls=":",
+                       lw=1, label=f"block {L['layer']}: its ceiling (final vs itself)")
+        else:
+            ax.plot(steps, [100 * v for v in L["occurrences"]], "--", color=color,
+                    label=f"block {L['layer']}: occurrence-weighted majority")
     ax.axhline(100 * early["chance"], color="k", ls=":", lw=1, label="chance 1/E")
     ax.set_xlabel(f"training step (final snapshot: {early['final_step']})")
-    ax.set_ylabel("majority expert same as at the final step (%)")
+    ax.set_ylabel("same expert as at the final step (%)")
     ax.set_ylim(0, 102)
-    ax.set_title("Early routing learning: how soon each token's expert is fixed")
-    ax.legend(fontsize=8, loc="lower right")
+    if early.get("loss_curve"):
+        ax2 = ax.twinx()
+        ax2.plot(early["loss_curve"]["step"], early["loss_curve"]["ce"], color="0.6", lw=1)
+        ax2.set_ylabel("train cross-entropy (grey)", color="0.4")
+    ax.set_title("Early routing learning: agreement with the final routing, against its "
+                 "ceiling", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
     return _save(fig, path)
 
 
 _STYLE = {"train_cf": ("tab:red", "-"), "eval_cf": ("tab:blue", "-"),
           "probability": ("tab:green", "-"), "larger_cf": ("tab:purple", "-"),
           "dropless": ("k", ":"), "compare_train_cf": ("tab:red", "--"),
-          "compare_eval_cf": ("tab:blue", "--")}
+          "compare_eval_cf": ("tab:blue", "--"), "paper_group": ("tab:cyan", "-")}
 
 
 def plot_drop_vs_position(drops: Mapping[str, Any], path: str | Path) -> str:
     """One panel per data set, one line per routing setting: dropped share of expert
-    assignments (all MoE layers) against the position in the routing group."""
+    assignments (all MoE layers) against the position in the routing group (as a fraction
+    of the group, so runs with other group sizes share the axis); dotted: the drops that
+    balanced random routing is expected to have at the same capacity (load fluctuation
+    alone, :func:`.baselines.expected_drop_by_position`)."""
     datasets = [d for d in drops["datasets"] if not d.get("skipped")]
     fig = _figure(5.0 * max(len(datasets), 1) + 0.5, 5.2)
     axes = fig.subplots(1, max(len(datasets), 1), squeeze=False)[0]
@@ -152,21 +202,29 @@ def plot_drop_vs_position(drops: Mapping[str, Any], path: str | Path) -> str:
             if c["dataset"] != ds["name"]:
                 continue
             color, ls = _STYLE.get(c["setting"], (None, "-"))
-            mid = [(a + b - 1) / 2 for a, b in zip(c["bin_start"], c["bin_end"])]
+            g = c.get("group_len", drops["n_positions"])
+            mid = [(a + b) / 2 / g for a, b in zip(c["bin_start"], c["bin_end"])]
             rate = [100 * v for v in c["drop_rate"]]
             top = max(top, max((v for v in rate if v == v), default=0.0))
             ax.plot(mid, rate, ls, color=color, marker=".", label=c["label"])
+            exp = c.get("baseline", {}).get("expected")
+            if exp and c["setting"] in ("train_cf", "eval_cf", "paper_group"):
+                curve = exp["curve"]                                       # [G]
+                ax.plot((np.arange(len(curve)) + 0.5) / len(curve), [100 * v for v in curve],
+                        ":", color=color, lw=1.5,
+                        label=f"random routing, expected ({c['label']})")
         ax.set_title(f"{ds['title']}\n({ds['n_tokens']:,} tokens)", fontsize=10)
-        ax.set_xlabel(f"position in routing group (0..{drops['n_positions'] - 1})")
+        ax.set_xlabel("position in the routing group (fraction of the group)")
         ax.set_ylabel("dropped expert assignments (%)")
         ax.grid(alpha=0.3)
     for ax in axes:
         ax.set_ylim(-0.02 * top, top * 1.08)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=9, loc="outside lower center",
-               ncol=min(len(labels), 4))
-    fig.suptitle("Drop-towards-the-end: where in a group tokens lose their experts "
-                 "(all MoE layers)")
+    fig.legend(handles, labels, fontsize=8, loc="outside lower center",
+               ncol=min(len(labels), 2))
+    fig.suptitle("Drop-towards-the-end: where in a group tokens lose their experts (all MoE "
+                 f"layers; groups of {drops['n_positions']} tokens unless labelled)\n"
+                 "dotted: expected drops of balanced random routing at the same capacity")
     return _save(fig, path)
 
 

@@ -10,16 +10,16 @@ from typing import Any, Mapping, Sequence
 
 from tinymoe.analysis.report import cf_label
 
-__all__ = ["format_report"]
+__all__ = ["format_report", "findings_lines", "format_markdown"]
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A plain text table: first column left-aligned, the others right-aligned."""
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], left: int = 1) -> str:
+    """A plain text table: the first ``left`` columns left-aligned, the others right-aligned."""
     cells = [list(map(str, header))] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[j]) for r in cells) for j in range(len(header))]
     lines = []
     for i, r in enumerate(cells):
-        lines.append("  ".join(c.ljust(widths[j]) if j == 0 else c.rjust(widths[j])
+        lines.append("  ".join(c.ljust(widths[j]) if j < left else c.rjust(widths[j])
                                for j, c in enumerate(r)).rstrip())
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
@@ -36,6 +36,37 @@ def _num(v: Any, digits: int = 3) -> str:
     if v is None or (isinstance(v, float) and v != v):
         return "-"
     return f"{v:.{digits}f}"
+
+
+def _ci(v: Any, digits: int = 1, pct: bool = True) -> str:
+    """``"37.5% [36.9, 38.1]"``: an interval dict as estimate [low, high]; "-" if absent."""
+    if not v:
+        return "-"
+    f = (lambda x: _pct(x, digits)) if pct else (lambda x: _num(x, digits))
+    lo, hi = f(v.get("low")), f(v.get("high"))
+    if pct:
+        lo, hi = lo.rstrip("%"), hi.rstrip("%")
+    return f"{f(v.get('estimate'))} [{lo}, {hi}]"
+
+
+def _verdict(v: Any) -> str:
+    return {True: "PASS", False: "fail"}.get(v, "undecided")
+
+
+def findings_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The findings table (finding, measure, effect, baseline, 95% intervals, verdict)."""
+    if not rows:
+        return []
+    out = ["== Findings: effect against baseline, 95% bootstrap intervals ==",
+           "(PASS iff the effect's interval lies entirely above the baseline's; rules in "
+           "analysis.json, summary)"]
+    pct = lambda r: "CE" not in r["measure"]  # noqa: E731
+    out.append(_table(["finding", "measure", "effect [95% CI]", "baseline", "baseline [95% CI]",
+                       "verdict"],
+                      [[r["finding"], r["measure"], _ci(r["effect"], 1, pct(r)),
+                        r["baseline_name"], _ci(r["baseline"], 1, pct(r)), _verdict(r["verdict"])]
+                       for r in rows], left=2))
+    return out
 
 
 def format_report(report: Mapping[str, Any]) -> str:
@@ -70,6 +101,24 @@ def format_report(report: Mapping[str, Any]) -> str:
                        "sd(chance)", "id skill", "pos skill", "id coverage"], rows))
     out.append("(skill = (accuracy - majority class) / (1 - majority class): share of the "
                "majority-class errors that the feature removes)")
+    if all("statistics" in L for L in spec["layers"]):
+        out.append("")
+        out.append("Token-id predictor against its baselines (95% intervals over score windows; "
+                   "shuffled = experts permuted across tokens, the id predictor's score "
+                   "without specialization):")
+        rows = []
+        for L in spec["layers"]:
+            st = L["statistics"]
+            ist = L.get("init", {}).get("statistics")
+            rows.append([f"block {L['layer']}", _ci(st["token_id"]), _ci(st["shuffled"]),
+                         _ci(st["position"]), _ci(st["skill"]),
+                         _ci(ist["token_id"]) if ist else "-",
+                         _ci(ist["shuffled"]) if ist else "-", _ci(ist["skill"]) if ist else "-"])
+        out.append(_table(["layer", "token id", "shuffled labels", "position", "id skill",
+                           "untrained: token id", "shuffled", "id skill"], rows))
+        out.append("(id skill = (token id - shuffled) / (1 - shuffled): share of the load-only "
+                   "predictor's errors that the id removes; what training adds = trained skill "
+                   "against the untrained router's)")
     out.append("")
     max_std = spec["layers"][0]["std"]["token_id"]["max_std"]
     out.append(f"Paper's measure: std across experts of each key's top-1 distribution, mean over "
@@ -130,18 +179,63 @@ def format_report(report: Mapping[str, Any]) -> str:
     else:
         if early.get("note"):
             out.append(early["note"])
-        out.append(f"Share of the probe batch whose majority top-1 expert equals the one at the "
-                   f"final step {early['final_step']} (occurrences / ids; chance "
-                   f"{_pct(early['chance'])}):")
-        header = ["step"] + [f"block {L['layer']}" for L in early["layers"]]
-        rows = [[str(s)] + [f"{_pct(L['occurrences'][i])} / {_pct(L['ids'][i])}"
-                            for L in early["layers"]] for i, s in enumerate(early["steps"])]
+        probe = early.get("probe")
+        if probe:
+            out.append(f"probe batch: {probe['n_tokens']:,} tokens in {probe['n_sequences']} "
+                       f"sequences, {probe['n_ids']} distinct ids; {len(early['steps'])} "
+                       "snapshots (recommended: one at least every 5% of training, "
+                       "--snapshot-every)")
+        sizes = {L["layer"]: L.get("probe_ceiling") for L in spec["layers"]}
+        if any(sizes.values()):
+            out.append("Ceiling of the majority measures against the probe size (this model's "
+                       "routing of held-out windows, split halves; occurrence-weighted / per id):")
+            ns = [r["per_domain"] for r in next(v for v in sizes.values() if v)]
+            rows = [[f"block {layer}"] + [f"{_pct(r['occurrences'])} / {_pct(r['ids'])}"
+                                          for r in v] for layer, v in sizes.items() if v]
+            out.append(_table(["layer"] + [f"{n} windows/domain" for n in ns], rows))
+            ok = [n for n in ns if all(min(r["occurrences"], r["ids"]) >= 0.95
+                                       for v in sizes.values() if v
+                                       for r in v if r["per_domain"] == n)]
+            out.append("smallest probe reaching a 95% ceiling in every layer: "
+                       + (f"{ok[0]} windows per domain" if ok else
+                          f"none up to {ns[-1]} windows per domain"))
+        for L in early["layers"]:
+            if "ceiling" in L:
+                c = L["ceiling"]
+                out.append(f"block {L['layer']}: ceiling of the majority measures (final "
+                           f"routing against itself on split halves of the probe): "
+                           f"occurrence-weighted {_pct(c['occurrences']['estimate'])}, per id "
+                           f"{_pct(c['ids']['estimate'])}"
+                           + ("" if L.get("probe_ok") else
+                              " -- below 95%: the probe is too small for these measures "
+                              "to separate early from late routing"))
+        out.append(f"Agreement with the final routing (step {early['final_step']}; chance "
+                   f"{_pct(early['chance'])}). per token: share of probe tokens with the same "
+                   "top-1 expert [95% interval over probe sequences; ceiling 100%]; occ./ids: "
+                   "majority expert per id on split halves, occurrence-weighted / each id "
+                   "once (compare with the ceiling above):")
+        header = ["step"] + (["train CE"] if "loss" in early else [])
+        for L in early["layers"]:
+            header += [f"block {L['layer']} per token", "occ. / ids (split halves)"]
+        rows = []
+        for i, s in enumerate(early["steps"]):
+            r = [str(s)] + ([_num(early["loss"][i])] if "loss" in early else [])
+            for L in early["layers"]:
+                r.append(_ci(L["tokens_interval"][i]) if "tokens_interval" in L
+                         else _pct(L["tokens"][i]))
+                r.append(f"{_pct(L['split_half']['occurrences'][i]['estimate'])} / "
+                         f"{_pct(L['split_half']['ids'][i]['estimate'])}" if "split_half" in L
+                         else f"{_pct(L['occurrences'][i])} / {_pct(L['ids'][i])} (full probe)")
+            rows.append(r)
         out.append(_table(header, rows))
 
     drops = report["drops"]
     out.append("")
     out.append(f"== 3. Drop-towards-the-end (positions 0..{drops['n_positions'] - 1} of a routing "
                "group; all MoE layers) ==")
+    out.append("Dropped share of expert assignments; gap = last minus first quarter of the "
+               "group [95% interval over routing groups]; random = balanced random routing at "
+               "the same E, k, group size, capacity and slot priority:")
     rows = []
     for ds in drops["datasets"]:
         if ds.get("skipped"):
@@ -149,14 +243,54 @@ def format_report(report: Mapping[str, Any]) -> str:
         for c in drops["curves"]:
             if c["dataset"] != ds["name"]:
                 continue
-            first, last = c["first_quarter"], c["last_quarter"]
-            ratio = last / first if first and last is not None else float("nan")
-            rows.append([ds["name"], c["label"], _pct(c["overall"], 2),
-                         _pct(c["first_quarter"], 2), _pct(c["last_quarter"], 2),
-                         _num(ratio, 1) if ratio == ratio else ("inf" if last else "-"),
-                         _pct(c["first_choice"]["overall"], 2), _num(c["ce"])])
+            st, base = c.get("stats"), c.get("baseline")
+            rows.append([ds["name"], c["label"], _pct(c["overall"], 1),
+                         _pct(c["first_quarter"], 1), _pct(c["last_quarter"], 1),
+                         _pct(st["rank0"]["overall"]["estimate"], 1) if st else
+                         _pct(c["first_choice"]["overall"], 1),
+                         _pct(st["rank1"]["overall"]["estimate"], 1)
+                         if st and "rank1" in st else "-",
+                         _ci(st["all"]["gap"]) if st else "-",
+                         _ci(base["all"]["gap"]) if base else "-", _num(c["ce"])])
     out.append(_table(["data", "setting", "dropped", "first quarter", "last quarter",
-                       "last/first", "1st choices dropped", "CE"], rows))
+                       "1st choices", "2nd choices", "gap", "gap, random routing", "CE"], rows))
+    exp = {}
+    for c in drops["curves"]:
+        if c.get("baseline", {}).get("expected") and c["model"] == "main":
+            exp.setdefault((c["baseline"]["group_size"], c["baseline"]["capacity"]), c)
+    if exp:
+        out.append("")
+        out.append("Expected drops from load fluctuation alone (exact, balanced random routing, "
+                   "position priority; slot S = Bin(p, (r+1)/E) + Bin(G-1-p, r/E), dropped iff "
+                   "S >= C):")
+        rows = []
+        for (g, cap), c in exp.items():
+            e = c["baseline"]["expected"]
+            rows.append([f"G={g}, C={cap}", _pct(e["all"]["overall"]),
+                         _pct(e["all"]["first_quarter"]), _pct(e["all"]["last_quarter"]),
+                         _pct(e["rank0"]["overall"]),
+                         _pct(e["rank1"]["overall"]) if "rank1" in e else "-"])
+        out.append(_table(["group, capacity", "dropped", "first quarter", "last quarter",
+                           "1st choices", "2nd choices"], rows))
+    costs = [(ds["name"], st, v) for ds in drops["datasets"] if ds.get("ce_cost")
+             for st, v in ds["ce_cost"].items()]
+    if costs:
+        out.append("")
+        out.append("Loss cost of the drops: per-token CE at the setting minus CE dropless on the "
+                   "same tokens, by quarter of the routing group (nats; [95% interval over "
+                   "groups]):")
+        rows = [[n, st, _ci(v["overall"], 3, False)] + [_ci(b, 3, False) for b in v["bins"]]
+                for n, st, v in costs]
+        out.append(_table(["data", "setting", "all", "Q1", "Q2", "Q3", "Q4"], rows))
+    if drops.get("effects"):
+        out.append("")
+        out.append("Data sets against each other at the eval cf (difference of drop rates "
+                   "[95% interval]):")
+        rows = [[f"{e['dataset']} - {e['against']}", _ci(e["all"]["overall"]),
+                 _ci(e["all"]["last_quarter"]), _ci(e["all"]["gap"]),
+                 _ci(e["first_choice"]["overall"])] for e in drops["effects"]]
+        out.append(_table(["data", "dropped", "last quarter", "gap", "1st choices dropped"],
+                          rows))
     for ds in drops["datasets"]:
         if ds.get("skipped"):
             out.append(f"{ds['title']}: skipped ({ds['skipped']})")
@@ -164,29 +298,41 @@ def format_report(report: Mapping[str, Any]) -> str:
     summ = report.get("summary")
     if summ:
         out.append("")
-        out.append("== Findings (rules in analysis.json, summary) ==")
+        out.append("== Verdicts (rules in analysis.json, summary) ==")
         sp = summ["specialization"]
-        out.append(f"context-independent specialization: "
-                   f"{'REPRODUCED' if sp['reproduced'] else 'NOT reproduced'} "
-                   + "; ".join(f"block {r['layer']}: id {_pct(r['token_id'])} vs position "
-                               f"{_pct(r['position'])} vs majority {_pct(r['majority_class'])}, "
-                               f"std {_num(r['std_token_id'])} vs {_num(r['std_position'])}"
-                               + (f" (untrained control: id {_pct(r['untrained_token_id'])})"
-                                  if r.get("untrained_token_id") is not None else "")
-                               for r in sp["per_layer"]))
+        out.append("context-independent specialization: "
+                   + {True: "REPRODUCED", False: "NOT reproduced"}.get(sp["reproduced"],
+                                                                       "not measured")
+                   + "; " + "; ".join(
+                       f"block {r['layer']}: id {_pct(r['token_id'])} vs position "
+                       f"{_pct(r['position'])} vs majority {_pct(r['majority_class'])}"
+                       + (f" (untrained: id {_pct(r['untrained_token_id'])})"
+                          if r.get("untrained_token_id") is not None else "")
+                       for r in sp["per_layer"])
+                   + "; training adds to it: "
+                   + {True: "yes", False: "no (not beyond the untrained router)"}.get(
+                       sp.get("training_adds"), "not measured"))
         er = summ["early_routing"]
-        if er["reproduced"] is None:
+        if "agreement_tokens" not in er:
             out.append(f"early routing learning: not measured ({er['why']})")
         else:
-            verdict = "REPRODUCED" if er["reproduced"] else "NOT reproduced"
-            out.append(f"early routing learning: {verdict}"
-                       f" (agreement at step {er['step']}: "
-                       + ", ".join(_pct(v) for v in er["agreement_occurrences"]) + ")")
+            out.append("early routing learning: "
+                       + {True: "REPRODUCED", False: "NOT reproduced"}.get(er["reproduced"],
+                                                                           "undecided")
+                       + f" (per-token agreement at step {er['step']}, "
+                       f"{er['fraction']:.0%} of training: "
+                       + ", ".join(_ci(v) for v in er["agreement_tokens"])
+                       + "; threshold 90% of the ceiling 100%)")
         dt = summ["drop_towards_the_end"]
-        out.append("drop-towards-the-end: at the train cf on "
+        out.append("drop-towards-the-end beyond random routing: at the train cf on "
                    + (", ".join(dt["reproduced_at_train_cf"]) or "no data set")
                    + "; at the eval cf on "
-                   + (", ".join(dt["reproduced_at_eval_cf"]) or "no data set"))
+                   + (", ".join(dt["reproduced_at_eval_cf"]) or "no data set")
+                   + "; with paper-like groups on "
+                   + (", ".join(dt.get("reproduced_at_paper_group", [])) or "no data set"))
+    if report.get("findings"):
+        out.append("")
+        out += findings_lines(report["findings"])
     if report.get("figures"):
         out.append("")
         out.append("figures: " + ", ".join(report["figures"].values()))
@@ -195,3 +341,28 @@ def format_report(report: Mapping[str, Any]) -> str:
     return "\n".join(out)
 
 
+
+
+def format_markdown(report: Mapping[str, Any]) -> str:
+    """``analysis.md``: the findings table as a markdown table, then the full text report
+    in a code block (both read only the JSON-ready report)."""
+    lines = ["# Routing analysis", ""]
+    if "checkpoint" in report:
+        lines += [f"checkpoint: `{report['checkpoint']}` (step {report.get('step', '?')})", ""]
+    rows = report.get("findings") or []
+    if rows:
+        lines += ["## Findings", "",
+                  "Each row: an effect against a baseline with 95% bootstrap intervals; "
+                  "PASS iff the effect's interval lies entirely above the baseline's.", "",
+                  "| finding | measure | effect [95% CI] | baseline | baseline [95% CI] | "
+                  "verdict |", "|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['finding']} | {r['measure']} | {_ci(r['effect'])} | "
+                         f"{r['baseline_name']} | {_ci(r['baseline'])} | "
+                         f"{_verdict(r['verdict'])} |")
+        lines.append("")
+    figs = report.get("figures") or {}
+    for name, path in figs.items():
+        lines.append(f"![{name}]({path.rsplit('/', 1)[-1]})")
+    lines += ["", "## Full report", "", "```", format_report(report), "```", ""]
+    return "\n".join(lines)

@@ -42,7 +42,8 @@ from tinymoe.config import ModelConfig, count_parameters
 from tinymoe.data import Batch
 from tinymoe.nn.model import OpenMoE
 from tinymoe.parallel import Parallel, exchange_bytes_per_step
-from tinymoe.train import build_optimizer, train_step
+from tinymoe.optim import configure_optimizers
+from tinymoe.train import train_step
 
 np = B.np
 
@@ -91,7 +92,7 @@ def bench_parallel(par: Parallel, args: argparse.Namespace, cfg: ModelConfig, mi
     model = OpenMoE(cfg, seed=args.seed)
     par.prepare_model(model)                                          # expert mode: E/P experts here
     model.train()
-    optimizer = build_optimizer(model, train_cfg)
+    optimizer = configure_optimizers(model, train_cfg)
     ids = B.default_rng(args.seed + 1).integers(0, cfg.vocab_size, size=(p * micro_batch, seq + 1))
     rows = ids[r * micro_batch:(r + 1) * micro_batch]                 # [P b, T + 1] -> [b, T + 1]
     batch = Batch(x=rows[:, :-1], y=rows[:, 1:], domain=np.zeros(micro_batch, dtype=np.int64))

@@ -4,14 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["format_report", "format_parallel_report", "json_default"]
-
-
-def json_default(o: Any) -> Any:
-    """NumPy scalars as Python numbers, anything else as its str (for ``json.dumps``)."""
-    if hasattr(o, "item"):
-        return o.item()
-    return str(o)
+__all__ = ["format_report", "format_parallel_report"]
 
 
 def _h(x: float, unit: str = "") -> str:

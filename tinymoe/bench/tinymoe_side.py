@@ -1,6 +1,6 @@
 """The benchmark's tinymoe side: model, optimizer and a fixed batch, one method per phase.
 
-The optimizer is the one ``python -m tinymoe train`` builds (:func:`tinymoe.train.build_optimizer`
+The optimizer is the one ``python -m tinymoe train`` builds (:func:`tinymoe.optim.configure_optimizers`
 from a :class:`tinymoe.train.TrainConfig`), so a "step" here costs what a training step costs.
 """
 from __future__ import annotations
@@ -13,7 +13,8 @@ from tinymoe.autograd import no_grad
 from tinymoe.config import ModelConfig
 from tinymoe.nn.model import OpenMoE
 from tinymoe.optim import clip_grad_norm_
-from tinymoe.train import TrainConfig, build_optimizer
+from tinymoe.optim import configure_optimizers
+from tinymoe.train import TrainConfig
 
 __all__ = ["TinymoeSide", "bench_train_config", "check_dtype"]
 
@@ -46,7 +47,7 @@ class TinymoeSide:
         self.cfg, self.train_cfg = cfg, train_cfg
         self.model = OpenMoE(cfg, seed=seed)
         self.params = list(self.model.parameters())
-        self.opt = build_optimizer(self.model, train_cfg)
+        self.opt = configure_optimizers(self.model, train_cfg)
         rng = B.default_rng(seed + 1)
         ids = rng.integers(0, cfg.vocab_size, size=(batch, seq + 1))      # [B, T + 1]
         self.x, self.y = ids[:, :-1], ids[:, 1:]                           # [B, T] each
@@ -89,22 +90,18 @@ class TinymoeSide:
         """Greedy KV-cache decoding of ``prompt [1, P]``; returns (prefill seconds, decode
         seconds, the n_new new ids)."""
         model = self.model
-        model.eval()
-        try:
-            with no_grad():
-                cache = model.new_cache(1, prompt.shape[1] + n_new)
-                B.synchronize()
-                t0 = time.perf_counter()
-                logits = model(prompt, cache=cache).logits.data[0, -1]           # [V]
+        with model.evaluating():   # eval-mode routing, no graph; the mode is restored after
+            cache = model.new_cache(1, prompt.shape[1] + n_new)
+            B.synchronize()
+            t0 = time.perf_counter()
+            logits = model(prompt, cache=cache).logits.data[0, -1]           # [V]
+            nxt = int(logits.argmax())
+            t1 = time.perf_counter()
+            ids = [nxt]
+            for _ in range(n_new - 1):
+                logits = model(B.np.asarray([[nxt]]), cache=cache).logits.data[0, -1]
                 nxt = int(logits.argmax())
-                t1 = time.perf_counter()
-                ids = [nxt]
-                for _ in range(n_new - 1):
-                    logits = model(B.np.asarray([[nxt]]), cache=cache).logits.data[0, -1]
-                    nxt = int(logits.argmax())
-                    ids.append(nxt)
-                B.synchronize()
-                t2 = time.perf_counter()
-        finally:
-            model.train()
+                ids.append(nxt)
+            B.synchronize()
+            t2 = time.perf_counter()
         return t1 - t0, t2 - t1, ids
