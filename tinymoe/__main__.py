@@ -4,6 +4,8 @@
     python -m tinymoe train --config toy --n-experts 8 --top-k 1 --capacity-factor 1.0 \\
                             --slot-priority probability --steps 500 --out runs/try
     python -m tinymoe train --resume runs/mini           continue where it stopped
+    mpiexec -n 2 python -m tinymoe train --parallel expert --batch-size 8
+                                                         experts sharded over 2 MPI ranks
     python -m tinymoe generate runs/mini --prompt "def " --temperature 0.8 --top-k 50
     python -m tinymoe params --config openmoe-base
     python -m tinymoe analyze ... / bench ...            (see their --help)
