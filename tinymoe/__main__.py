@@ -4,6 +4,8 @@
     python -m tinymoe train --config toy --n-experts 8 --top-k 1 --capacity-factor 1.0 \\
                             --slot-priority probability --steps 500 --out runs/try
     python -m tinymoe train --resume runs/mini           continue where it stopped
+    mpiexec -n 2 python -m tinymoe train --parallel expert --batch-size 8
+                                                         experts sharded over 2 MPI ranks
     python -m tinymoe generate runs/mini --prompt "def " --temperature 0.8 --top-k 50
     python -m tinymoe params --config openmoe-base
     python -m tinymoe analyze ... / bench ...            (see their --help)
@@ -142,6 +144,12 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     _add_device_flag(p)
     _add_threads_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--parallel", choices=("none", "data", "expert"), default="none",
+                   help="MPI parallelism, run under mpiexec -n P (see docs/parallel.md): "
+                        "none = one process (default); data = every rank holds the model, "
+                        "gradients are all-reduced; expert = the experts are sharded E/P per "
+                        "rank, tokens exchanged with Alltoall. --batch-size is then the "
+                        "per-rank micro-batch b (global batch P*b)")
     g = p.add_argument_group("training")
     add_dataclass_flags(g, TrainConfig, "train__", skip=_TRAIN_SPECIAL, choices=_choices())
     _add_model_flags(p)
@@ -150,9 +158,11 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 def _train_run(args: argparse.Namespace) -> int:
     from tinymoe.checkpoint import load_checkpoint  # noqa: PLC0415
     from tinymoe.config import DEFAULT_PRESET, get_preset  # noqa: PLC0415
+    from tinymoe.parallel import run_train, setup  # noqa: PLC0415
     from tinymoe.recipes import RECIPES, apply_recipe  # noqa: PLC0415
     from tinymoe.train import TrainConfig, train  # noqa: PLC0415
 
+    par = setup(args.parallel)          # one line without mpiexec (or P ranks and "none")
     model_over = _given(args, "model__")
     train_over = _given(args, "train__")
     if args.resume is not None:
@@ -178,14 +188,17 @@ def _train_run(args: argparse.Namespace) -> int:
         out = args.out if args.out is not None else f"runs/{name}"
         tcfg = TrainConfig(**train_over, out_dir=out, device=args.device,
                            overwrite=args.overwrite)
-    result = train(model_cfg, tcfg, progress=not args.quiet)
+    result = run_train(par, train, model_cfg, tcfg, progress=not args.quiet)
+    code = {"done": 0, "stopped": 0, "nan": 1, "interrupted": 130}[result.status]
+    if not par.is_root:                 # rank 0 reports for every rank
+        return code
     if result.eval and result.status in ("done", "stopped"):
         for dom, v in result.eval.items():
             print(f"held-out {dom:>8}: {v['ce']:.4f} nats/token, {v['nats_per_byte']:.4f} nats/byte")
         print(f"steps {result.step}, wall time {result.wall_time:.1f} s, "
               f"{result.tokens_per_s:,.0f} tokens/s")
     print(("error: " if result.status == "nan" else "") + result.message, file=sys.stderr)
-    return {"done": 0, "stopped": 0, "nan": 1, "interrupted": 130}[result.status]
+    return code
 
 
 # ---------------------------------------------------------------------------- generate

@@ -44,8 +44,8 @@ except ImportError:  # pragma: no cover (Windows: no advisory locks; runs are no
 
 np = B.np
 
-__all__ = ["RunFolder", "RunFolderBusy", "RunFolderError", "LOCK_NAME", "pid_alive",
-           "remove_stale_temps", "plot_curves", "save_snapshot"]
+__all__ = ["RunFolder", "RunFolderView", "RunFolderBusy", "RunFolderError", "LOCK_NAME",
+           "pid_alive", "remove_stale_temps", "plot_curves", "save_snapshot", "routing_snapshot"]
 
 LOCK_NAME = "train.lock"
 
@@ -274,6 +274,39 @@ class RunFolder:
         return None
 
 
+class RunFolderView(RunFolder):
+    """The run folder as an MPI rank other than 0 sees it (:mod:`tinymoe.parallel`): it
+    reads (``checkpoint_path``, ``kept``) and writes nothing, takes no lock and creates no
+    folder; rank 0's :class:`RunFolder` does all of that. :meth:`snapshot` still runs the
+    model on the probe batch, since under expert parallelism that forward is collective
+    (every rank must take part)."""
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> "RunFolderView":
+        return cls(Path(path), _Lock(Path(path) / LOCK_NAME, None, None), False, [])
+
+    def close(self) -> None:
+        pass
+
+    def start_log(self, fresh: bool) -> None:
+        pass
+
+    def log(self, event: dict[str, Any]) -> None:
+        pass
+
+    def save(self, step: int, **state: Any) -> str:
+        """Nothing is written here; records what rank 0 saved, so messages agree."""
+        self.kept = (str(self.checkpoint_path), step)
+        return self.kept[0]
+
+    def snapshot(self, model: Any, step: int, tokens: Any, domain: Any,
+                 domain_names: list[str]) -> None:
+        routing_snapshot(model, step, tokens, domain, domain_names)   # the collective forward
+
+    def curves(self) -> str | None:
+        return None
+
+
 def _size(p: Path) -> int:
     try:
         return p.stat().st_size
@@ -291,6 +324,13 @@ def save_snapshot(path: Path, model: Any, step: int, tokens: Any, domain: Any,
     kept [L, N, T, k] (after capacity), probs_top1 [L, N, T] (router probability of the
     first choice).
     """
+    arrays = routing_snapshot(model, step, tokens, domain, domain_names)
+    atomic_write_bytes(path, lambda f: np.savez(f, **arrays))
+
+
+def routing_snapshot(model: Any, step: int, tokens: Any, domain: Any,
+                     domain_names: list[str]) -> dict[str, Any]:
+    """The arrays of :func:`save_snapshot` (the probe batch routed in eval mode)."""
     with model.evaluating():
         out = model(tokens, rng=B.default_rng(0))
     n, t = tokens.shape
@@ -302,7 +342,7 @@ def save_snapshot(path: Path, model: Any, step: int, tokens: Any, domain: Any,
               "layers": np.asarray([s.layer for s in out.routing], dtype=np.int64),
               "expert_index": idx.astype(np.int16), "top1": idx[..., 0].astype(np.int16),
               "kept": kept.astype(bool), "probs_top1": ptop.astype(np.float32)}
-    atomic_write_bytes(path, lambda f: np.savez(f, **arrays))
+    return arrays
 
 
 # ---------------------------------------------------------------------------- curves

@@ -27,6 +27,7 @@ from tinymoe.runfolder import RunFolder
 from tinymoe.tokenizer import ByteTokenizer
 
 if TYPE_CHECKING:
+    from tinymoe.parallel import Parallel
     from tinymoe.train import TrainConfig
 
 np = B.np
@@ -176,15 +177,23 @@ class Session:
     ckpt: Checkpoint | None
     start_step: int
     notes: list[str]
+    parallel: Parallel
     recipe: dict[str, Any] | None = None
     "what the recipe set (:func:`tinymoe.recipes.recipe_report`); None without one"
 
 
-def set_up(model_cfg: ModelConfig | None, cfg: TrainConfig, rf: RunFolder) -> Session:
+def set_up(model_cfg: ModelConfig | None, cfg: TrainConfig, rf: RunFolder,
+           parallel: Parallel | None = None) -> Session:
     """Checkpoint (when resuming), data, tokenizer, model, optimizer, sampler, RNGs, with
-    every check that can refuse the start (one-line errors)."""
-    from tinymoe.nn.model import OpenMoE  # noqa: PLC0415
+    every check that can refuse the start (one-line errors).
 
+    ``parallel`` (MPI ranks, :mod:`tinymoe.parallel`; None: one process) makes the sampler
+    draw the global batch of P * batch_size rows, shards the experts (expert mode) and
+    loads this rank's slice of a checkpoint."""
+    from tinymoe.nn.model import OpenMoE  # noqa: PLC0415
+    from tinymoe.parallel import Parallel  # noqa: PLC0415
+
+    par = parallel if parallel is not None else Parallel("none", None)
     ckpt = None
     notes: list[str] = []
     if cfg.resume is not None:
@@ -205,6 +214,7 @@ def set_up(model_cfg: ModelConfig | None, cfg: TrainConfig, rf: RunFolder) -> Se
         _check_resume_train(ckpt, cfg)
         _check_not_finished(ckpt, cfg)
         notes += filter(None, [_schedule_notice(ckpt, cfg)])
+    par.check(model_cfg, cfg, ckpt)
     corpus = load_data(cfg)
     if ckpt is None:
         tokenizer = build_tokenizer(cfg, corpus, model_cfg.vocab_size)
@@ -219,7 +229,8 @@ def set_up(model_cfg: ModelConfig | None, cfg: TrainConfig, rf: RunFolder) -> Se
     if ckpt is not None and ckpt.extra.get("data_fingerprint") not in (None, fingerprint):
         raise CheckpointError(f"{ckpt.path}: the training data differs from the data the "
                               "checkpoint was trained on (changed files or settings)")
-    sampler = BatchSampler(train_tok, cfg.batch_size, cfg.seq_len, seed=cfg.seed)
+    sampler = BatchSampler(train_tok, par.global_batch(cfg.batch_size), cfg.seq_len,
+                           seed=cfg.seed)                        # P * b rows, one process: b
     route_rng = B.default_rng(cfg.seed + 1_000_003)   # slot priority "random" only
     recipe = recipe_report(cfg.recipe, cfg, model_cfg)
     if recipe is not None and ckpt is None:
@@ -230,12 +241,14 @@ def set_up(model_cfg: ModelConfig | None, cfg: TrainConfig, rf: RunFolder) -> Se
                      f"{math.sqrt(model_cfg.d_model):.0f}; OpenMoE's head is untied "
                      "(--tie-embeddings false, or --config openmoe-base-code)")
     model = OpenMoE(model_cfg, seed=cfg.seed)
+    par.prepare_model(model)                                     # expert mode: E/P experts here
     model.train()
     optimizer = build_optimizer(model, cfg)
     if ckpt is not None:
         try:
-            model.load_state_dict(ckpt.model_state)
-            optimizer.load_state_dict(ckpt.optimizer_state)
+            model.load_state_dict(par.local_model_state(model, ckpt.model_state))
+            optimizer.load_state_dict(par.local_optimizer_state(model, optimizer,
+                                                                ckpt.optimizer_state))
             sampler.load_state_dict(ckpt.sampler_state)
             if ckpt.rng_state and "route_rng" in ckpt.rng_state:
                 route_rng.bit_generator.state = ckpt.rng_state["route_rng"]
@@ -248,7 +261,8 @@ def set_up(model_cfg: ModelConfig | None, cfg: TrainConfig, rf: RunFolder) -> Se
                     train_tok=train_tok, val_tok=val_tok,
                     byte_lengths=token_byte_lengths(tokenizer, model_cfg.vocab_size),
                     fingerprint=fingerprint, ckpt=ckpt,
-                    start_step=ckpt.step if ckpt is not None else 0, notes=notes, recipe=recipe)
+                    start_step=ckpt.step if ckpt is not None else 0, notes=notes, recipe=recipe,
+                    parallel=par)
 
 
 def _recipe_note(report: dict[str, Any]) -> str:

@@ -44,7 +44,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from tinymoe import backend as B
 from tinymoe.autograd import no_grad
@@ -53,10 +53,13 @@ from tinymoe.data import Batch, BatchSampler, unigram_entropy
 from tinymoe.evaluate import evaluate, probe_batch, routing_summary
 from tinymoe.optim import Optimizer, clip_grad_norm_, scale_grads_, set_lr
 from tinymoe.recipes import RECIPES
-from tinymoe.runfolder import RunFolder, plot_curves, write_line
+from tinymoe.runfolder import RunFolder, RunFolderView, plot_curves, write_line
 # the set-up pieces, importable from here as before the split
 from tinymoe.session import (RESUME_MUST_MATCH, Session, build_optimizer, build_tokenizer,
                              load_data, lr_at, set_up)
+
+if TYPE_CHECKING:   # the model code loads lazily (docs/architecture.md §3)
+    from tinymoe.parallel import Parallel
 
 np = B.np
 
@@ -279,13 +282,19 @@ class UpdateInterrupted(KeyboardInterrupt):
 
 
 def train_step(model: Any, optimizer: Optimizer, batches: Iterable[Batch], *, lr: float,
-               grad_clip: float = 1.0, rng: Any = None) -> StepStats:
+               grad_clip: float = 1.0, rng: Any = None,
+               parallel: Parallel | None = None) -> StepStats:
     """One optimizer update on ``batches`` (one per micro-batch, drawn lazily).
 
     llm.c's order: zero_grad, then per micro-batch forward (``model(x, targets=y)`` gives
     L = CE + aux + z) and backward (gradients add up), then g /= n_micro, global-norm
     clip, update at rate ``lr``, zero_grad. A non-finite loss or gradient norm skips the
     update (``StepStats.bad``). ``grad_clip`` 0 measures the norm without clipping.
+
+    ``parallel`` (:class:`tinymoe.parallel.Parallel`, MPI ranks; None: one process): each
+    batch is this rank's rows of the global batch; the statistics (and the loss checked for
+    NaN) are those of the global batch, the gradients are averaged over ranks before the
+    micro-batch mean, and the clipping norm counts expert shards once (docs/parallel.md).
     """
     params = list(model.parameters())
     optimizer.zero_grad()
@@ -294,20 +303,26 @@ def train_step(model: Any, optimizer: Optimizer, batches: Iterable[Batch], *, lr
     n, bad, gnorm = 0, None, float("nan")
     for batch in batches:
         out = model(batch.x, targets=batch.y, rng=rng)           # [B, T] -> logits, losses
-        loss = float(out.loss.item())
+        if parallel is not None:
+            stats = parallel.step_stats(out)                     # the global batch's (collective)
+        else:
+            stats = (float(out.loss.item()), out.ce.item(), out.aux_loss.item(),
+                     out.z_loss.item(), *routing_summary(out.routing))
+        loss = stats[0]
         if not math.isfinite(loss):
             bad = f"loss is {loss}"
             break
         out.loss.backward()                                      # grads += dL/dtheta
-        dropped, busiest = routing_summary(out.routing)
         n += 1
-        for k, v in (("loss", loss), ("ce", out.ce.item()), ("aux", out.aux_loss.item()),
-                     ("z", out.z_loss.item()), ("dropped", dropped), ("busiest", busiest)):
+        for k, v in zip(("loss", "ce", "aux", "z", "dropped", "busiest"), stats):
             sums[k] += float(v)
     if bad is None:
+        if parallel is not None:
+            parallel.reduce_grads(model.named_parameters())      # mean over ranks
         if n > 1:
             scale_grads_(params, 1.0 / n)                        # mean over micro-batches
-        gnorm = clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+        clip = clip_grad_norm_ if parallel is None else parallel.clip_grad_norm_fn(model, clip_grad_norm_)
+        gnorm = clip(params, grad_clip if grad_clip > 0 else float("inf"))
         if not math.isfinite(gnorm):
             bad = f"gradient norm is {gnorm}"
     stats = StepStats(**{k: v / max(n, 1) for k, v in sums.items()}, grad_norm=gnorm, lr=lr,
@@ -335,14 +350,15 @@ def _bad_state(model: Any, optimizer: Optimizer) -> str | None:
     return None
 
 
-def _next_loss(model: Any, sampler: BatchSampler, rng: Any) -> float:
+def _next_loss(model: Any, sampler: BatchSampler, rng: Any, parallel: Parallel) -> float:
     """The training loss of the next batch on the current weights (the loss the next
-    update will see), without moving the data position or the routing RNG."""
+    update will see), without moving the data position or the routing RNG. Under MPI the
+    loss of the next global batch (every rank takes part)."""
     state, rng_state = sampler.state_dict(), rng.bit_generator.state
     try:
-        batch = sampler.next()
+        batch = parallel.local_rows(sampler.next())
         with no_grad():
-            return float(model(batch.x, targets=batch.y, rng=rng).loss.item())
+            return parallel.mean(float(model(batch.x, targets=batch.y, rng=rng).loss.item()))
     finally:
         sampler.load_state_dict(state)
         rng.bit_generator.state = rng_state
@@ -378,9 +394,15 @@ class _Interrupt:
             signal.signal(sig, old)
 
 
+class _AgreedStop(KeyboardInterrupt):
+    """The loop's own stop after a Ctrl-C / SIGTERM (under MPI: seen by some rank and
+    agreed by all at the top of a step, so every rank saves at the same step)."""
+
+
 # ---------------------------------------------------------------------------- the loop
 def train(model_cfg: ModelConfig | None, train_cfg: TrainConfig, progress: bool = True,
-          on_step: Callable[[int, Any], None] | None = None) -> TrainResult:
+          on_step: Callable[[int, Any], None] | None = None,
+          parallel: Parallel | None = None) -> TrainResult:
     """Train (or resume) an OpenMoE model; see the module docstring.
 
     model_cfg   the model; None when resuming (the checkpoint's is used). The vocabulary
@@ -388,25 +410,37 @@ def train(model_cfg: ModelConfig | None, train_cfg: TrainConfig, progress: bool 
     train_cfg   every training setting.
     progress    show a progress bar and notes (on stderr; warnings are printed anyway).
     on_step     called as ``on_step(step, model)`` after every update (tests, lessons).
+    parallel    MPI data/expert parallelism (:func:`tinymoe.parallel.setup`; every rank
+                calls ``train``); None: one process. Rank 0 alone owns the run folder
+                (lock, log, checkpoints, snapshots, curves) and prints; the others see it
+                through a :class:`tinymoe.runfolder.RunFolderView`.
 
     Bad input raises ValueError / FileNotFoundError / CheckpointError (one line), a folder
     in use ``RunFolderBusy``, a failed write ``RunFolderError`` (after logging it). A NaN,
     Ctrl-C / SIGTERM, or ``stop_at`` return normally; see ``TrainResult.status``.
     """
     t_start = time.perf_counter()
+    from tinymoe.parallel import Parallel  # noqa: PLC0415 (imports the model code)
+
+    par = parallel if parallel is not None else Parallel("none", None)
     if train_cfg.device is not None:
         B.set_device(train_cfg.device)
-    with RunFolder.open(train_cfg.out_dir) as rf:
-        s = set_up(model_cfg, train_cfg, rf)
-        for line in rf.notes + s.notes:
-            write_line(line)
-        return _run(s, rf, progress, on_step, t_start)
+    folder = RunFolder if par.is_root else RunFolderView
+    with folder.open(train_cfg.out_dir) as rf:
+        s = set_up(model_cfg, train_cfg, rf, par)
+        if par.is_root:
+            for line in rf.notes + s.notes:
+                write_line(line)
+        par.barrier()          # every rank has passed every check before rank 0 writes
+        return _run(s, rf, progress and par.is_root, on_step, t_start)
 
 
 def _run(s: Session, rf: RunFolder, progress: bool,
          on_step: Callable[[int, Any], None] | None, t_start: float) -> TrainResult:
     """The loop of :func:`train`: updates, logs, evals, snapshots, checkpoints."""
     cfg, model, optimizer, sampler, route_rng = s.cfg, s.model, s.optimizer, s.sampler, s.route_rng
+    par = s.parallel
+    tokens_per_update = cfg.grad_accum * par.global_batch(cfg.batch_size) * cfg.seq_len
     end_step = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
 
     def note(msg: str) -> None:
@@ -427,26 +461,30 @@ def _run(s: Session, rf: RunFolder, progress: bool,
                             "val_tokens": int(s.val_tok[k].size),
                             "val_unigram_entropy": unigram_entropy(s.val_tok[k])}
                         for k in s.train_tok},
-            "notes": rf.notes + s.notes})
+            "notes": rf.notes + s.notes, **par.log_fields(cfg.batch_size)})
     note(f"model: {s.model_cfg.describe()}")
-    note(f"data: {s.corpus!r}; tokens per update {cfg.grad_accum * cfg.batch_size * cfg.seq_len}")
+    note(f"data: {s.corpus!r}; tokens per update {tokens_per_update}")
     last_eval: dict[str, Any] | None = s.ckpt.extra.get("last_eval") if s.ckpt is not None else None
 
     def save(step_now: int) -> str | None:
-        """Write the checkpoint if the state is good; else return why it is not saved."""
-        bad = _bad_state(model, optimizer)
+        """Write the checkpoint if the state is good; else return why it is not saved.
+        Under MPI every rank calls it: the ranks agree on the verdict, the expert shards
+        are gathered, and rank 0 writes one ordinary checkpoint."""
+        bad = par.agree(_bad_state(model, optimizer))
         if bad is None:
-            loss = _next_loss(model, sampler, route_rng)
+            loss = _next_loss(model, sampler, route_rng, par)
             if not math.isfinite(loss):
                 bad = f"loss is {loss} at step {step_now + 1} (on the weights of step {step_now})"
         if bad is not None:
             return bad
-        rf.save(step_now, model_config=s.model_cfg, model_state=model.state_dict(),
+        model_state, optimizer_state = par.full_states(model, optimizer)   # None off rank 0
+        rf.save(step_now, model_config=s.model_cfg, model_state=model_state,
                 tokenizer=s.tokenizer, train_config=cfg.to_dict(),
-                optimizer_state=optimizer.state_dict(), sampler_state=sampler.state_dict(),
+                optimizer_state=optimizer_state, sampler_state=sampler.state_dict(),
                 rng_state={"route_rng": route_rng.bit_generator.state},
                 extra={"data_fingerprint": s.fingerprint, "last_eval": last_eval,
-                       "corpus": s.corpus.source, "domains": list(s.train_tok)})
+                       "corpus": s.corpus.source, "domains": list(s.train_tok),
+                       **par.log_fields(cfg.batch_size)})
         return None
 
     def snapshot(step_now: int) -> None:
@@ -483,12 +521,13 @@ def _run(s: Session, rf: RunFolder, progress: bool,
                 if step == 0 and cfg.snapshot_every:
                     snapshot(0)
                 while step < end_step:
-                    if interrupt.requested:
-                        raise KeyboardInterrupt
+                    if par.any_rank(interrupt.requested):   # MPI: all ranks stop together
+                        raise _AgreedStop
                     pre_state = (step, sampler.state_dict(), route_rng.bit_generator.state)
                     st = train_step(model, optimizer,
-                                    (sampler.next() for _ in range(cfg.grad_accum)),
-                                    lr=lr_at(step, cfg), grad_clip=cfg.grad_clip, rng=route_rng)
+                                    (par.local_rows(sampler.next()) for _ in range(cfg.grad_accum)),
+                                    lr=lr_at(step, cfg), grad_clip=cfg.grad_clip, rng=route_rng,
+                                    parallel=par)
                     if st.bad is not None:
                         status = "nan"
                         message = (f"{st.bad} at step {step + 1}; stopped before updating the "
@@ -498,17 +537,16 @@ def _run(s: Session, rf: RunFolder, progress: bool,
                     if on_step is not None:
                         on_step(step, model)
 
-                    n = cfg.grad_accum
                     losses.append(st.loss)
                     for k in ("loss", "ce", "aux", "z", "dropped", "busiest"):
                         interval[k] = interval.get(k, 0.0) + getattr(st, k)
                     interval["gnorm"] = interval.get("gnorm", 0.0) + st.grad_norm
                     interval["count"] = interval.get("count", 0.0) + 1
-                    tokens_seen += n * cfg.batch_size * cfg.seq_len
+                    tokens_seen += tokens_per_update
                     if step % cfg.log_every == 0 or step == end_step:
                         now = time.perf_counter()
                         c = interval.pop("count")
-                        tps = c * n * cfg.batch_size * cfg.seq_len / max(now - t_interval, 1e-9)
+                        tps = c * tokens_per_update / max(now - t_interval, 1e-9)
                         ev = {"event": "train", "step": step, "lr": st.lr, "tokens_per_s": tps,
                               **{k: v / c for k, v in interval.items()}}
                         ev["grad_norm"] = ev.pop("gnorm")
@@ -552,6 +590,8 @@ def _run(s: Session, rf: RunFolder, progress: bool,
                     else:
                         message = f"done: {step} steps; checkpoint {rf.kept[0]}"
         except KeyboardInterrupt as e:
+            if par.size > 1 and not isinstance(e, _AgreedStop):
+                raise    # one rank alone (a second Ctrl-C): no collective save; the job aborts
             status = "interrupted"
             step = s.start_step + optimizer.steps - updates0
             if isinstance(e, UpdateInterrupted):

@@ -3,7 +3,10 @@ with the same model written in PyTorch.
 
 Modules: ``cli`` (flags, the run), ``measure`` (FLOPs, roof, timers, memory, threads,
 ``--ops``), ``tinymoe_side`` and ``torch_side`` (the two models, one method per phase;
-``torch_side`` is imported only for ``--compare-torch``), ``report`` (the printed table).
+``torch_side`` is imported only for ``--compare-torch``), ``report`` (the printed table),
+``parallel_side`` (``--parallel data|expert`` under ``mpiexec -n P``: a training step on P
+MPI ranks split into compute, all-to-all and all-reduce, with the bytes moved against
+their formulas; see its docstring).
 
 The torch side (``--compare-torch``) is what a careful PyTorch user writes for the same
 model on the same weights: ``scaled_dot_product_attention``, ``rms_norm``, fused QKV and

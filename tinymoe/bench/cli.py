@@ -45,8 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="threads for BLAS, tinymoe's row-parallel kernels and torch (default: every "
                         "core); needs threadpoolctl to set NumPy's BLAS")
-    p.add_argument("--phases", default="forward,fwd_bwd,step,generate",
-                   help="comma list of forward, fwd_bwd, step, generate (default: all)")
+    p.add_argument("--phases", default=None,
+                   help="comma list of forward, fwd_bwd, step, generate (default: all; with "
+                        "--parallel only step)")
     p.add_argument("--gen-prompt", type=int, default=None,
                    help="prompt tokens for generation (default 64, at most half of max_seq_len)")
     p.add_argument("--gen-new", type=int, default=None,
@@ -57,6 +58,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="PATH", help="write every number to this JSON file")
+    p.add_argument("--parallel", choices=("none", "data", "expert"), default="none",
+                   help="time a training step on P MPI ranks (run under mpiexec -n P; see "
+                        "tinymoe/bench/parallel_side.py): the step split into compute, all-to-all "
+                        "and all-reduce, bytes moved per MoE layer against the formula, tokens/s. "
+                        "--batch is then the per-rank micro-batch; none (default) = the "
+                        "one-process benchmark")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,6 +72,10 @@ def run(args: argparse.Namespace) -> int:
         B.set_device(args.device)
     if args.steps < 1 or args.warmup < 0:
         raise ValueError(f"--steps={args.steps} must be >= 1 and --warmup={args.warmup} >= 0")
+    if args.parallel != "none":
+        return _run_parallel(args)
+    if args.phases is None:
+        args.phases = "forward,fwd_bwd,step,generate"
     if args.side == "torch":
         args.compare_torch = True
     threads = set_threads(args.threads)
@@ -101,6 +112,45 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.json}")
     return 0 if ok else 1
 
+def _shape(args: argparse.Namespace) -> tuple[Any, int, int]:
+    """(model config, batch, seq) from ``--config``, ``--batch``, ``--seq``."""
+    big = args.config.startswith("openmoe")
+    cfg = get_preset(args.config)
+    batch = args.batch if args.batch is not None else (1 if big else 16)
+    seq = args.seq if args.seq is not None else (512 if big else cfg.max_seq_len)
+    if batch < 1 or not 1 <= seq <= cfg.max_seq_len:
+        raise ValueError(f"--batch={batch} must be >= 1 and --seq={seq} between 1 and max_seq_len={cfg.max_seq_len}")
+    return cfg, batch, seq
+
+
+def _run_parallel(args: argparse.Namespace) -> int:
+    """``bench --parallel data|expert`` on every rank of ``mpiexec -n P``; rank 0 prints."""
+    from tinymoe.bench.parallel_side import bench_parallel  # noqa: PLC0415
+    from tinymoe.bench.report import format_parallel_report  # noqa: PLC0415
+    from tinymoe.parallel import call_on_every_rank, setup  # noqa: PLC0415
+
+    if args.compare_torch or args.side != "both" or args.ops:
+        raise ValueError("--parallel times tinymoe's training step only: drop --compare-torch, "
+                         "--side and --ops")
+    if args.phases not in (None, "step"):
+        raise ValueError(f"--parallel times the training step only (--phases step), not {args.phases!r}")
+    cfg, batch, seq = _shape(args)
+    par = setup(args.parallel, "bench")     # one line without mpiexec
+    threads = set_threads(args.threads)
+    report: dict[str, Any] = {"machine": machine_info(threads), "load_before": load_average(),
+                              "config": args.config, "describe": cfg.describe(),
+                              "optimizer": args.optimizer, "steps": args.steps, "warmup": args.warmup}
+    res = call_on_every_rank(par, bench_parallel, par, args, cfg, batch, seq)
+    if not par.is_root:
+        return 0
+    report.update(parallel=res, load_after=load_average())
+    print(format_parallel_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(json_ready(report, nonfinite="keep"), indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _import_torch_side(threads: dict[str, Any]) -> Any:
     """The torch side (``tinymoe.bench.torch_side``), imported only for --compare-torch, with
     torch set to the benchmark's threads and device."""
@@ -117,15 +167,10 @@ def _import_torch_side(threads: dict[str, Any]) -> Any:
 def _bench_model(args: argparse.Namespace, report: dict[str, Any], roof: dict[str, Any], torch_side: Any) -> bool:
     """Time every phase of ``args.phases`` on both sides (repeats interleaved), into ``report``;
     False when a float32 check failed."""
-    big = args.config.startswith("openmoe")
-    cfg = get_preset(args.config)
+    cfg, batch, seq = _shape(args)
     if cfg.ffn_kind != "swiglu":       # model_flops counts 3 d f per FFN; the torch side is SwiGLU
         raise ValueError(f"bench: --config {args.config} has ffn_kind={cfg.ffn_kind!r}; bench "
                          "supports the swiglu presets only")
-    batch = args.batch if args.batch is not None else (1 if big else 16)
-    seq = args.seq if args.seq is not None else (512 if big else cfg.max_seq_len)
-    if batch < 1 or not 1 <= seq <= cfg.max_seq_len:
-        raise ValueError(f"--batch={batch} must be >= 1 and --seq={seq} between 1 and max_seq_len={cfg.max_seq_len}")
     phases = [s.strip() for s in args.phases.split(",") if s.strip()]
     unknown = sorted(set(phases) - {"forward", "fwd_bwd", "step", "generate"})
     if unknown:

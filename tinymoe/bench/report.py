@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["format_report"]
+__all__ = ["format_report", "format_parallel_report"]
 
 
 def _h(x: float, unit: str = "") -> str:
@@ -90,4 +90,44 @@ def format_report(r: dict[str, Any]) -> str:
     lines.append("peak = process peak RSS during the phase; +peak = peak minus RSS before it"
                  + ("" if res[names[0]][next(iter(res[names[0]]))]["memory"]["peak_is_per_phase"]
                     else " (peak not resettable here: process-wide)"))
+    return "\n".join(lines)
+
+
+def format_parallel_report(r: dict[str, Any]) -> str:
+    """The printed table of ``bench --parallel`` (:mod:`tinymoe.bench.parallel_side`)."""
+    m, x = r["machine"], r["parallel"]
+    want = x["expected"]
+    lines = [f"tinymoe bench --parallel {x['mode']} | {x['ranks']} MPI ranks | device {m['device']} | "
+             f"{m['cores']} cores, {m['threads']} BLAS threads per rank | BLAS {m['blas']}",
+             f"load average before {r['load_before']}, after {r['load_after']}",
+             f"config {r['config']}: {r['describe']}",
+             f"micro-batch [{x['micro_batch']}, {x['seq']}] per rank, global batch {x['global_batch']} "
+             f"({x['tokens_per_step']:,} tokens per step), optimizer {r['optimizer']}, "
+             f"median step of {r['steps']} (warm-up {r['warmup']})", ""]
+    head = f"{'rank':>4} | {'step ms':>9} | {'compute ms':>10} {'%':>5} | {'all-to-all ms':>13} {'%':>5} | {'all-reduce ms':>13} {'%':>5}"
+    lines += [head, "-" * len(head)]
+    for q in x["per_rank"]:
+        t = q["step_s"]
+        lines.append(f"{q['rank']:>4} | {1e3 * t:>9.2f} | {1e3 * q['compute_s']:>10.2f} {100 * q['compute_s'] / t:>4.0f}% | "
+                     f"{1e3 * q['alltoall_s']:>13.2f} {100 * q['alltoall_s'] / t:>4.0f}% | "
+                     f"{1e3 * q['allreduce_s']:>13.2f} {100 * q['allreduce_s'] / t:>4.0f}%")
+    lines.append(f"tokens/s (global batch / slowest rank's step): {x['tokens_per_s']:,.0f}")
+    lines.append("all-to-all and all-reduce: time inside MPI (transfer, host staging, waiting for the "
+                 "slowest rank); all-reduce includes the small ones (statistics, clipping norm); "
+                 "compute = the rest")
+    if x["mode"] == "expert":
+        a = x["alltoall_bytes_per_layer"]
+        lines.append(f"all-to-all bytes per MoE layer per step (one rank): "
+                     + ", ".join(f"{k.replace('_', ' ')} {_h(v, 'B')}" for k, v in a.items())
+                     + f"; total {_h(sum(a.values()), 'B')}, a fraction {x['ranks'] - 1}/{x['ranks']} leaves the rank")
+        lines.append(f"formula per exchange: n k d bytes padding = {x['micro_batch'] * x['seq']} tokens x k x d x "
+                     f"bytes x {want['padding']:.4f} (C = {want['capacity']} per group of {want['group']}) = "
+                     f"{_h(want['alltoall_per_layer'], 'B')}: "
+                     + ("equal to the counted bytes" if x["alltoall_matches_formula"] else "DIFFERS from the counted bytes"))
+        lines.append(f"plus the filled-row mask sent with each dispatch (1 byte per buffer row): "
+                     f"{_h(x['mask_bytes_per_layer'], 'B')} per MoE layer per step")
+    lines.append(f"gradient all-reduce per step (one rank): {_h(x['allreduce_bytes'], 'B')}; formula "
+                 f"{want['replicated_params']:,} replicated parameters x bytes = {_h(want['allreduce'], 'B')}: "
+                 + ("equal" if x["allreduce_matches_formula"] else "DIFFERS")
+                 + f"; small all-reduces {x['scalars_bytes']} B")
     return "\n".join(lines)
