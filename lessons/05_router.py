@@ -329,6 +329,9 @@ if torch is not None:
 #    one token touch now? How does the gradient reach the router when the output is
 #    $p_{e}\,\mathrm{FFN}_e(x)$ and $p_e$ is close to 1? *Hint:* look at $\partial p_e / \partial z$
 #    when $p_e \to 1$.
-# 3. **Router temperature.** Multiply the router weights by 10, then by 0.1. Watch
-#    `stats.confidence` and the size of `moe.router.weight.grad`. Why do near-uniform routers
-#    (as at initialisation, std 0.02) learn slowly at first? *Hint:* lesson 2's softmax plot.
+# 3. **Router temperature.** Multiply the router weights by 10, then by 0.1, and also try the
+#    initialisation scale (std 0.02). Watch `stats.confidence` and the size of
+#    `moe.router.weight.grad`. Which router learns slowly: the near-uniform one or the
+#    saturated (confident) one? *Hint:* $\partial p_e/\partial z_e = p_e(1-p_e)$ (lesson 2's
+#    softmax plot): it vanishes as $p_e \to 1$, while near uniform it is about
+#    $\frac1E(1-\frac1E)$, not small.

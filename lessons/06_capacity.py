@@ -3,9 +3,11 @@
 #
 # **What you will learn**
 # - why an expert has a fixed number of *slots* $C$ (its capacity) per group of tokens, and
-#   how OpenMoE computes it: $C = \max(\mathrm{round}(\mathrm{cf}\cdot G/E),\ 4)$;
+#   how OpenMoE computes it: $C = \max(\mathrm{round}(\mathrm{cf}\cdot G/E),\ 4)$, rounded to
+#   the nearest integer with ties to even;
 # - in which order assignments take slots: **all first choices in token order, then all
-#   second choices** (k-major position priority), and what a *dropped* assignment means;
+#   second choices** (k-major position priority), what a *dropped* assignment means, and the
+#   slot rule `cumsum(one_hot) - 1` written by hand;
 # - why the OpenMoE formula, which has no factor $k$, drops **37.5 % of assignments even when
 #   the load is perfectly balanced** (top-2, cf 1.25), and that every one of them is a second
 #   choice near the end of the group;
