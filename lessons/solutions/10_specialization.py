@@ -125,5 +125,5 @@ by_pred = "more" if bpe_meas[layer]["token_id"] > byte_meas[layer]["token_id"] e
 print(f"block {layer}: relative std above its shuffled baseline by {gap_bytes:.2f} (bytes) and {gap_bpe:.2f} (BPE)")
 print(f"BPE tokens look {by_std} specialised by the std measure and {by_pred} by the id predictor"
       + ("" if by_std == by_pred else ": the two measures disagree in this run (BPE ids are rarer, so the "
-         "shuffled baseline of the std is higher, while a word-sized token is easier to look up)"))
+         "shuffled baseline of the std is higher)"))
 assert np.isfinite(gap_bpe) and bpe_meas[layer]["std"]["n_keys"] > 0, "the BPE trace should give ids to measure"
