@@ -7,8 +7,10 @@
 #   renormalised to sum 1);
 # - how tokens are *dispatched* to experts and *combined* back, without a Python loop over
 #   tokens;
-# - the output of an MoE layer for one token, reconstructed by hand from its $k$ experts;
-# - how the router learns although top-$k$ is not differentiable.
+# - the output of an MoE layer for one token, reconstructed by hand from its $k$ experts, and
+#   the whole layer written in 15 lines of NumPy;
+# - how the router learns although top-$k$ is not differentiable, and how to check its
+#   gradient by finite differences with the routing decisions held fixed.
 #
 # This lesson is dropless (every assignment is served). Capacity and dropping are lesson 6.
 
