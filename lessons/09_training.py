@@ -228,7 +228,8 @@ assert diff == 0.0, f"resume is not exact: weights differ by up to {diff}"
 # ## Exercises
 #
 # 1. **Adafactor, OpenMoE style.** Train with `optimizer="adafactor", schedule="inverse_sqrt",
-#    lr=0.01, warmup=100` and compare the held-out loss after 300 updates with AdamW.
+#    lr=0.01, warmup=100` and compare the held-out loss after 300 updates with AdamW. (With
+#    `inverse_sqrt`, `warmup` is the length of the flat phase at the peak rate, not a ramp.)
 #    *Hint:* `train_cfg.replace(...)` and a new `out_dir`.
 # 2. **Top-1 or dropless.** Train `get_preset("mini", top_k=1)` and
 #    `get_preset("mini", capacity_factor=None)`. What happens to `drop` and `busiest` in the
