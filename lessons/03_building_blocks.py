@@ -166,6 +166,14 @@ relu = np.maximum(a.data, 0)
 
 raw = rng.normal(size=(2000, 64)) * rng.lognormal(0, 1.5, size=(2000, 1))   # rows of very different scales
 normed = RMSNorm(64, dtype="float64")(tinymoe.tensor(raw)).numpy()
+rms_before = np.sqrt((raw ** 2).mean(1))                                   # [2000]
+rms_after = np.sqrt((normed ** 2).mean(1))                                 # [2000]
+bins = np.logspace(-3, 2.5, 60)
+filled_after = int(np.count_nonzero(np.histogram(rms_after, bins)[0]))    # bins the "after" rows land in
+print(f"row RMS before: {rms_before.min():.2g} .. {rms_before.max():.3g} "
+      f"({int(np.count_nonzero(np.histogram(rms_before, bins)[0]))} bins); "
+      f"after: {rms_after.min():.6f} .. {rms_after.max():.6f} ({filled_after} bin(s) of width x{bins[1] / bins[0]:.2f})")
+assert rms_after.max() - rms_after.min() < bins[1] / bins[0] - 1, "after RMSNorm every row should have RMS close to 1"
 
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.3))
 ax1.plot(a.data, s.numpy(), label="silu(a) = a * sigmoid(a)")
@@ -176,14 +184,15 @@ ax1.set_xlabel("a")
 ax1.set_ylabel("value")
 ax1.set_title("SiLU: smooth, slightly negative, minimum at a = -1.28")
 ax1.legend(fontsize=8)
-bins = np.logspace(-3, 2.5, 60)
-ax2.hist(np.sqrt((raw ** 2).mean(1)), bins=bins, alpha=0.7, label="row RMS before RMSNorm")
-ax2.hist(np.sqrt((normed ** 2).mean(1)), bins=bins, alpha=0.7, label="row RMS after (all 1)")
+ax2.hist(rms_before, bins=bins, alpha=0.7, label="row RMS before RMSNorm")
+ax2.hist(rms_after, bins=bins, alpha=0.7,
+         label=f"row RMS after: {rms_after.min():.4f}..{rms_after.max():.4f},\n"
+               f"all {rms_after.size} rows in {filled_after} bin(s) at 1")
 ax2.set_xscale("log")
 ax2.set_yscale("log")
 ax2.set_xlabel("root mean square of a row (log scale)")
 ax2.set_ylabel("number of rows (log scale)")
-ax2.set_title("RMSNorm maps every row to RMS 1")
+ax2.set_title("RMSNorm maps every row to RMS close to 1")
 ax2.legend(fontsize=8)
 fig.suptitle("Lesson 3: building blocks")
 show(fig, "03_blocks.png")

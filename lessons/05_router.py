@@ -7,8 +7,10 @@
 #   renormalised to sum 1);
 # - how tokens are *dispatched* to experts and *combined* back, without a Python loop over
 #   tokens;
-# - the output of an MoE layer for one token, reconstructed by hand from its $k$ experts;
-# - how the router learns although top-$k$ is not differentiable.
+# - the output of an MoE layer for one token, reconstructed by hand from its $k$ experts, and
+#   the whole layer written in 15 lines of NumPy;
+# - how the router learns although top-$k$ is not differentiable, and how to check its
+#   gradient by finite differences with the routing decisions held fixed.
 #
 # This lesson is dropless (every assignment is served). Capacity and dropping are lesson 6.
 
@@ -141,6 +143,36 @@ assert err < 1e-5, (f"y_n differs from w1*FFN_{e1}(x) + w2*FFN_{e2}(x) by {err:.
 assert np.allclose(stats.combine_weight[n], p[n, [e1, e2]]), "OpenMoE combine weights are the raw softmax probabilities"
 
 # %% [markdown]
+# ## 5b. Build the MoE layer yourself
+#
+# The whole dropless layer in plain NumPy: route, then for every expert gather the tokens
+# that chose it, run its SwiGLU, weight the outputs by the combine weights and add them back.
+# A loop over the $E$ experts, never over tokens. It must give tinymoe's output.
+
+# %%
+def moe_numpy(x, w_router, w_gate, w_up, w_down, k):
+    """Dropless top-k MoE, OpenMoE weights: x [N, d] -> y [N, d]."""
+    z = x @ w_router                                         # [N, d] @ [d, E] -> [N, E]
+    p = np.exp(z - z.max(axis=1, keepdims=True))             # [N, E], stable softmax
+    p /= p.sum(axis=1, keepdims=True)
+    top = np.argsort(-p, axis=1, kind="stable")[:, :k]       # [N, k]: best first, ties to the lower index
+    y = np.zeros_like(x)                                     # [N, d]
+    for e in range(w_router.shape[1]):
+        tok = np.flatnonzero((top == e).any(axis=1))         # [n_e] tokens that chose expert e
+        h = x[tok] @ w_gate[e]                               # [n_e, d] @ [d, f] -> [n_e, f]
+        h = h / (1 + np.exp(-h)) * (x[tok] @ w_up[e])        # SwiGLU: silu(x W_gate) * (x W_up)
+        y[tok] += p[tok, e, None] * (h @ w_down[e])          # weight by p_e, add back [n_e, d]
+    return y
+
+
+mine = moe_numpy(tokens, moe.router.weight.data, moe.experts.w_gate.data, moe.experts.w_up.data,
+                 moe.experts.w_down.data, cfg.top_k)                     # [N, d]
+gap = np.abs(mine - y.numpy()[0]).max() / np.abs(y.numpy()).max()
+print(f"NumPy layer vs tinymoe's MoE: max relative difference {gap:.1e}")
+assert gap < 1e-5, (f"your NumPy MoE differs from tinymoe's by {gap:.1e} (relative): check the top-k "
+                    "(ties to the lower index), the SwiGLU and the weight p_e of each expert")
+
+# %% [markdown]
 # ### Picture: the routing table and token 1's choice
 
 # %%
@@ -201,6 +233,54 @@ print(f"|dL/dW_router| = {np.abs(router_grad).sum():.4f} (nonzero: the router is
 assert np.abs(router_grad).sum() > 0, "no gradient reached the router: the combine weights must depend on p"
 
 # %% [markdown]
+# Nonzero is not the same as right. A finite-difference check, in float64, of the whole
+# router gradient: the loss now includes the two router losses of lesson 7 (with large
+# weights, so that their gradients count), and every entry of $W_r$ is nudged by $\pm h$.
+# Top-$k$ is piecewise constant, so for a small $h$ the routing decisions do not change; we
+# check that they did not (otherwise the difference quotient would measure a jump, not a
+# slope). Held fixed like this, the loss is a smooth function of $W_r$ and backprop must
+# match the difference quotient.
+
+# %%
+moe64 = MoE(cfg.replace(dtype="float64"), rng=B.default_rng(0))
+moe64.load_state_dict(moe.state_dict())                                # same weights, float64
+x64 = tinymoe.tensor(x.data.astype(np.float64))                         # [1, T, d]
+target64 = target.astype(np.float64)                                    # [1, T, d]
+c_aux, c_z = 0.5, 0.1                                                   # large weights: test those terms too
+
+
+def router_loss(layer):
+    out, aux64, z64, st = layer(x64)                                    # [1, T, d], [], [], stats
+    return ((out - target64) ** 2).mean() + c_aux * aux64 + c_z * z64, st
+
+
+moe64.zero_grad()
+loss64, st64 = router_loss(moe64)
+loss64.backward()
+grad64 = moe64.router.weight.grad.copy()                                # [d, E] backprop
+W0 = moe64.router.weight.data.copy()
+h = 1e-6
+fd = np.zeros_like(W0)                                                  # [d, E] finite differences
+with tinymoe.no_grad():
+    for i in range(W0.shape[0]):
+        for e in range(W0.shape[1]):
+            vals = []
+            for sign in (1, -1):
+                moe64.router.weight.data[...] = W0
+                moe64.router.weight.data[i, e] += sign * h
+                val, st_h = router_loss(moe64)
+                assert np.array_equal(st_h.expert_index, st64.expert_index), "a nudge of h changed the routing"
+                vals.append(val.item())
+            fd[i, e] = (vals[0] - vals[1]) / (2 * h)
+moe64.router.weight.data[...] = W0
+fd_err = np.abs(grad64 - fd).max() / np.abs(fd).max()
+print(f"router gradient: backprop vs central differences (float64, h = {h:g}), "
+      f"max error relative to the largest entry: {fd_err:.1e}")
+assert fd_err < 1e-6, (
+    f"the router gradient disagrees with finite differences (relative error {fd_err:.1e}): the backward "
+    "of the combine weights, the aux loss, the z-loss or the softmax (dz = p * (dp - <dp, p>)) is wrong")
+
+# %% [markdown]
 # ## 7. Against PyTorch (optional)
 #
 # The same layer in a few lines of PyTorch, with the same weights, must give the same output.
@@ -225,6 +305,20 @@ if torch is not None:
     diff = np.abs(yt.numpy() - y.numpy()[0]).max()
     print(f"max |torch - tinymoe| = {diff:.1e}")
     assert diff < 1e-5, f"tinymoe's MoE output differs from a plain torch loop by {diff:.1e}"
+    # the router gradient too: torch differentiates through softmax and the top-k values
+    wr = torch.tensor(moe.router.weight.data, requires_grad=True)
+    pt = torch.softmax(xt @ wr, dim=-1)
+    wt = torch.gather(pt, 1, it)                                        # the same choices, differentiable
+    yt = torch.zeros_like(xt)
+    for rank in range(cfg.top_k):
+        for e in range(cfg.n_experts):
+            sel = it[:, rank] == e
+            h_t = torch.nn.functional.silu(xt[sel] @ wg[e]) * (xt[sel] @ wu[e])
+            yt[sel] += wt[sel, rank, None] * (h_t @ wd[e])
+    ((yt - torch.tensor(target[0])) ** 2).mean().backward()
+    gdiff = np.abs(wr.grad.numpy() - router_grad).max() / np.abs(router_grad).max()
+    print(f"router gradient: max |torch - tinymoe| / max |grad| = {gdiff:.1e}")
+    assert gdiff < 1e-4, f"tinymoe's router gradient differs from torch's by {gdiff:.1e} (relative)"
 
 # %% [markdown]
 # ## Exercises
@@ -237,6 +331,9 @@ if torch is not None:
 #    one token touch now? How does the gradient reach the router when the output is
 #    $p_{e}\,\mathrm{FFN}_e(x)$ and $p_e$ is close to 1? *Hint:* look at $\partial p_e / \partial z$
 #    when $p_e \to 1$.
-# 3. **Router temperature.** Multiply the router weights by 10, then by 0.1. Watch
-#    `stats.confidence` and the size of `moe.router.weight.grad`. Why do near-uniform routers
-#    (as at initialisation, std 0.02) learn slowly at first? *Hint:* lesson 2's softmax plot.
+# 3. **Router temperature.** Multiply the router weights by 10, then by 0.1, and also try the
+#    initialisation scale (std 0.02). Watch `stats.confidence` and the size of
+#    `moe.router.weight.grad`. Which router learns slowly: the near-uniform one or the
+#    saturated (confident) one? *Hint:* $\partial p_e/\partial z_e = p_e(1-p_e)$ (lesson 2's
+#    softmax plot): it vanishes as $p_e \to 1$, while near uniform it is about
+#    $\frac1E(1-\frac1E)$, not small.

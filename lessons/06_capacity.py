@@ -3,9 +3,11 @@
 #
 # **What you will learn**
 # - why an expert has a fixed number of *slots* $C$ (its capacity) per group of tokens, and
-#   how OpenMoE computes it: $C = \max(\mathrm{round}(\mathrm{cf}\cdot G/E),\ 4)$;
+#   how OpenMoE computes it: $C = \max(\mathrm{round}(\mathrm{cf}\cdot G/E),\ 4)$, rounded to
+#   the nearest integer with ties to even;
 # - in which order assignments take slots: **all first choices in token order, then all
-#   second choices** (k-major position priority), and what a *dropped* assignment means;
+#   second choices** (k-major position priority), what a *dropped* assignment means, and the
+#   slot rule `cumsum(one_hot) - 1` written by hand;
 # - why the OpenMoE formula, which has no factor $k$, drops **37.5 % of assignments even when
 #   the load is perfectly balanced** (top-2, cf 1.25), and that every one of them is a second
 #   choice near the end of the group;
@@ -50,6 +52,26 @@ for mode in routing.CAPACITY_MODES:
               f"for k*G = {k * G} assignments")
 C_base = routing.capacity(G, E, k, 1.25)
 assert C_base == 320, f"OpenMoE-Base capacity should be round(1.25*4096/16) = 320, got {C_base}"
+
+# %% [markdown]
+# For OpenMoE-Base $\mathrm{cf}\cdot G/E$ is a whole number, so the rounding never shows. It
+# does for other sizes, e.g. $G = 52$, $E = 4$: $1.25\cdot 52/4 = 16.25$. Python's `round`
+# (which flaxformer's `int(round(...))` uses) goes to the **nearest** integer, and a tie
+# $x.5$ goes to the **even** neighbour: `round(2.5) = 2`, `round(3.5) = 4`. (Small cases use
+# `min_capacity=1` so that the floor of 4 slots does not hide the rounding.)
+
+# %%
+import math
+
+print(f"{'G':>4} {'E':>3} {'cf':>5} {'cf*G/E':>8} {'round':>6} {'ceil':>5} {'floor':>6}  routing.capacity")
+for Gr, Er, cfr in ((52, 4, 1.25), (44, 8, 1.25), (20, 4, 0.5), (28, 4, 0.5)):
+    exact = cfr * Gr / Er
+    by_hand = round(exact)                                      # nearest, ties to even
+    C_lib = routing.capacity(Gr, Er, 2, cfr, min_capacity=1)
+    print(f"{Gr:>4} {Er:>3} {cfr:>5} {exact:>8} {by_hand:>6} {math.ceil(exact):>5} {math.floor(exact):>6}  {C_lib}")
+    assert C_lib == by_hand, (f"capacity(G={Gr}, E={Er}, cf={cfr}) = {C_lib}, but round({exact}) = {by_hand}: "
+                              "the OpenMoE formula rounds cf*G/E to the nearest integer (ties to even), "
+                              "not up and not down")
 
 # %% [markdown]
 # Already visible: with the `openmoe` formula and cf 1.25 there are $E\cdot C = 5120$ slots
@@ -131,6 +153,30 @@ def check_routing_rules(r):
 check_routing_rules(res)
 
 # %% [markdown]
+# ### The slots, by hand
+#
+# The whole rule is one line of NumPy: line the $kG$ assignments up in the k-major queue
+# (rank 0 of every token, then rank 1 ...), one-hot their experts, and take the running count:
+# `slot = cumsum(one_hot) - 1` at each assignment's own expert. Drop where `slot >= C`.
+
+# %%
+def slots_by_hand(expert_index, C, n_experts):
+    """expert_index [G, k] of one group -> slot [G, k] (-1 = dropped), k-major position priority."""
+    Gq, kq = expert_index.shape
+    queue = expert_index.T.reshape(-1)                          # [k*G]: all 1st choices in token order, then 2nd
+    one_hot = np.eye(n_experts, dtype=np.int64)[queue]          # [k*G, E]
+    running = np.cumsum(one_hot, axis=0) - 1                    # [k*G, E]: earlier assignments to each expert
+    slot = running[np.arange(kq * Gq), queue].reshape(kq, Gq).T  # [G, k], back to token order
+    return np.where(slot < C, slot, -1)
+
+
+mine = slots_by_hand(res.expert_index, res.capacity, E_small)
+print("slots by hand:\n", mine.T)
+assert np.array_equal(mine, res.slot), (
+    "your cumsum(one_hot) - 1 slots differ from tinymoe's: the queue must be k-major "
+    "(all first choices in token order before any second choice)")
+
+# %% [markdown]
 # ## 3. Perfect balance still drops 37.5 %
 #
 # Build a router whose choices are *perfectly balanced*: token $n$ picks expert $n \bmod E$
@@ -173,6 +219,22 @@ check_routing_rules(bal)
 bal_k = routing.route(balanced_logits(Gb, E), top_k=2, capacity_factor=1.25, capacity_mode="k_scaled")
 print(f"k_scaled formula: C = {bal_k.capacity}, dropped {bal_k.dropped_fraction:.4f}")
 assert bal_k.dropped_fraction == 0, "the k-scaled formula must not drop anything at perfect balance with cf >= 1"
+
+# %% [markdown]
+# The same balanced router on groups where $\mathrm{cf}\cdot G/E$ is not whole. With position
+# priority an expert keeps $\min(\text{load}, C)$ of its assignments, so the dropped fraction
+# follows from $C$, and $C$ from the rounding: one slot more or less per expert is visible.
+
+# %%
+for Gr, Er in ((52, 4), (44, 8)):
+    r = routing.route(balanced_logits(Gr, Er), top_k=2, capacity_factor=1.25, min_capacity=1)
+    C_hand = round(1.25 * Gr / Er)                              # nearest integer, ties to even
+    expect = 1 - np.minimum(r.load_before, C_hand).sum() / (2 * Gr)
+    print(f"G={Gr}, E={Er}: cf*G/E = {1.25 * Gr / Er}, C = {r.capacity}, load {r.load_before.tolist()}, "
+          f"dropped {r.dropped_fraction:.4f} (with C = round(...) = {C_hand}: {expect:.4f})")
+    assert r.capacity == C_hand and abs(r.dropped_fraction - expect) < 1e-12, (
+        f"G={Gr}, E={Er}: C = {r.capacity} drops {r.dropped_fraction:.4f}; with C = round({1.25 * Gr / Er}) = "
+        f"{C_hand} it should drop {expect:.4f}")
 
 # %% [markdown]
 # ## 4. Drops against the capacity factor, and where in the group they happen

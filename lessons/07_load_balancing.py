@@ -107,7 +107,7 @@ def train(phases, seed=0, z_coef=0.0, lr=3e-3):
     opt = configure_optimizers(moe, TrainConfig(optimizer="adamw", lr=lr, weight_decay=0.0,
                                                 adam_beta1=0.9, adam_beta2=0.999))
     r = np.random.default_rng(2)                             # same batches for every run
-    hist = {"mse": [], "aux": [], "z": [], "share": [], "max_logit": []}
+    hist = {"mse": [], "aux": [], "z": [], "share": [], "max_logit": [], "gap": [], "outside": []}
     for steps, aux_coef in phases:
         for _ in range(steps):
             x, y = make_batch(r)
@@ -117,6 +117,9 @@ def train(phases, seed=0, z_coef=0.0, lr=3e-3):
             opt.zero_grad()
             loss.backward()
             opt.step()
+            logp = np.sort(np.log(B.to_numpy(st.probs)), axis=1)[:, ::-1]               # [N, E], best first
+            hist["gap"].append(float((logp[:, k - 1] - logp[:, k]).mean()))             # last chosen vs best unchosen
+            hist["outside"].append(float(1 - np.exp(logp[:, :k]).sum(1).mean()))       # probability not on the top-k
             load = B.to_numpy(st.load_before)
             hist["mse"].append(mse.item())
             hist["aux"].append(st.aux_loss)
@@ -151,6 +154,44 @@ assert used(h1["share"][-1]) >= E - 2 and h1["aux"][-1] < 2.6, (
     f"after switching the aux loss on the load should spread again; {used(h1['share'][-1])} experts used, "
     f"L_aux {h1['aux'][-1]:.2f}")
 assert h2["mse"][-50:].mean() < h0["mse"][-50:].mean(), "the balanced layer should fit the 8-kind task better"
+
+# %% [markdown]
+# ### Why the load stays collapsed for a while after the switch
+#
+# Look at the aux gradient on the logits of one token (lesson 5's softmax backward with
+# $\partial L_{aux}/\partial p_i = c f_i$, $c = E/G$). In a collapse onto two experts, $f_i = 1$
+# for the two busy experts and 0 for the others, so with $q = $ the probability the token puts
+# *outside* the two busy experts:
+#
+# $$\frac{\partial L_{aux}}{\partial z_i} = p_i\,c\,(f_i - \textstyle\sum_j f_j p_j)
+# = \begin{cases} c\,p_i\, q & \text{busy expert}\\ -c\,p_i\,(1-q) & \text{idle expert}\end{cases}$$
+#
+# A saturated router has $q \approx 0$ and $p_i \approx 0$ for every idle expert, so the
+# aux loss, although it is near its maximum $E$, pushes the logits hardly at all. Only as
+# the idle experts' logits creep up does the push grow; then the choices flip quickly. The
+# run's own numbers:
+
+# %%
+t_rec = next((t for t in range(n1, n1 + n2) if used(h1["share"][t]) >= E - 2), None)
+q0, gap0 = h1["outside"][n1 - 1], h1["gap"][n1 - 1]
+print(f"at the switch (step {n1}): probability outside the top-{k} q = {q0:.2e}; the last chosen expert "
+      f"leads the best idle one by {gap0:.2f} nats (a factor {np.exp(gap0):,.0f} in p)")
+assert t_rec is not None, "the load never spread after the switch"
+for t in (n1 + (t_rec - n1) // 4, n1 + (t_rec - n1) // 2, n1 + 3 * (t_rec - n1) // 4, t_rec):
+    print(f"  step {t + 1:4d} (+{t + 1 - n1:3d}): gap {h1['gap'][t]:5.2f} nats, q {h1['outside'][t]:.2e}, "
+          f"{used(h1['share'][t])} experts used, L_aux {h1['aux'][t]:.2f}")
+print(f"the load spread to >= {E - 2} experts {t_rec + 1 - n1} updates after the aux loss was switched on")
+
+# %% [markdown]
+# And the z-loss at step 0: a fresh router has logits close to 0, and $\mathrm{logsumexp}$ of
+# $E$ zeros is $\ln E$, not 0. So $L_z$ starts near $(\ln E)^2$, a bit above it because
+# $\mathrm{logsumexp}(z) \ge \ln E + \bar z$ and grows with the spread of the logits
+# ($\approx \ln E + \bar z + \mathrm{var}(z)/2$ for small logits).
+
+# %%
+z_start = h0["z"][0]
+print(f"L_z at step 0: {z_start:.3f}; (ln E)^2 = (ln {E})^2 = {np.log(E) ** 2:.3f}")
+assert np.log(E) ** 2 <= z_start < 1.5 * np.log(E) ** 2, f"L_z at init ({z_start:.3f}) should be just above (ln E)^2"
 
 # %% [markdown]
 # ### Picture: collapse and recovery
@@ -189,7 +230,7 @@ axes[2].set_xlabel("training step")
 axes[2].set_ylabel("task MSE (moving mean over 20 steps)")
 axes[2].set_title("task loss: the balanced layer learns the 8 kinds best")
 axes[2].legend(fontsize=7)
-fig.suptitle("Lesson 7: without the aux loss the router collapses onto 2 of 8 experts")
+fig.suptitle(f"Lesson 7: without the aux loss the router collapses onto {used(h0['share'][-1])} of {E} experts")
 show(fig, "07_collapse.png")
 
 # %% [markdown]

@@ -219,8 +219,12 @@ for p in ("mini", "openmoe-base"):
 # ## Exercises
 #
 # 1. **Untied head.** The original OpenMoE has an untied output head. Count
-#    `get_preset("openmoe-base", tie_embeddings=False)`: total and active. Which convention from
-#    the table above does it match? *Hint:* one more $V \times d$ matrix.
+#    `get_preset("openmoe-base", tie_embeddings=False)`: total and active. It matches **none**
+#    of the three conventions above: show that it is the tied count plus one $V\times d$
+#    matrix, and compute what the code convention gives with an untied head (input embedding +
+#    head + routers + norms). Which count is the paper's "650M" then? *Hint:* one more
+#    $V \times d$ matrix; `python -m tinymoe params --config openmoe-base --tie-embeddings false`
+#    prints the same table.
 # 2. **More experts, same active size.** Double `n_experts` of `mini` with `top_k` fixed. How do
 #    total and active change? What about halving `d_ff_expert` and doubling `top_k` (fine-grained
 #    experts)? *Hint:* `count_parameters(get_preset("mini", n_experts=16))`.

@@ -129,8 +129,8 @@ for name in ("mini", "openmoe-base"):
 t = np.unique(np.logspace(0, np.log10(50_000), 400).astype(int))
 fig, ax = plt.subplots(figsize=(7, 4))
 ax.plot(t, [warmup_cosine(int(s), 3e-3, 60, 1200, 3e-4) for s in t], label="warmup 60 + cosine over 1200 (tinymoe default)")
-ax.plot(t, [inverse_sqrt(int(s), 10_000) for s in t], label="inverse sqrt, warmup 1e4 (OpenMoE, Adafactor)")
-ax.plot(t, [inverse_sqrt(int(s), 100, scale=3e-3 * 10) for s in t], "--", label="inverse sqrt, warmup 100, peak 3e-3")
+ax.plot(t, [inverse_sqrt(int(s), 10_000) for s in t], label="inverse sqrt 1/sqrt(max(t, 1e4)) (OpenMoE, Adafactor): flat 1e-2 until step 1e4, no ramp")
+ax.plot(t, [inverse_sqrt(int(s), 100, scale=3e-3 * 10) for s in t], "--", label="inverse sqrt 0.03/sqrt(max(t, 100)): flat 3e-3 until step 100")
 ax.set_yscale("log")
 ax.set_xscale("log")
 ax.set_xlabel("update step (log scale)")
@@ -246,7 +246,8 @@ assert diff == 0.0, f"resume is not exact: weights differ by up to {diff}"
 # ## Exercises
 #
 # 1. **Adafactor, OpenMoE style.** Train with `optimizer="adafactor", schedule="inverse_sqrt",
-#    lr=0.01, warmup=100` and compare the held-out loss after 300 updates with AdamW.
+#    lr=0.01, warmup=100` and compare the held-out loss after 300 updates with AdamW. (With
+#    `inverse_sqrt`, `warmup` is the length of the flat phase at the peak rate, not a ramp.)
 #    *Hint:* `train_cfg.replace(...)` and a new `out_dir`.
 # 2. **Top-1 or dropless.** Train `get_preset("mini", top_k=1)` and
 #    `get_preset("mini", capacity_factor=None)`. What happens to `drop` and `busiest` in the
