@@ -254,11 +254,11 @@ def test_drop_by_position_checks_inputs():
 
 
 # ------------------------------------------------------------------ model wrappers
-def _toy_model(seed: int = 0):
+def _toy_model(seed: int = 0, **overrides):
     from tinymoe.config import get_preset
     from tinymoe.nn.model import OpenMoE
 
-    return OpenMoE(get_preset("toy"), seed=seed)
+    return OpenMoE(get_preset("toy", **overrides), seed=seed)
 
 
 def test_collect_routing_matches_the_model_and_restores_settings():
@@ -469,13 +469,13 @@ def test_report_text_comes_from_its_json():
 
 
 # ------------------------------------------------------------------ the command, end to end
-def _toy_checkpoint(tmp_path, name: str = "run", seed: int = 0):
+def _toy_checkpoint(tmp_path, name: str = "run", seed: int = 0, **overrides):
     """A checkpoint of an untrained toy model (``seed``) in ``tmp_path/name``, routing
     snapshots in the trainer's format, and a data folder of three domains."""
     from tinymoe.checkpoint import save_checkpoint
     from tinymoe.tokenizer import ByteTokenizer
 
-    model = _toy_model(seed)
+    model = _toy_model(seed, **overrides)
     run_dir = tmp_path / name
     save_checkpoint(run_dir / "checkpoint.npz", model_config=model.cfg,
                     model_state=model.state_dict(), tokenizer=ByteTokenizer(), step=30,
@@ -628,3 +628,16 @@ def test_analyze_refuses_a_damaged_snapshot_in_one_line(tmp_path, capsys):
     assert A.run(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(snap) in err[0] and "routing snapshot" in err[0], err
+
+
+def test_analyze_an_expert_choice_model_says_what_its_numbers_mean(tmp_path, capsys):
+    """Expert choice lists all E experts per token (k = E): the std measure has no spread
+    (it used to divide by zero) and 'drops' are unpicked pairs; the command says so."""
+    run_dir, data = _toy_checkpoint(tmp_path, router_type="expert_choice")
+    parser = argparse.ArgumentParser()
+    A.add_arguments(parser)
+    args = parser.parse_args([str(run_dir), "--data", str(data), "--max-tokens", "512",
+                              "--drop-tokens", "256", "--min-count", "4", "--bins", "4"])
+    assert A.run(args) == 0
+    captured = capsys.readouterr()
+    assert "expert-choice router" in captured.out + captured.err

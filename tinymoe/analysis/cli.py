@@ -178,6 +178,11 @@ def _run_analysis(args: argparse.Namespace) -> int:
     log(f"loaded {ckpt_path} (step {ckpt.step}); data {corpus.source}: "
         f"{', '.join(corpus.domains)}" + (f"; left out of training: {', '.join(excluded)}"
                                           if excluded else ""))
+    if cfg.router_type == "expert_choice":
+        log("note: expert-choice router: every token lists all E experts by score and an "
+            "expert keeps its top-C tokens, so 'drops' below count the (token, expert) pairs "
+            "not picked and the std measure has no spread (k = E); for tokens with no expert "
+            "by position see `python -m tinymoe compare-routers`")
 
     compare_model = None
     compare_name = "compare"

@@ -174,7 +174,8 @@ def routing_std(keys: Array, experts: Array, n_experts: int, min_count: int = 16
     dist = counts[ok] / totals[ok, None]                                  # [U', E]
     std = dist.std(axis=1)                                                # [U']
     mean = float(std.mean())
-    return {"mean_std": mean, "max_std": max_std, "relative": mean / max_std,
+    rel = mean / max_std if max_std > 0 else float("nan")   # k = E (expert choice): no spread
+    return {"mean_std": mean, "max_std": max_std, "relative": rel,
             "n_keys": int(ok.sum()), "token_share": float(totals[ok].sum() / totals.sum())}
 
 
