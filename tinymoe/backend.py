@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402  (host arrays: data loading, checkpoints, analy
 
 __all__ = [
     "np", "xp", "set_device", "get_device", "array_module", "to_numpy", "to_device",
+    "is_device_array", "register_device_module", "device_error",
     "default_rng", "cuda_available", "DeviceError", "DEFAULT_DTYPE",
     "synchronize", "device_pool_bytes", "free_device_pool",
     "set_num_threads", "get_num_threads", "parallel_rows", "keep_freed_memory",
@@ -39,6 +40,9 @@ DEFAULT_DTYPE = np.float32
 
 xp: ModuleType = np
 _device: str = "cpu"
+# A module that stands in for CuPy as the "cuda" device, and its array type (see
+# register_device_module); None: the real CuPy.
+_stand_in: tuple[ModuleType, type] | None = None
 
 
 class DeviceError(RuntimeError):
@@ -72,6 +76,24 @@ def cuda_available() -> bool:
         return False
 
 
+def register_device_module(module: ModuleType | None, array_type: type | None = None) -> None:
+    """Let ``module`` (whose arrays are of ``array_type``) stand in for CuPy as the
+    ``"cuda"`` device; ``None`` goes back to the real CuPy.
+
+    For tests without a GPU: the suite registers a strict NumPy-backed module with CuPy's
+    names and rules (tests/strict_xp.py), so that the device path (placement, host
+    syncs, the deterministic scatter-adds) runs on every CI run. While one is registered,
+    ``set_device("cuda")`` selects it, and ``array_module``, ``to_numpy`` and
+    ``is_device_array`` treat its arrays as device arrays."""
+    global _stand_in
+    if module is None:
+        _stand_in = None
+        return
+    if array_type is None:
+        raise ValueError("register_device_module: give the module's array type too")
+    _stand_in = (module, array_type)
+
+
 def set_device(name: str) -> None:
     """Choose where new arrays live: ``"cpu"`` (NumPy) or ``"cuda"`` (CuPy)."""
     global xp, _device
@@ -79,7 +101,7 @@ def set_device(name: str) -> None:
     if name in ("cpu", "numpy"):
         xp, _device = np, "cpu"
     elif name in ("cuda", "gpu", "cupy"):
-        xp, _device = _import_cupy(), "cuda"
+        xp, _device = (_stand_in[0] if _stand_in is not None else _import_cupy()), "cuda"
     else:
         raise DeviceError(f"unknown device {name!r}: use 'cpu' or 'cuda'")
 
@@ -89,8 +111,17 @@ def get_device() -> str:
     return _device
 
 
+def is_device_array(a: Any) -> bool:
+    """True for an array of the device (CuPy, or the registered stand-in); never imports CuPy."""
+    if _stand_in is not None and isinstance(a, _stand_in[1]):
+        return True
+    return type(a).__module__.startswith("cupy")
+
+
 def array_module(a: Any) -> ModuleType:
     """NumPy for host arrays, CuPy for device arrays (without importing CuPy on the CPU)."""
+    if _stand_in is not None and isinstance(a, _stand_in[1]):
+        return _stand_in[0]
     if type(a).__module__.startswith("cupy"):
         import cupy  # noqa: PLC0415  (a cupy array exists, so cupy is already imported)
         return cupy
@@ -98,8 +129,9 @@ def array_module(a: Any) -> ModuleType:
 
 
 def to_numpy(a: Any) -> np.ndarray:
-    """A host NumPy copy (or view) of ``a``; accepts NumPy, CuPy, scalars, lists."""
-    if type(a).__module__.startswith("cupy"):
+    """A host NumPy copy (or view) of ``a``; accepts NumPy, CuPy, scalars, lists.
+    For a device array this is a device -> host transfer (a host sync)."""
+    if is_device_array(a):
         return a.get()
     return np.asarray(a)
 
@@ -109,6 +141,12 @@ def to_device(a: Any, dtype: Any = None) -> Any:
     if xp is np:
         return np.asarray(to_numpy(a), dtype=dtype)
     return xp.asarray(a, dtype=dtype)
+
+
+def device_error(op: str, a: Any) -> TypeError:
+    """The one-line error for a host array handed to an op on device arrays."""
+    return TypeError(f"{op}: a host (NumPy) array of shape {tuple(getattr(a, 'shape', ()))} was mixed "
+                     "with device arrays; move it with tinymoe.backend.to_device")
 
 
 def default_rng(seed: int | None = None) -> np.random.Generator:
@@ -146,21 +184,22 @@ if _env:
 
 # --- scatter-add without np.add.at -------------------------------------------------------
 # The backward of a gather is a scatter-add, where repeated indices must add up.
-# np.add.at does this but is slow; these two cover the hot paths.
+# np.add.at does this but is slow; these two cover the hot paths. On the device neither
+# cupyx.scatter_add nor a weighted bincount is used: both add with atomics, so a row with
+# three or more summands would sum in an order that changes from run to run (and an
+# exact resume would not be exact). _segment_sum_device sums in a fixed order instead.
 
 def scatter_add_rows(n_rows: int, index: Any, values: Any) -> Any:
     """``out[index[m]] += values[m]`` for rows: index [M] ints, values [M, ...] -> [n_rows, ...].
 
     NumPy: sort the indices, sum each run of equal indices with ``add.reduceat``, write the
-    sums once per unique row. CuPy: ``cupyx.scatter_add`` (atomic adds on the GPU).
+    sums once per unique row. Device: :func:`_segment_sum_device` (deterministic).
     """
     mod = array_module(values)
+    if mod is not np:
+        return _segment_sum_device(mod, n_rows, index, values)
     out = mod.zeros((n_rows,) + tuple(values.shape[1:]), dtype=values.dtype)
     if index.size == 0:
-        return out
-    if mod is not np:
-        import cupyx  # noqa: PLC0415
-        cupyx.scatter_add(out, index, values)
         return out
     order = np.argsort(index, kind="stable")                    # [M]
     sorted_index = index[order]                                 # [M]
@@ -172,11 +211,48 @@ def scatter_add_rows(n_rows: int, index: Any, values: Any) -> Any:
 def scatter_add_flat(size: int, flat_index: Any, values: Any) -> Any:
     """``out[flat_index[m]] += values[m]`` on a flat array of ``size`` (any repeats).
 
-    Uses ``bincount`` with weights (a single C pass; sums in float64, then cast back).
+    NumPy: ``bincount`` with weights (a single C pass; sums in float64, then cast back).
+    Device: :func:`_segment_sum_device` (deterministic).
     """
     mod = array_module(values)
+    if mod is not np:
+        return _segment_sum_device(mod, size, flat_index.ravel(), values.ravel())
     out = mod.bincount(flat_index.ravel(), weights=values.ravel(), minlength=size)
     return out.astype(values.dtype, copy=False)
+
+
+def _segment_sum_device(mod: ModuleType, n_rows: int, index: Any, values: Any) -> Any:
+    """Deterministic scatter-add on the device, with no host sync and no atomics.
+
+    Sort the M indices (a stable sort), take the running sum ``S`` of the sorted rows
+    (float64 for float32 data), and for the run of rows of each index r (sorted positions
+    a..b) write ``out[r] = S[b] - S[a - 1]``: the last row of a run writes the running sum
+    ``hi[r] = S[b]``, the first row the sum before it ``lo[r] = S[a - 1]`` (0 for a = 0).
+    The other rows write into a spare row ``n_rows`` that is dropped, so every output row is
+    written once and no write depends on thread order. Sort, scan and the difference are
+    fixed-order: the result is the same on every run. Error of ``S[b] - S[a - 1]`` against
+    the exact sum: at most about ``M * eps_acc * max_m |S[m]|`` (eps_acc: float64's
+    2.2e-16 for float32 and float64 data), far below float32 rounding for float32 data.
+    """
+    acc = mod.float64 if values.dtype in (mod.float16, mod.float32) else values.dtype
+    out_shape = (n_rows,) + tuple(values.shape[1:])
+    m = index.shape[0]
+    if m == 0:
+        return mod.zeros(out_shape, dtype=values.dtype)
+    order = mod.argsort(index, kind="stable")                   # [M]
+    key = index[order]                                          # [M] sorted
+    running = mod.cumsum(values[order].astype(acc), axis=0)     # [M, ...] S
+    before = mod.zeros_like(running)                            # [M, ...] S[m - 1]
+    before[1:] = running[:-1]
+    change = key[1:] != key[:-1]                                # [M - 1]
+    true = mod.ones(1, dtype=mod.bool_)
+    first = mod.concatenate([true, change])                     # [M] a run starts here
+    last = mod.concatenate([change, true])                      # [M] a run ends here
+    hi = mod.zeros((n_rows + 1,) + out_shape[1:], dtype=acc)    # row n_rows: the spare row
+    lo = mod.zeros_like(hi)
+    hi[mod.where(last, key, n_rows)] = running
+    lo[mod.where(first, key, n_rows)] = before
+    return (hi[:n_rows] - lo[:n_rows]).astype(values.dtype)
 
 
 # --- threads: BLAS and row-parallel kernels ----------------------------------------------
