@@ -10,7 +10,7 @@ mistakes hide on a CPU-only run:
   ("Unsupported type <class 'numpy.ndarray'>"); so does a NumPy function called on a
   device array, and ``__array__`` (implicit conversion to the host);
 - reductions return 0-d arrays, never host scalars;
-- every explicit device -> host transfer (``get``, ``item``, ``tolist``, ``float()``,
+- every device -> host transfer (``get``, ``item``, ``tolist``, ``float()``,
   ``int()``, ``bool()``, ``repr``) is a *host sync* and is counted (:func:`count_syncs`),
   with the line of tinymoe that asked for it;
 - the scatter operations that use atomic adds on a GPU (``bincount`` with ``weights``,
@@ -279,6 +279,8 @@ class StrictArray:
         if name not in CUPY_ARRAY_METHODS:
             raise AttributeError(f"strict device backend: cupy.ndarray has no attribute {name!r}")
         attr = getattr(self._a, name)
+        if name in ("nonzero", "compress"):
+            _sync(name)
         if not callable(attr):
             return _wrap(attr)
 
@@ -287,10 +289,20 @@ class StrictArray:
         return method
 
     def __getitem__(self, idx: Any) -> Any:
+        _count_mask(idx)
         return _wrap(self._a[_unwrap(idx)])
 
     def __setitem__(self, idx: Any, value: Any) -> None:
+        _count_mask(idx)
         self._a[_unwrap(idx)] = _unwrap(value)
+
+
+def _count_mask(idx: Any) -> None:
+    """CuPy indexes with a boolean mask by first counting its True entries on the host
+    (the result's shape depends on them): one sync per mask."""
+    for part in idx if isinstance(idx, tuple) else (idx,):
+        if isinstance(part, StrictArray) and part.dtype == np.bool_ and part.ndim > 0:
+            _sync("boolean mask index")
 
 
 def _binary(name: str) -> Any:
@@ -376,7 +388,18 @@ def _bincount(x: Any, weights: Any = None, minlength: int = 0) -> Any:
     if weights is not None:
         raise TypeError("strict device backend: bincount with weights adds with atomics on a GPU "
                         "(non-deterministic order); use backend.scatter_add_flat")
+    _sync("bincount (min check)")            # cupy.bincount reads min(x) and max(x) on the host
+    _sync("bincount (max for the size)")
     return _call(np.bincount, (x,), {"minlength": minlength})
+
+
+def _data_dependent(fn: Any, what: str) -> Any:
+    """A function whose output shape depends on the values (nonzero ...): CuPy reads the
+    count on the host first, one sync."""
+    def f(*args: Any, **kwargs: Any) -> Any:
+        _sync(what)
+        return _call(fn, args, kwargs)
+    return f
 
 
 def _asnumpy(a: Any, *args: Any, **kwargs: Any) -> np.ndarray:
@@ -406,6 +429,12 @@ _SPECIAL = {
     "asarray": _transfer(np.asarray), "array": _transfer(np.array),
     "ascontiguousarray": _transfer(np.ascontiguousarray), "asanyarray": _transfer(np.asarray),
     "asnumpy": _asnumpy, "bincount": _bincount,
+    "nonzero": _data_dependent(np.nonzero, "nonzero"),
+    "flatnonzero": _data_dependent(np.flatnonzero, "flatnonzero"),
+    "argwhere": _data_dependent(np.argwhere, "argwhere"),
+    "unique": _data_dependent(np.unique, "unique"),
+    "compress": _data_dependent(np.compress, "compress"),
+    "extract": _data_dependent(np.extract, "extract"),
     "get_default_memory_pool": lambda: _POOL,
     "cuda": types.SimpleNamespace(Device=_Device),
 }

@@ -34,6 +34,7 @@ __all__ = [
     "default_rng", "cuda_available", "DeviceError", "DEFAULT_DTYPE",
     "synchronize", "device_pool_bytes", "free_device_pool",
     "set_num_threads", "get_num_threads", "parallel_rows", "keep_freed_memory",
+    "scatter_add_rows", "scatter_add_flat", "count_values",
 ]
 
 DEFAULT_DTYPE = np.float32
@@ -219,6 +220,21 @@ def scatter_add_flat(size: int, flat_index: Any, values: Any) -> Any:
         return _segment_sum_device(mod, size, flat_index.ravel(), values.ravel())
     out = mod.bincount(flat_index.ravel(), weights=values.ravel(), minlength=size)
     return out.astype(values.dtype, copy=False)
+
+
+def count_values(values: Any, n: int) -> Any:
+    """``counts[v]`` = how many entries of the integer array ``values`` equal v, for v in
+    [0, n) (every entry must lie there) -> [n] int64.
+
+    NumPy: ``bincount``. Device: ``cupy.bincount`` reads min and max on the host (two
+    syncs per call), so the values are sorted and each count is the distance between
+    the ``searchsorted`` edges of v and v + 1: no sync, no atomics."""
+    mod = array_module(values)
+    flat = values.ravel()
+    if mod is np:
+        return np.bincount(flat, minlength=n).astype(np.int64, copy=False)
+    edges = mod.searchsorted(mod.sort(flat), mod.arange(n + 1, dtype=flat.dtype))   # [n + 1]
+    return (edges[1:] - edges[:-1]).astype(mod.int64)
 
 
 def _segment_sum_device(mod: ModuleType, n_rows: int, index: Any, values: Any) -> Any:

@@ -273,32 +273,42 @@ def train_step(model: Any, optimizer: Optimizer, batches: Iterable[Batch], *, lr
     L = CE + aux + z) and backward (gradients add up), then g /= n_micro, global-norm
     clip, update at rate ``lr``, zero_grad. A non-finite loss or gradient norm skips the
     update (``StepStats.bad``). ``grad_clip`` 0 measures the norm without clipping.
+
+    Host syncs: the losses, routing statistics and gradient norm stay on the device until
+    the end of the step and come back in ONE transfer (a non-finite loss is therefore seen
+    after every micro-batch's backward, not before; the update is skipped all the same).
+    The forward adds one sync per MoE layer (the rows per expert, which size the grouped
+    matmuls); nothing else in a step reads the device.
     """
     params = list(model.parameters())
     optimizer.zero_grad()
     lr = set_lr(optimizer, lr)
-    sums = dict.fromkeys(("loss", "ce", "aux", "z", "dropped", "busiest"), 0.0)
-    n, bad, gnorm = 0, None, float("nan")
+    names = ("loss", "ce", "aux", "z", "dropped", "busiest")
+    sums: list[Any] = []                                         # 0-d device arrays, one per name
+    n = 0
     for batch in batches:
         out = model(batch.x, targets=batch.y, rng=rng)           # [B, T] -> logits, losses
-        loss = float(out.loss.item())
-        if not math.isfinite(loss):
-            bad = f"loss is {loss}"
-            break
         out.loss.backward()                                      # grads += dL/dtheta
-        dropped, busiest = routing_summary(out.routing)
+        dropped, busiest = routing_summary(out.routing, sync=False)
+        xp = B.array_module(out.loss.data)
+        parts = [xp.asarray(v, dtype=xp.float64)                 # summed in float64, as floats were
+                 for v in (out.loss.data, out.ce.data, out.aux_loss.data, out.z_loss.data, dropped, busiest)]
+        sums = parts if not sums else [a + b for a, b in zip(sums, parts)]
         n += 1
-        for k, v in (("loss", loss), ("ce", out.ce.item()), ("aux", out.aux_loss.item()),
-                     ("z", out.z_loss.item()), ("dropped", dropped), ("busiest", busiest)):
-            sums[k] += float(v)
-    if bad is None:
-        if n > 1:
-            scale_grads_(params, 1.0 / n)                        # mean over micro-batches
-        gnorm = clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-        if not math.isfinite(gnorm):
-            bad = f"gradient norm is {gnorm}"
-    stats = StepStats(**{k: v / max(n, 1) for k, v in sums.items()}, grad_norm=gnorm, lr=lr,
-                      bad=bad)
+    if n > 1:
+        scale_grads_(params, 1.0 / n)                            # mean over micro-batches
+    gnorm = clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"), sync=False)
+    # The step's one host sync: every statistic in one device -> host transfer.
+    xp = B.array_module(gnorm)
+    host = B.to_numpy(xp.stack(sums + [xp.asarray(gnorm, dtype=xp.float64)]))   # [7] or [1]
+    values = {k: float(host[i]) / n for i, k in enumerate(names)} if n else dict.fromkeys(names, 0.0)
+    gnorm = float(host[-1])
+    bad = None
+    if not math.isfinite(values["loss"]):
+        bad = f"loss is {values['loss']}"
+    elif not math.isfinite(gnorm):
+        bad = f"gradient norm is {gnorm}"
+    stats = StepStats(**values, grad_norm=gnorm, lr=lr, bad=bad)
     if bad is not None:
         optimizer.zero_grad()
         return stats
