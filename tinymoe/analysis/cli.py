@@ -75,6 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="threads for BLAS and tinymoe's row-parallel kernels (default: "
                              "every core). 1 is often faster on a busy machine")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="array library: NumPy (cpu) or CuPy (cuda) (default: cpu)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the multi-turn sequences and shuffled baselines")
 
@@ -117,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if getattr(args, "threads", None) is not None:
             B.set_num_threads(args.threads)
+        if getattr(args, "device", None) is not None:
+            B.set_device(args.device)
         return _run_analysis(args)
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
