@@ -27,10 +27,13 @@ _ROOT = str(Path(__file__).resolve().parents[1])
 os.environ["PYTHONPATH"] = os.pathsep.join(
     [_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != _ROOT])
 
+# TINYMOE_DEVICE is for users: the suite chooses its devices itself (and its subprocesses
+# start on the CPU). Removed before tinymoe is imported, which would act on it.
+os.environ.pop("TINYMOE_DEVICE", None)
+
 from tinymoe import backend as B  # noqa: E402
 from tests import strict_xp  # noqa: E402
 
-os.environ.pop("TINYMOE_DEVICE", None)      # subprocesses start on the CPU too
 _CUDA = B.cuda_available()
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,16 @@ def test_device_pinned_per_test():
     """conftest pins every test to the CPU and drops TINYMOE_DEVICE for subprocesses."""
     assert B.get_device() == "cpu" and B.xp is np
     assert "TINYMOE_DEVICE" not in os.environ
+
+
+def test_exported_device_does_not_leak_into_the_suite(tmp_path):
+    """With TINYMOE_DEVICE=cuda exported (no GPU here: importing tinymoe would fail) the
+    suite still starts, and its tests run on the CPU."""
+    env = {**os.environ, "TINYMOE_DEVICE": "cuda"}
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        f"{__file__}::test_device_pinned_per_test"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "1 passed" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
 
 
 def test_host_arrays_follow_the_op_to_the_device(strict):
