@@ -14,8 +14,9 @@ mistakes hide on a CPU-only run:
   ``int()``, ``bool()``, ``repr``) is a *host sync* and is counted (:func:`count_syncs`),
   with the line of tinymoe that asked for it;
 - the scatter operations that use atomic adds on a GPU (``bincount`` with ``weights``,
-  ``ufunc.at``, ``ndarray.scatter_add``) are refused, so that a run-to-run
-  non-deterministic sum cannot creep back into the device path.
+  ``ufunc.at``, ``ndarray.scatter_add``) and float ``cumsum``/``cumprod`` (CUB's scan
+  does not promise a fixed order) are refused, so that a run-to-run non-deterministic
+  sum cannot creep back into the device path.
 
 It is a guard for the plumbing, not a model of GPU numerics: the results are NumPy's.
 tinymoe finds it through ``backend.register_device_module`` (see ``use_strict_device``);
@@ -281,6 +282,9 @@ class StrictArray:
         attr = getattr(self._a, name)
         if name in ("nonzero", "compress"):
             _sync(name)
+        if name in ("cumsum", "cumprod") and self.dtype.kind in "fc":
+            raise TypeError(f"strict device backend: {name} of floats has no fixed order on a GPU "
+                            "(CUB scan); use a fixed-order sum")
         if not callable(attr):
             return _wrap(attr)
 
@@ -393,6 +397,17 @@ def _bincount(x: Any, weights: Any = None, minlength: int = 0) -> Any:
     return _call(np.bincount, (x,), {"minlength": minlength})
 
 
+def _scan(fn: Any) -> Any:
+    """cumsum / cumprod on integers only: on floats CuPy may run CUB's scan, which does not
+    promise the same rounding order from run to run."""
+    def f(a: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(a, StrictArray) and a.dtype.kind in "fc":
+            raise TypeError(f"strict device backend: {fn.__name__} of floats has no fixed order "
+                            "on a GPU (CUB scan); use a fixed-order sum")
+        return _call(fn, (a,) + args, kwargs)
+    return f
+
+
 def _data_dependent(fn: Any, what: str) -> Any:
     """A function whose output shape depends on the values (nonzero ...): CuPy reads the
     count on the host first, one sync."""
@@ -429,6 +444,7 @@ _SPECIAL = {
     "asarray": _transfer(np.asarray), "array": _transfer(np.array),
     "ascontiguousarray": _transfer(np.ascontiguousarray), "asanyarray": _transfer(np.asarray),
     "asnumpy": _asnumpy, "bincount": _bincount,
+    "cumsum": _scan(np.cumsum), "cumprod": _scan(np.cumprod),
     "nonzero": _data_dependent(np.nonzero, "nonzero"),
     "flatnonzero": _data_dependent(np.flatnonzero, "flatnonzero"),
     "argwhere": _data_dependent(np.argwhere, "argwhere"),

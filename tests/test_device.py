@@ -21,7 +21,7 @@ from tinymoe.checkpoint import load_checkpoint
 from tinymoe.config import get_preset
 from tinymoe.data import Batch
 from tinymoe.nn.model import OpenMoE
-from tinymoe.optim import AdamW
+from tinymoe.optim import Adafactor, AdamW
 from tinymoe.train import TrainConfig, train, train_step
 
 from tests import strict_xp
@@ -61,6 +61,9 @@ def test_strict_backend_follows_cupy_rules(strict):
         xp.add.at(a, xp.asarray([0, 0]), 1.0)
     with pytest.raises(AttributeError, match="atomics"):
         a.scatter_add                                     # noqa: B018
+    with pytest.raises(TypeError, match="fixed order"):
+        xp.cumsum(a)                                      # float scans: no fixed order
+    assert B.to_numpy(xp.cumsum(xp.asarray([1, 2, 3]))).tolist() == [1, 3, 6]   # ints are exact
 
 
 def test_allowed_names_are_cupys():
@@ -149,10 +152,10 @@ def test_mixing_devices_is_one_line(strict):
 
 
 # ----------------------------------------------------------------------------- host syncs
-def _step_syncs(strict, name: str, grad_accum: int = 1) -> tuple[int, str, object]:
+def _step_syncs(strict, name: str, grad_accum: int = 1, optimizer: type = AdamW) -> tuple[int, str, object]:
     cfg = get_preset(name)
     model = OpenMoE(cfg, seed=0)
-    opt = AdamW(model.parameters(), lr=1e-3)
+    opt = optimizer(model.parameters(), lr=1e-3)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, cfg.vocab_size, size=(grad_accum, 4, 65))
     batches = [Batch(i[:, :-1], i[:, 1:], np.zeros(4, np.int64)) for i in ids]   # [4, 64] each
@@ -163,17 +166,17 @@ def _step_syncs(strict, name: str, grad_accum: int = 1) -> tuple[int, str, objec
     return len(log), log.summary(), (st, n_moe)
 
 
-def test_train_step_host_syncs_are_constant(strict):
-    """A training step of ``mini`` (batch 4 x 64) reads the device 1 + (MoE layers) times
-    per micro-batch... exactly: one transfer of the step's statistics, plus one per MoE
-    layer and micro-batch (the rows per expert, which size the grouped matmuls). Nothing
+@pytest.mark.parametrize("optimizer", [AdamW, Adafactor], ids=["adamw", "adafactor"])
+def test_train_step_host_syncs_are_constant(strict, optimizer):
+    """A training step of ``mini`` (batch 4 x 64) reads the device exactly once for the
+    step's statistics, plus once per MoE layer and micro-batch (the rows per expert, which size the grouped matmuls). Nothing
     per parameter (the issue counted 91 before: 48 of them in clip_grad_norm_)."""
-    n, summary, (st, n_moe) = _step_syncs(strict, "mini")
+    n, summary, (st, n_moe) = _step_syncs(strict, "mini", optimizer=optimizer)
     assert n_moe >= 2
     assert n == 1 + n_moe, summary
     for k in ("loss", "ce", "aux", "z", "dropped", "busiest", "grad_norm"):
         assert type(getattr(st, k)) is float, k
-    n2, summary2, _ = _step_syncs(strict, "mini", grad_accum=2)
+    n2, summary2, _ = _step_syncs(strict, "mini", grad_accum=2, optimizer=optimizer)
     assert n2 == 1 + 2 * n_moe, summary2
 
 
@@ -208,8 +211,9 @@ def test_train_step_on_device_matches_cpu(strict):
 # ----------------------------------------------------------------------------- scatter-add
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_device_scatter_add_is_right_and_repeatable(strict, dtype):
-    """The device scatter-adds (no atomics: sort + running sum) against a float64 sum, on
-    rows with many summands, with empty rows and in a fixed order run after run."""
+    """The device scatter-adds (no atomics: sort + segmented doubling scan) against a
+    float64 sum, on rows with many summands (one row with all 200), with empty rows, and the
+    same bits run after run. Tolerance: pairwise sums of at most 200 terms of size ~1."""
     rng = np.random.default_rng(3)
     index = rng.integers(0, 7, size=200)
     index[index == 4] = 5                                  # row 4 gets nothing
@@ -228,6 +232,8 @@ def test_device_scatter_add_is_right_and_repeatable(strict, dtype):
     assert np.array_equal(B.to_numpy(again), B.to_numpy(rows))
     empty = B.scatter_add_rows(4, B.to_device(np.zeros(0, np.int64)), B.to_device(np.zeros((0, 3), dtype)))
     assert B.to_numpy(empty).shape == (4, 3) and not B.to_numpy(empty).any()
+    one_run = B.scatter_add_rows(2, B.to_device(np.ones(200, np.int64)), dev_v)   # a run of all M rows
+    assert_close("one run", B.to_numpy(one_run), np.stack([np.zeros(3), values.astype(np.float64).sum(0)]), tol)
     counts = B.count_values(dev_i, 9)
     assert np.array_equal(B.to_numpy(counts), np.bincount(index, minlength=9))
 

@@ -238,37 +238,38 @@ def count_values(values: Any, n: int) -> Any:
 
 
 def _segment_sum_device(mod: ModuleType, n_rows: int, index: Any, values: Any) -> Any:
-    """Deterministic scatter-add on the device, with no host sync and no atomics.
+    """Deterministic scatter-add on the device, with no host sync and no atomic adds.
 
-    Sort the M indices (a stable sort), take the running sum ``S`` of the sorted rows
-    (float64 for float32 data), and for the run of rows of each index r (sorted positions
-    a..b) write ``out[r] = S[b] - S[a - 1]``: the last row of a run writes the running sum
-    ``hi[r] = S[b]``, the first row the sum before it ``lo[r] = S[a - 1]`` (0 for a = 0).
-    The other rows write into a spare row ``n_rows`` that is dropped, so every output row is
-    written once and no write depends on thread order. Sort, scan and the difference are
-    fixed-order: the result is the same on every run. Error of ``S[b] - S[a - 1]`` against
-    the exact sum: at most about ``M * eps_acc * max_m |S[m]|`` (eps_acc: float64's
-    2.2e-16 for float32 and float64 data), far below float32 rounding for float32 data.
+    Sort the M indices (stable), so the rows of each output row r form one run of the
+    sorted rows. A segmented inclusive scan (Hillis & Steele's doubling, restricted to
+    runs) then leaves the sum of its run in the last row of each run: for s = 1, 2, 4, ...
+    < M, ``v[i] += v[i - s]`` wherever rows i - s and i belong to the same run (read
+    before written: every pass is a plain elementwise op). After ceil(log2 M) passes
+    ``v[i]`` = sum of its run up to i. The last row of each run writes ``out[r]``; every
+    other row writes into a spare row ``n_rows`` that is dropped, so each output row is
+    written once. Sort, the elementwise passes and the writes have a fixed order on any
+    GPU: the result is the same on every run (unlike ``cupyx.scatter_add`` or a weighted
+    ``bincount``, which add with atomics, or a float ``cumsum``, whose CUB scan does not
+    promise a fixed order). The sums are pairwise trees: error at most about
+    ceil(log2 M) * eps * sum |values| of a run, in the values' dtype.
     """
-    acc = mod.float64 if values.dtype in (mod.float16, mod.float32) else values.dtype
     out_shape = (n_rows,) + tuple(values.shape[1:])
     m = index.shape[0]
     if m == 0:
         return mod.zeros(out_shape, dtype=values.dtype)
     order = mod.argsort(index, kind="stable")                   # [M]
     key = index[order]                                          # [M] sorted
-    running = mod.cumsum(values[order].astype(acc), axis=0)     # [M, ...] S
-    before = mod.zeros_like(running)                            # [M, ...] S[m - 1]
-    before[1:] = running[:-1]
-    change = key[1:] != key[:-1]                                # [M - 1]
-    true = mod.ones(1, dtype=mod.bool_)
-    first = mod.concatenate([true, change])                     # [M] a run starts here
-    last = mod.concatenate([change, true])                      # [M] a run ends here
-    hi = mod.zeros((n_rows + 1,) + out_shape[1:], dtype=acc)    # row n_rows: the spare row
-    lo = mod.zeros_like(hi)
-    hi[mod.where(last, key, n_rows)] = running
-    lo[mod.where(first, key, n_rows)] = before
-    return (hi[:n_rows] - lo[:n_rows]).astype(values.dtype)
+    v = values[order]                                           # [M, ...] (a fresh gather)
+    lead = (1,) * (v.ndim - 1)                                  # broadcast a [M] mask over rows
+    s = 1
+    while s < m:                                                # ceil(log2 M) passes
+        same = (key[s:] == key[:-s]).reshape((m - s,) + lead)   # rows i - s and i in one run
+        v[s:] += mod.where(same, v[:-s], 0)                     # the right side is read first
+        s *= 2
+    last = mod.concatenate([key[1:] != key[:-1], mod.ones(1, dtype=mod.bool_)])  # [M] run ends
+    out = mod.zeros((n_rows + 1,) + out_shape[1:], dtype=values.dtype)  # row n_rows: spare
+    out[mod.where(last, key, n_rows)] = v
+    return out[:n_rows]
 
 
 # --- threads: BLAS and row-parallel kernels ----------------------------------------------

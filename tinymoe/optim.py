@@ -637,8 +637,8 @@ def clip_grad_norm_(params: Iterable[Any], max_norm: float, *, sync: bool = True
     Python float, or with ``sync=False`` as a 0-d float64 array of the gradients' device
     (no host sync: the training step reads it with its other statistics). The squares are
     summed per array in the gradient's own dtype (no float64 copies) and accumulated
-    across arrays in float64, in order (``cumsum`` of the per-array sums: the same
-    roundings as adding them one by one). A non-finite total leaves the gradients
+    across arrays in float64, one by one in parameter order, on the device (a fixed
+    order: the same bits on every run). A non-finite total leaves the gradients
     untouched (the caller should stop on it).
 
     Everything stays on the device: the clip factor c = min(1, max_norm / (total + 1e-6))
@@ -651,8 +651,10 @@ def clip_grad_norm_(params: Iterable[Any], max_norm: float, *, sync: bool = True
     if not grads:
         return 0.0 if sync else B.xp.zeros((), dtype=B.np.float64)
     xp = B.array_module(grads[0])
-    squares = xp.stack([_sum_sq(g).astype(xp.float64) for g in grads])   # [P]
-    total = xp.sqrt(xp.cumsum(squares)[-1])                              # []
+    total_sq = xp.zeros((), dtype=xp.float64)                           # []
+    for g in grads:                                                     # in order, one by one
+        total_sq = total_sq + _sum_sq(g).astype(xp.float64)
+    total = xp.sqrt(total_sq)                                           # []
     coef = xp.minimum(max_norm / (total + 1e-6), 1.0)                     # []
     coef = xp.where(xp.isfinite(total), coef, 1.0)                       # []
     for g in grads:
