@@ -169,8 +169,9 @@ def _step_syncs(strict, name: str, grad_accum: int = 1, optimizer: type = AdamW)
 @pytest.mark.parametrize("optimizer", [AdamW, Adafactor], ids=["adamw", "adafactor"])
 def test_train_step_host_syncs_are_constant(strict, optimizer):
     """A training step of ``mini`` (batch 4 x 64) reads the device exactly once for the
-    step's statistics, plus once per MoE layer and micro-batch (the rows per expert, which size the grouped matmuls). Nothing
-    per parameter (the issue counted 91 before: 48 of them in clip_grad_norm_)."""
+    step's statistics, plus once per MoE layer and micro-batch (the rows per expert, which
+    size the grouped matmuls). Nothing per parameter (the issue counted 91 before: 48 of
+    them in clip_grad_norm_)."""
     n, summary, (st, n_moe) = _step_syncs(strict, "mini", optimizer=optimizer)
     assert n_moe >= 2
     assert n == 1 + n_moe, summary
