@@ -7,6 +7,7 @@ The CPU path never imports CuPy.
 
 Always read ``backend.xp`` at call time (``from tinymoe import backend as B; B.xp``),
 never ``from tinymoe.backend import xp``: the latter freezes the device at import.
+``register_device_module`` lets a stand-in play the GPU (the tests' strict CuPy twin).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import numpy as np  # noqa: E402  (host arrays: data loading, checkpoints, analy
 
 __all__ = [
     "np", "xp", "set_device", "get_device", "array_module", "to_numpy", "to_device",
-    "is_device_array", "register_device_module", "device_error",
+    "is_device_array", "register_device_module",
     "default_rng", "cuda_available", "DeviceError", "DEFAULT_DTYPE",
     "synchronize", "device_pool_bytes", "free_device_pool",
     "set_num_threads", "get_num_threads", "parallel_rows", "keep_freed_memory",
@@ -142,12 +143,6 @@ def to_device(a: Any, dtype: Any = None) -> Any:
     if xp is np:
         return np.asarray(to_numpy(a), dtype=dtype)
     return xp.asarray(a, dtype=dtype)
-
-
-def device_error(op: str, a: Any) -> TypeError:
-    """The one-line error for a host array handed to an op on device arrays."""
-    return TypeError(f"{op}: a host (NumPy) array of shape {tuple(getattr(a, 'shape', ()))} was mixed "
-                     "with device arrays; move it with tinymoe.backend.to_device")
 
 
 def default_rng(seed: int | None = None) -> np.random.Generator:

@@ -289,10 +289,10 @@ class RoutingResult:
     n_experts: int
     top_k: int
     renormalize: bool
-    dropped_fraction: float
-    confidence: float
-    aux_loss: float
-    z_loss: float
+    dropped_fraction: Array
+    confidence: Array
+    aux_loss: Array
+    z_loss: Array
 
     @property
     def rows_per_expert(self) -> int:
