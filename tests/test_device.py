@@ -82,6 +82,19 @@ def test_device_pinned_per_test():
     assert "TINYMOE_DEVICE" not in os.environ
 
 
+def test_backend_fixture_cuda_runs_on_a_device_module():
+    """The "cuda" param of the backend fixture runs (never skips): CuPy with a GPU, the
+    strict stand-in without one."""
+    from tests.conftest import device  # noqa: PLC0415
+    try:
+        with device("cuda"):
+            assert B.get_device() == "cuda" and B.xp is not np
+            assert B.is_device_array(tinymoe.tensor([1.0]).data)
+    except pytest.skip.Exception:
+        pytest.fail("the backend fixture's cuda param skips: the device path would go untested")
+    assert B.get_device() == "cpu" and B.xp is np
+
+
 def test_exported_device_does_not_leak_into_the_suite():
     """With TINYMOE_DEVICE=cuda exported (no GPU here: importing tinymoe would fail) the
     suite's conftest still loads, and leaves tinymoe on the CPU."""
