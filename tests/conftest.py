@@ -1,7 +1,13 @@
-"""Shared fixtures: every test that takes ``backend`` runs once per available array backend.
+"""Shared fixtures: every test that takes ``backend`` runs once per array backend.
 
-NumPy always runs. CuPy runs when it imports and sees a GPU; otherwise its cases are
-skipped with the reason, and the header of the run says which backends are active.
+"cpu" is NumPy. "cuda" is CuPy when it imports and sees a GPU; without a GPU it is the
+strict stand-in of tests/strict_xp.py (NumPy underneath, CuPy's names and rules on top:
+NumPy operands refused, host syncs counted), so the device path runs on every CI run. The
+header of the run says which one "cuda" is.
+
+Every test starts on the CPU and ends there (autouse ``_pin_device``), whatever
+``TINYMOE_DEVICE`` says: the environment variable is for users, and it is removed for the
+subprocesses the suite starts.
 
 The oracle is imported one way everywhere: ``from tests.oracle... import ...`` (pytest puts
 the repository root on ``sys.path``, as ``tests/`` is a package). Subprocesses the suite
@@ -10,6 +16,7 @@ this checkout, whether or not (and wherever) tinymoe is installed.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -20,7 +27,12 @@ _ROOT = str(Path(__file__).resolve().parents[1])
 os.environ["PYTHONPATH"] = os.pathsep.join(
     [_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != _ROOT])
 
+# TINYMOE_DEVICE is for users: the suite chooses its devices itself (and its subprocesses
+# start on the CPU). Removed before tinymoe is imported, which would act on it.
+os.environ.pop("TINYMOE_DEVICE", None)
+
 from tinymoe import backend as B  # noqa: E402
+from tests import strict_xp  # noqa: E402
 
 _CUDA = B.cuda_available()
 
@@ -28,19 +40,48 @@ _CUDA = B.cuda_available()
 def pytest_report_header(config):  # noqa: ANN001
     if _CUDA:
         return "tinymoe backends: numpy, cupy (GPU found)"
-    return "tinymoe backends: numpy (cupy skipped: CuPy not importable or no GPU visible)"
+    return "tinymoe backends: numpy, strict CuPy stand-in for 'cuda' (no GPU visible: tests/strict_xp.py)"
+
+
+@pytest.fixture(autouse=True)
+def _pin_device():
+    """Each test starts on the CPU with no stand-in registered, and is put back there."""
+    B.register_device_module(None)
+    B.set_device("cpu")
+    yield
+    B.register_device_module(None)
+    B.set_device("cpu")
+
+
+@contextlib.contextmanager
+def device(name: str):
+    """Run a block on ``name``: "cpu", or "cuda" (CuPy with a GPU, else the strict stand-in)."""
+    if name == "cuda" and not _CUDA:
+        with strict_xp.use_strict_device():
+            B.set_device("cuda")
+            yield name
+        return
+    B.set_device(name)
+    try:
+        yield name
+    finally:
+        B.set_device("cpu")
 
 
 @pytest.fixture(params=["cpu", "cuda"])
 def backend(request):
     """Switch tinymoe to a backend for one test and back to NumPy afterwards."""
-    if request.param == "cuda" and not _CUDA:
-        pytest.skip("cupy backend: CuPy not importable or no GPU visible on this machine")
-    B.set_device(request.param)
-    try:
-        yield request.param
-    finally:
-        B.set_device("cpu")
+    with device(request.param) as name:
+        yield name
+
+
+@pytest.fixture
+def strict():
+    """The strict stand-in as device "cuda" (even with a GPU present), for the tests that
+    count host syncs or check host/device mixing; yields the tests/strict_xp module."""
+    with strict_xp.use_strict_device():
+        B.set_device("cuda")
+        yield strict_xp
 
 
 @pytest.fixture

@@ -261,12 +261,16 @@ def _params_arguments(pa: argparse.ArgumentParser) -> None:
     _add_config_flag(pa)
     pa.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. n_experts=32")
     _add_model_flags(pa)
+    _add_device_flag(pa)
 
 
 def _params_run(args: argparse.Namespace) -> int:
     from tinymoe.config import DEFAULT_PRESET, parse_overrides  # noqa: PLC0415
     from tinymoe.params_table import params_command  # noqa: PLC0415
 
+    if args.device is not None:
+        from tinymoe import backend as B  # noqa: PLC0415
+        B.set_device(args.device)                # the table does not depend on it; checks CuPy
     overrides = parse_overrides(args.overrides)
     overrides.update(_given(args, "model__"))
     print(params_command(args.config or DEFAULT_PRESET, overrides))

@@ -79,14 +79,16 @@ class Tensor:
     def __init__(self, data: Any, requires_grad: bool = False, dtype: Any = None, name: str | None = None):
         if isinstance(data, Tensor):
             data = data.data
-        if not (hasattr(data, "__array_namespace__") or hasattr(data, "__cuda_array_interface__")):
-            # Python scalars / lists / numpy arrays of another device: convert, floats -> float32
+        if B.is_device_array(data):                  # a device array stays where it is
+            if dtype is not None and data.dtype != dtype:
+                data = data.astype(dtype)
+        elif isinstance(data, B.np.ndarray):         # a host array goes to the current device
+            data = B.to_device(data, dtype)          # (no copy on the CPU when the dtype fits)
+        else:                                        # Python scalars / lists: floats -> float32
             host = B.np.asarray(data)
-            if dtype is None and host.dtype.kind == "f" and not isinstance(data, B.np.ndarray):
+            if dtype is None and host.dtype.kind == "f":
                 dtype = B.DEFAULT_DTYPE
             data = B.to_device(host, dtype)
-        elif dtype is not None and data.dtype != dtype:
-            data = data.astype(dtype)
         if requires_grad and not _is_float(data.dtype):
             raise TypeError(f"Tensor: only floating tensors can require grad, got dtype {data.dtype}")
         self.data = data
@@ -120,7 +122,7 @@ class Tensor:
 
     @property
     def device(self) -> str:
-        return "cuda" if type(self.data).__module__.startswith("cupy") else "cpu"
+        return "cuda" if B.is_device_array(self.data) else "cpu"
 
     def __len__(self) -> int:
         return len(self.data)
@@ -272,10 +274,14 @@ class Function:
 
     @classmethod
     def apply(cls, *inputs: Any, **kwargs: Any) -> Any:
-        arrays = []
-        needs = []
+        """Run ``forward`` on the inputs' arrays and record the node for backward.
+
+        Devices: Tensors are never moved; two on different devices are refused. A plain
+        array argument (targets, an index, a mask: data, not a tensor) follows the op's
+        tensors: a host NumPy array is copied to the device when the tensors live there
+        (as ``Tensor(numpy_array)`` does after ``set_device("cuda")``); a device array
+        handed to an op on host tensors is refused, as moving it would be a host sync."""
         device = None
-        float_dtype = None
         for x in inputs:
             if isinstance(x, Tensor):
                 dev = x.device
@@ -284,6 +290,13 @@ class Function:
                 elif dev != device:
                     raise ValueError(f"{cls.op_name()}: tensors on different devices ({device} and {dev}); "
                                      "move them with tinymoe.backend.to_device")
+        if device is not None:
+            inputs = tuple(x if isinstance(x, Tensor) else _to_op_device(cls, x, device) for x in inputs)
+        arrays = []
+        needs = []
+        float_dtype = None
+        for x in inputs:
+            if isinstance(x, Tensor):
                 if x.data.dtype.kind == "f":
                     if float_dtype is None:
                         float_dtype = x.data.dtype
@@ -323,6 +336,19 @@ class Function:
                 if r.requires_grad:
                     r._node, r._index = node, i
         return results if multi else results[0]
+
+
+def _to_op_device(fn: type, x: Any, device: str) -> Any:
+    """A non-Tensor input of ``fn`` on the device of its tensors (see ``Function.apply``);
+    tuples (an index like ``(rows, cols)``) are walked."""
+    if isinstance(x, tuple):
+        return tuple(_to_op_device(fn, v, device) for v in x)
+    if device == "cuda" and isinstance(x, B.np.ndarray):
+        return B.to_device(x)                                     # host -> device copy
+    if device == "cpu" and B.is_device_array(x):
+        raise ValueError(f"{fn.op_name()}: a device (cuda) array was mixed with cpu tensors; "
+                         "move it with tinymoe.backend.to_numpy, or the tensors with to_device")
+    return x
 
 
 def _topological_order(root: Node) -> list[Node]:

@@ -7,6 +7,7 @@ The CPU path never imports CuPy.
 
 Always read ``backend.xp`` at call time (``from tinymoe import backend as B; B.xp``),
 never ``from tinymoe.backend import xp``: the latter freezes the device at import.
+``register_device_module`` lets a stand-in play the GPU (the tests' strict CuPy twin).
 """
 from __future__ import annotations
 
@@ -30,15 +31,20 @@ import numpy as np  # noqa: E402  (host arrays: data loading, checkpoints, analy
 
 __all__ = [
     "np", "xp", "set_device", "get_device", "array_module", "to_numpy", "to_device",
+    "is_device_array", "register_device_module",
     "default_rng", "cuda_available", "DeviceError", "DEFAULT_DTYPE",
     "synchronize", "device_pool_bytes", "free_device_pool",
     "set_num_threads", "get_num_threads", "parallel_rows", "keep_freed_memory",
+    "scatter_add_rows", "scatter_add_flat", "count_values",
 ]
 
 DEFAULT_DTYPE = np.float32
 
 xp: ModuleType = np
 _device: str = "cpu"
+# A module that stands in for CuPy as the "cuda" device, and its array type (see
+# register_device_module); None: the real CuPy.
+_stand_in: tuple[ModuleType, type] | None = None
 
 
 class DeviceError(RuntimeError):
@@ -72,6 +78,24 @@ def cuda_available() -> bool:
         return False
 
 
+def register_device_module(module: ModuleType | None, array_type: type | None = None) -> None:
+    """Let ``module`` (whose arrays are of ``array_type``) stand in for CuPy as the
+    ``"cuda"`` device; ``None`` goes back to the real CuPy.
+
+    For tests without a GPU: the suite registers a strict NumPy-backed module with CuPy's
+    names and rules (tests/strict_xp.py), so that the device path (placement, host
+    syncs, the deterministic scatter-adds) runs on every CI run. While one is registered,
+    ``set_device("cuda")`` selects it, and ``array_module``, ``to_numpy`` and
+    ``is_device_array`` treat its arrays as device arrays."""
+    global _stand_in
+    if module is None:
+        _stand_in = None
+        return
+    if array_type is None:
+        raise ValueError("register_device_module: give the module's array type too")
+    _stand_in = (module, array_type)
+
+
 def set_device(name: str) -> None:
     """Choose where new arrays live: ``"cpu"`` (NumPy) or ``"cuda"`` (CuPy)."""
     global xp, _device
@@ -79,7 +103,7 @@ def set_device(name: str) -> None:
     if name in ("cpu", "numpy"):
         xp, _device = np, "cpu"
     elif name in ("cuda", "gpu", "cupy"):
-        xp, _device = _import_cupy(), "cuda"
+        xp, _device = (_stand_in[0] if _stand_in is not None else _import_cupy()), "cuda"
     else:
         raise DeviceError(f"unknown device {name!r}: use 'cpu' or 'cuda'")
 
@@ -89,8 +113,17 @@ def get_device() -> str:
     return _device
 
 
+def is_device_array(a: Any) -> bool:
+    """True for an array of the device (CuPy, or the registered stand-in); never imports CuPy."""
+    if _stand_in is not None and isinstance(a, _stand_in[1]):
+        return True
+    return type(a).__module__.startswith("cupy")
+
+
 def array_module(a: Any) -> ModuleType:
     """NumPy for host arrays, CuPy for device arrays (without importing CuPy on the CPU)."""
+    if _stand_in is not None and isinstance(a, _stand_in[1]):
+        return _stand_in[0]
     if type(a).__module__.startswith("cupy"):
         import cupy  # noqa: PLC0415  (a cupy array exists, so cupy is already imported)
         return cupy
@@ -98,8 +131,9 @@ def array_module(a: Any) -> ModuleType:
 
 
 def to_numpy(a: Any) -> np.ndarray:
-    """A host NumPy copy (or view) of ``a``; accepts NumPy, CuPy, scalars, lists."""
-    if type(a).__module__.startswith("cupy"):
+    """A host NumPy copy (or view) of ``a``; accepts NumPy, CuPy, scalars, lists.
+    For a device array this is a device -> host transfer (a host sync)."""
+    if is_device_array(a):
         return a.get()
     return np.asarray(a)
 
@@ -146,21 +180,22 @@ if _env:
 
 # --- scatter-add without np.add.at -------------------------------------------------------
 # The backward of a gather is a scatter-add, where repeated indices must add up.
-# np.add.at does this but is slow; these two cover the hot paths.
+# np.add.at does this but is slow; these two cover the hot paths. On the device neither
+# cupyx.scatter_add nor a weighted bincount is used: both add with atomics, so a row with
+# three or more summands would sum in an order that changes from run to run (and an
+# exact resume would not be exact). _segment_sum_device sums in a fixed order instead.
 
 def scatter_add_rows(n_rows: int, index: Any, values: Any) -> Any:
     """``out[index[m]] += values[m]`` for rows: index [M] ints, values [M, ...] -> [n_rows, ...].
 
     NumPy: sort the indices, sum each run of equal indices with ``add.reduceat``, write the
-    sums once per unique row. CuPy: ``cupyx.scatter_add`` (atomic adds on the GPU).
+    sums once per unique row. Device: :func:`_segment_sum_device` (deterministic).
     """
     mod = array_module(values)
+    if mod is not np:
+        return _segment_sum_device(mod, n_rows, index, values)
     out = mod.zeros((n_rows,) + tuple(values.shape[1:]), dtype=values.dtype)
     if index.size == 0:
-        return out
-    if mod is not np:
-        import cupyx  # noqa: PLC0415
-        cupyx.scatter_add(out, index, values)
         return out
     order = np.argsort(index, kind="stable")                    # [M]
     sorted_index = index[order]                                 # [M]
@@ -172,11 +207,64 @@ def scatter_add_rows(n_rows: int, index: Any, values: Any) -> Any:
 def scatter_add_flat(size: int, flat_index: Any, values: Any) -> Any:
     """``out[flat_index[m]] += values[m]`` on a flat array of ``size`` (any repeats).
 
-    Uses ``bincount`` with weights (a single C pass; sums in float64, then cast back).
+    NumPy: ``bincount`` with weights (a single C pass; sums in float64, then cast back).
+    Device: :func:`_segment_sum_device` (deterministic).
     """
     mod = array_module(values)
+    if mod is not np:
+        return _segment_sum_device(mod, size, flat_index.ravel(), values.ravel())
     out = mod.bincount(flat_index.ravel(), weights=values.ravel(), minlength=size)
     return out.astype(values.dtype, copy=False)
+
+
+def count_values(values: Any, n: int) -> Any:
+    """``counts[v]`` = how many entries of the integer array ``values`` equal v, for v in
+    [0, n) (every entry must lie there) -> [n] int64.
+
+    NumPy: ``bincount``. Device: ``cupy.bincount`` reads min and max on the host (two
+    syncs per call), so the values are sorted and each count is the distance between
+    the ``searchsorted`` edges of v and v + 1: no sync, no atomics."""
+    mod = array_module(values)
+    flat = values.ravel()
+    if mod is np:
+        return np.bincount(flat, minlength=n).astype(np.int64, copy=False)
+    edges = mod.searchsorted(mod.sort(flat), mod.arange(n + 1, dtype=flat.dtype))   # [n + 1]
+    return (edges[1:] - edges[:-1]).astype(mod.int64)
+
+
+def _segment_sum_device(mod: ModuleType, n_rows: int, index: Any, values: Any) -> Any:
+    """Deterministic scatter-add on the device, with no host sync and no atomic adds.
+
+    Sort the M indices (stable), so the rows of each output row r form one run of the
+    sorted rows. A segmented inclusive scan (Hillis & Steele's doubling, restricted to
+    runs) then leaves the sum of its run in the last row of each run: for s = 1, 2, 4, ...
+    < M, ``v[i] += v[i - s]`` wherever rows i - s and i belong to the same run (read
+    before written: every pass is a plain elementwise op). After ceil(log2 M) passes
+    ``v[i]`` = sum of its run up to i. The last row of each run writes ``out[r]``; every
+    other row writes into a spare row ``n_rows`` that is dropped, so each output row is
+    written once. Sort, the elementwise passes and the writes have a fixed order on any
+    GPU: the result is the same on every run (unlike ``cupyx.scatter_add`` or a weighted
+    ``bincount``, which add with atomics, or a float ``cumsum``, whose CUB scan does not
+    promise a fixed order). The sums are pairwise trees: error at most about
+    ceil(log2 M) * eps * sum |values| of a run, in the values' dtype.
+    """
+    out_shape = (n_rows,) + tuple(values.shape[1:])
+    m = index.shape[0]
+    if m == 0:
+        return mod.zeros(out_shape, dtype=values.dtype)
+    order = mod.argsort(index, kind="stable")                   # [M]
+    key = index[order]                                          # [M] sorted
+    v = values[order]                                           # [M, ...] (a fresh gather)
+    lead = (1,) * (v.ndim - 1)                                  # broadcast a [M] mask over rows
+    s = 1
+    while s < m:                                                # ceil(log2 M) passes
+        same = (key[s:] == key[:-s]).reshape((m - s,) + lead)   # rows i - s and i in one run
+        v[s:] += mod.where(same, v[:-s], 0)                     # the right side is read first
+        s *= 2
+    last = mod.concatenate([key[1:] != key[:-1], mod.ones(1, dtype=mod.bool_)])  # [M] run ends
+    out = mod.zeros((n_rows + 1,) + out_shape[1:], dtype=values.dtype)  # row n_rows: spare
+    out[mod.where(last, key, n_rows)] = v
+    return out[:n_rows]
 
 
 # --- threads: BLAS and row-parallel kernels ----------------------------------------------

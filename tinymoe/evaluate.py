@@ -28,20 +28,25 @@ def token_byte_lengths(tokenizer: Any, vocab_size: int) -> Any:
     return out
 
 
-def routing_summary(routing: Sequence[Any]) -> tuple[float, float]:
+def routing_summary(routing: Sequence[Any], sync: bool = True) -> tuple[Any, Any]:
     """(dropped fraction, busiest expert's share), each averaged over MoE layers.
 
     busiest share of a layer = max_e load_after[e] / sum_e load_after[e] (1/E at perfect
-    balance, 1 when one expert takes every kept assignment)."""
+    balance, 1 when one expert takes every kept assignment). Python floats; with
+    ``sync=False`` 0-d float64 arrays of the routing's device (no host sync)."""
     if not routing:
         return 0.0, 0.0
-    dropped = busiest = 0.0
+    xp = B.array_module(routing[0].load_after)
+    dropped = busiest = xp.zeros((), dtype=xp.float64)
     for s in routing:
-        dropped += float(s.dropped_fraction)
-        load = B.to_numpy(s.load_after).astype(np.float64)                 # [E]
-        total = load.sum()
-        busiest += float(load.max() / total) if total > 0 else 0.0
+        dropped = dropped + s.dropped_fraction
+        load = s.load_after.astype(xp.float64)                            # [E]
+        total = load.sum()                                                # []
+        busiest = busiest + xp.where(total > 0, load.max() / xp.maximum(total, 1.0), 0.0)
     n = len(routing)
+    if sync:
+        both = B.to_numpy(xp.stack([dropped, busiest]))                   # one transfer
+        return float(both[0]) / n, float(both[1]) / n
     return dropped / n, busiest / n
 
 

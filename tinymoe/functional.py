@@ -14,7 +14,6 @@ matmul) live with the MoE layer in ``tinymoe/nn/moe.py``.
 """
 from __future__ import annotations
 
-import builtins
 from typing import Any, Sequence
 
 from tinymoe import backend as B
@@ -657,7 +656,9 @@ class Embedding(Function):
     @staticmethod
     def forward(ctx: Context, weight: Any, ids: Any) -> Any:
         V = weight.shape[0]
-        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= V):
+        # The range check runs on host ids only: on the device it would be two host syncs,
+        # and the model checks its ids on the host before moving them (OpenMoE._check_ids).
+        if B.array_module(ids) is B.np and ids.size and (int(ids.min()) < 0 or int(ids.max()) >= V):
             bad = int(ids.max()) if int(ids.max()) >= V else int(ids.min())
             raise IndexError(f"token id {bad} out of range for an embedding of {V} rows")
         ctx.save_for_backward(ids)
@@ -752,7 +753,9 @@ class CrossEntropy(Function):
         if z.shape[0] != t.shape[0]:
             raise ValueError(f"logits {logits.shape} and targets {targets.shape} disagree")
         valid = t != ignore_index                               # [N]
-        if t.size and bool(((t < 0) | (t >= V))[valid].any()):
+        # Host targets only (on the device a host sync; the model checks its targets on the
+        # host before moving them, OpenMoE._check_targets).
+        if xp is B.np and t.size and bool(((t < 0) | (t >= V))[valid].any()):
             raise IndexError(f"a target id is outside [0, {V}) (ignore_index={ignore_index})")
         t_safe = xp.where(valid, t, 0)                          # [N]
         probs = xp.empty(z.shape, dtype=z.dtype)                # [N, V] (the one big buffer)
@@ -770,11 +773,11 @@ class CrossEntropy(Function):
         _parallel(kernel, z, V)
         picked = z[xp.arange(z.shape[0]), t_safe]               # [N]
         losses = xp.where(valid, lse - picked, 0).astype(logits.dtype, copy=False)  # [N]
-        count = int(valid.sum())
+        count = valid.sum()                                     # [] (stays on the device)
         ctx.save_for_backward(probs, t_safe, valid)
         ctx.count, ctx.reduction, ctx.shape = count, reduction, logits.shape
         if reduction == "mean":
-            return xp.asarray(losses.sum() / builtins.max(count, 1), dtype=logits.dtype)
+            return xp.asarray(losses.sum() / xp.maximum(count, 1), dtype=logits.dtype)
         if reduction == "sum":
             return xp.asarray(losses.sum(), dtype=logits.dtype)
         if reduction == "none":
@@ -790,7 +793,7 @@ class CrossEntropy(Function):
         if ctx.reduction == "none":
             w = (g.reshape(-1) * valid).astype(grad.dtype, copy=False)            # [N]
         else:
-            scale = g / builtins.max(ctx.count, 1) if ctx.reduction == "mean" else g
+            scale = g / _xp(g).maximum(ctx.count, 1) if ctx.reduction == "mean" else g
             w = (valid * scale).astype(grad.dtype, copy=False)                    # [N]
 
         def kernel(lo: int, hi: int) -> None:

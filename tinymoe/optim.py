@@ -654,30 +654,38 @@ def set_lr(optimizer: Optimizer, lr: float) -> float:
 # --------------------------------------------------------------------------- gradients
 
 
-def clip_grad_norm_(params: Iterable[Any], max_norm: float) -> float:
+def clip_grad_norm_(params: Iterable[Any], max_norm: float, *, sync: bool = True) -> Any:
     """Scale all gradients in place so their global L2 norm is at most ``max_norm``.
 
     total = sqrt(sum over params of sum(g^2)); when total > max_norm every gradient is
     multiplied by max_norm / (total + 1e-6), as ``torch.nn.utils.clip_grad_norm_``.
     Parameters without a gradient are skipped. Returns ``total`` (before clipping) as a
-    Python float. The squares are summed per array in the gradient's own dtype (no
-    float64 copies) and accumulated across arrays in a float64 scalar. A non-finite
-    total leaves the gradients untouched (the caller should stop on it).
+    Python float, or with ``sync=False`` as a 0-d float64 array of the gradients' device
+    (no host sync: the training step reads it with its other statistics). The squares are
+    summed per array in the gradient's own dtype (no float64 copies) and accumulated
+    across arrays in float64, one by one in parameter order, on the device (a fixed
+    order: the same bits on every run). A non-finite total leaves the gradients
+    untouched (the caller should stop on it).
+
+    Everything stays on the device: the clip factor c = min(1, max_norm / (total + 1e-6))
+    (1 when total is not finite) multiplies every gradient; a factor of exactly 1 leaves
+    the values bit for bit as they were.
     """
     if max_norm < 0:
         raise ValueError(f"clip_grad_norm_: max_norm={max_norm} < 0")
     grads = [p.grad for p in params if p.grad is not None]
-    total_sq = 0.0
+    if not grads:
+        return 0.0 if sync else B.xp.zeros((), dtype=B.np.float64)
+    xp = B.array_module(grads[0])
+    total_sq = xp.zeros((), dtype=xp.float64)                           # []
+    for g in grads:                                                     # in order, one by one
+        total_sq = total_sq + _sum_sq(g).astype(xp.float64)
+    total = xp.sqrt(total_sq)                                           # []
+    coef = xp.minimum(max_norm / (total + 1e-6), 1.0)                     # []
+    coef = xp.where(xp.isfinite(total), coef, 1.0)                       # []
     for g in grads:
-        total_sq += float(_sum_sq(g))
-    total = math.sqrt(total_sq)
-    if not math.isfinite(total):
-        return total
-    coef = max_norm / (total + 1e-6)
-    if coef < 1.0:
-        for g in grads:
-            g *= coef
-    return total
+        g *= coef.astype(g.dtype)
+    return float(total) if sync else total
 
 
 def scale_grads_(params: Iterable[Any], factor: float) -> None:

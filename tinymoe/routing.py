@@ -56,7 +56,7 @@ from tinymoe.config import CAPACITY_MODES, SLOT_PRIORITIES, capacity
 __all__ = [
     "RoutingResult", "route", "softmax", "logsumexp", "softmax_and_logsumexp", "top_k",
     "capacity", "priority_order", "assign_slots", "expert_fraction", "group_mean_prob", "load_balance_loss",
-    "z_loss", "dispatch_indices",
+    "z_loss", "dispatch_indices", "packed_indices",
     "SLOT_PRIORITIES", "CAPACITY_MODES",
 ]
 
@@ -152,7 +152,7 @@ def _running_count(seq_expert: Array, n_experts: int) -> tuple[Array, Array]:
     n_groups, length = seq_expert.shape
     key = (xp.arange(n_groups, dtype=xp.int64)[:, None] * n_experts + seq_expert).ravel()  # [M]
     perm = xp.argsort(key, kind="stable")  # [M]
-    totals = xp.bincount(key, minlength=n_groups * n_experts)  # [ng * E]
+    totals = B.count_values(key, n_groups * n_experts)  # [ng * E], no host sync
     run_start = xp.cumsum(totals) - totals  # [ng * E]
     count = xp.empty(key.shape, dtype=xp.int64)  # [M]
     count[perm] = xp.arange(key.size, dtype=xp.int64) - run_start[key[perm]]
@@ -188,8 +188,7 @@ def assign_slots(expert_index: Array, probs_of_choice: Array | None, capacity: i
     slot = xp.empty((n_groups, g, k), dtype=xp.int64)  # [ng, G, k]
     slot[gi, order, ji] = seq_slot.reshape(n_groups, k, g)  # back to token order
     kept = slot < capacity  # [ng, G, k]
-    slot[~kept] = -1
-    return slot, kept
+    return xp.where(kept, slot, -1), kept  # (no boolean-mask write: a host sync on CuPy)
 
 
 def assign_slots_reference(expert_index: Array, capacity: int, n_experts: int,
@@ -224,7 +223,7 @@ def expert_fraction(expert_index: Array, n_experts: int, n_groups: int,
     g = n // n_groups
     group_of = xp.arange(n, dtype=xp.int64) // g  # [N]
     key = (group_of[:, None] * n_experts + expert_index).ravel()  # [N * k]
-    counts = xp.bincount(key, minlength=n_groups * n_experts).reshape(n_groups, n_experts)
+    counts = B.count_values(key, n_groups * n_experts).reshape(n_groups, n_experts)
     return (counts / g).astype(dtype if dtype is not None else xp.float32)  # [ng, E]
 
 
@@ -266,10 +265,11 @@ class RoutingResult:
     Per token: ``probs [N, E]``, ``lse [N]`` (logsumexp of the logits, for the z-loss).
     Per group: ``f [n_groups, E]`` (top-k fractions before capacity), ``mean_prob
     [n_groups, E]``. Per expert: ``load_before``/``load_after [E]`` (int64, assignments
-    before/after capacity, summed over groups). Scalars (Python numbers): ``capacity``,
-    ``n_groups``, ``group_size``, ``n_experts``, ``top_k``, ``renormalize``,
-    ``dropped_fraction`` (dropped / (N*k)), ``confidence`` (mean top-1 probability),
-    ``aux_loss``, ``z_loss``.
+    before/after capacity, summed over groups). Python numbers: ``capacity``,
+    ``n_groups``, ``group_size``, ``n_experts``, ``top_k``, ``renormalize``. 0-d arrays
+    of the input's device (``float(...)`` reads one; on a GPU that is a host sync, so the
+    trainer reads them once per step): ``dropped_fraction`` (dropped / (N*k), float64),
+    ``confidence`` (mean top-1 probability), ``aux_loss``, ``z_loss``.
     """
 
     expert_index: Array
@@ -289,10 +289,10 @@ class RoutingResult:
     n_experts: int
     top_k: int
     renormalize: bool
-    dropped_fraction: float
-    confidence: float
-    aux_loss: float
-    z_loss: float
+    dropped_fraction: Array
+    confidence: Array
+    aux_loss: Array
+    z_loss: Array
 
     @property
     def rows_per_expert(self) -> int:
@@ -359,20 +359,20 @@ def route(logits: Array, top_k: int, capacity_factor: float | None = 1.25,
 
     f = expert_fraction(expert_index, n_experts, n_groups, dtype=probs.dtype)  # [ng, E]
     mean_prob = group_mean_prob(probs, n_groups)  # [N, E] -> [ng, E]
-    aux = load_balance_loss(probs, expert_index, n_experts, n_groups, f=f, mean_prob=mean_prob)
-
-    load_before = xp.bincount(expert_index.ravel(), minlength=n_experts)  # [E]
-    load_after = xp.bincount(expert_index[kept], minlength=n_experts)  # [E]
-    n_kept = int(kept.sum())
+    # The statistics stay on the device as 0-d arrays (no host sync here): see RoutingResult.
+    aux = (n_experts * (f * mean_prob).sum(axis=1)).mean()  # [] (load_balance_loss)
+    load_before = B.count_values(expert_index, n_experts)  # [E]
+    load_after = B.count_values(xp.where(kept, expert_index, n_experts), n_experts + 1)[:n_experts]  # [E]
+    n_kept = kept.sum()  # []
     return RoutingResult(
         expert_index=expert_index, topk_prob=topk_prob, combine_weight=combine_weight,
         kept=kept, slot=slot, probs=probs, lse=lse, f=f, mean_prob=mean_prob,
-        load_before=load_before.astype(xp.int64), load_after=load_after.astype(xp.int64),
+        load_before=load_before, load_after=load_after,
         capacity=cap, n_groups=n_groups, group_size=g, n_experts=n_experts, top_k=top_k,
         renormalize=bool(renormalize),
         dropped_fraction=(n * top_k - n_kept) / (n * top_k),
-        confidence=float(topk_prob[:, 0].mean()),
-        aux_loss=aux, z_loss=z_loss(logits, lse=lse),
+        confidence=topk_prob[:, 0].mean(),
+        aux_loss=aux, z_loss=(lse ** 2).mean(),  # z_loss(logits, lse=lse)
     )
 
 
@@ -393,3 +393,21 @@ def dispatch_indices(result: RoutingResult) -> tuple[Array, Array, Array]:
     column = (token // result.group_size) * result.capacity + result.slot[token, rank]  # [M]
     flat_pos = expert * result.rows_per_expert + column  # [M]
     return flat_pos, token, rank
+
+
+def packed_indices(result: RoutingResult, n_kept: int) -> tuple[Array, Array]:
+    """The kept assignments in dispatch-buffer order (expert-major, then group, then slot),
+    as ``(token [M], rank [M])`` int64: what :func:`dispatch_indices` gives, stably sorted
+    by ``flat_pos``. ``n_kept`` = M, the sum of ``result.load_after`` as a host int.
+
+    Built without ``nonzero`` (whose output size CuPy reads on the host, a sync): every
+    assignment gets its flat buffer row, a dropped one the row ``E * n_groups * C`` past
+    the end; a stable argsort puts the M kept ones first, in row order."""
+    xp = B.array_module(result.kept)
+    n, k = result.kept.shape
+    token = xp.arange(n, dtype=xp.int64)[:, None]  # [N, 1]
+    column = (token // result.group_size) * result.capacity + result.slot  # [N, k]
+    end = result.n_experts * result.rows_per_expert
+    flat = xp.where(result.kept, result.expert_index * result.rows_per_expert + column, end)  # [N, k]
+    order = xp.argsort(flat.ravel(), kind="stable")[:n_kept]  # [M]
+    return order // k, order % k

@@ -295,38 +295,66 @@ def train_step(model: Any, optimizer: Optimizer, batches: Iterable[Batch], *, lr
     batch is this rank's rows of the global batch; the statistics (and the loss checked for
     NaN) are those of the global batch, the gradients are averaged over ranks before the
     micro-batch mean, and the clipping norm counts expert shards once (docs/parallel.md).
+
+    Host syncs (one process): the losses, routing statistics and gradient norm stay on the device until
+    the end of the step and come back in ONE transfer (a non-finite loss is therefore seen
+    after every micro-batch's backward, not before; the update is skipped all the same).
+    The forward adds one sync per MoE layer (the rows per expert, which size the grouped
+    matmuls); nothing else in a step reads the device.
     """
     params = list(model.parameters())
     optimizer.zero_grad()
     lr = set_lr(optimizer, lr)
-    sums = dict.fromkeys(("loss", "ce", "aux", "z", "dropped", "busiest"), 0.0)
-    n, bad, gnorm = 0, None, float("nan")
-    for batch in batches:
-        out = model(batch.x, targets=batch.y, rng=rng)           # [B, T] -> logits, losses
-        if parallel is not None:
-            stats = parallel.step_stats(out)                     # the global batch's (collective)
-        else:
-            stats = (float(out.loss.item()), out.ce.item(), out.aux_loss.item(),
-                     out.z_loss.item(), *routing_summary(out.routing))
-        loss = stats[0]
-        if not math.isfinite(loss):
-            bad = f"loss is {loss}"
-            break
-        out.loss.backward()                                      # grads += dL/dtheta
-        n += 1
-        for k, v in zip(("loss", "ce", "aux", "z", "dropped", "busiest"), stats):
-            sums[k] += float(v)
-    if bad is None:
-        if parallel is not None:
-            parallel.reduce_grads(model.named_parameters())      # mean over ranks
+    names = ("loss", "ce", "aux", "z", "dropped", "busiest")
+    n, bad = 0, None
+    if parallel is None:
+        sums: list[Any] = []                                     # 0-d device arrays, one per name
+        for batch in batches:
+            out = model(batch.x, targets=batch.y, rng=rng)       # [B, T] -> logits, losses
+            out.loss.backward()                                  # grads += dL/dtheta
+            dropped, busiest = routing_summary(out.routing, sync=False)
+            xp = B.array_module(out.loss.data)
+            parts = [xp.asarray(v, dtype=xp.float64)             # summed in float64, as floats were
+                     for v in (out.loss.data, out.ce.data, out.aux_loss.data, out.z_loss.data,
+                               dropped, busiest)]
+            sums = parts if not sums else [a + b for a, b in zip(sums, parts)]
+            n += 1
         if n > 1:
             scale_grads_(params, 1.0 / n)                        # mean over micro-batches
-        clip = clip_grad_norm_ if parallel is None else parallel.clip_grad_norm_fn(model, clip_grad_norm_)
-        gnorm = clip(params, grad_clip if grad_clip > 0 else float("inf"))
-        if not math.isfinite(gnorm):
-            bad = f"gradient norm is {gnorm}"
-    stats = StepStats(**{k: v / max(n, 1) for k, v in sums.items()}, grad_norm=gnorm, lr=lr,
-                      bad=bad)
+        gnorm = clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"), sync=False)
+        # The step's one host sync: every statistic in one device -> host transfer.
+        xp = B.array_module(gnorm)
+        host = B.to_numpy(xp.stack(sums + [xp.asarray(gnorm, dtype=xp.float64)]))   # [7] or [1]
+        values = ({k: float(host[i]) / n for i, k in enumerate(names)} if n
+                  else dict.fromkeys(names, 0.0))
+        gnorm = float(host[-1])
+    else:
+        # MPI ranks: the statistics of the global batch (one Allreduce per micro-batch), so
+        # every rank sees a NaN on any rank before its backward and skips the same update.
+        totals = dict.fromkeys(names, 0.0)
+        gnorm = float("nan")
+        for batch in batches:
+            out = model(batch.x, targets=batch.y, rng=rng)       # this rank's rows [b, T]
+            stats = parallel.step_stats(out)                     # collective
+            if not math.isfinite(stats[0]):
+                bad = f"loss is {stats[0]}"
+                break
+            out.loss.backward()                                  # grads += dL/dtheta
+            n += 1
+            for k, v in zip(names, stats):
+                totals[k] += float(v)
+        if bad is None:
+            parallel.reduce_grads(model.named_parameters())      # mean over ranks
+            if n > 1:
+                scale_grads_(params, 1.0 / n)                    # mean over micro-batches
+            clip = parallel.clip_grad_norm_fn(model, clip_grad_norm_)
+            gnorm = clip(params, grad_clip if grad_clip > 0 else float("inf"))
+        values = {k: v / max(n, 1) for k, v in totals.items()}
+    if bad is None and not math.isfinite(values["loss"]):
+        bad = f"loss is {values['loss']}"
+    elif bad is None and not math.isfinite(gnorm):
+        bad = f"gradient norm is {gnorm}"
+    stats = StepStats(**values, grad_norm=gnorm, lr=lr, bad=bad)
     if bad is not None:
         optimizer.zero_grad()
         return stats

@@ -85,6 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--splits", type=int, default=50, metavar="N",
                         help="random split halves of the snapshot probe for the early-routing "
                              "majority agreement and its ceiling (default 50)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="array library: NumPy (cpu) or CuPy (cuda) (default: cpu)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the multi-turn sequences, shuffled baselines, random-"
                              "routing baselines and bootstrap resamples")
@@ -145,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if getattr(args, "threads", None) is not None:
             B.set_num_threads(args.threads)
+        if getattr(args, "device", None) is not None:
+            B.set_device(args.device)
         return _run_analysis(args)
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -428,12 +428,12 @@ class MoE(Module):
             weight, aux, z, result = route_differentiable(
                 logits, cfg.top_k, cf, group, cfg.min_capacity, cfg.capacity_mode,
                 cfg.slot_priority, cfg.renormalize, rng)                  # [N, k], [], []
-        flat_pos, token, rank = routing.dispatch_indices(result)          # [M] each
-        xp = B.array_module(flat_pos)
-        order = xp.argsort(flat_pos, kind="stable")                       # by buffer row: expert-major
-        token, rank = token[order], rank[order]                           # [M]
+        # The layer's one host sync: the rows per expert size the grouped matmuls.
+        sizes = tuple(int(v) for v in B.to_numpy(result.load_after))      # [E] host ints
+        token, rank = routing.packed_indices(result, sum(sizes))          # [M] each, by buffer row
+        xp = B.array_module(token)
         buf = gather_rows(tokens, token)                                  # [N, d] -> [M, d], kept rows only
-        out = self.experts(buf, load=result.load_after)                   # [M, d]
+        out = self.experts(buf, load=sizes)                               # [M, d]
         y = combine(out, weight, xp.arange(len(token)), token, rank, n)   # [N, d]
         stats = MoEStats.from_result(result, self.layer_idx, (bsz, seq))
         return y.reshape(bsz, seq, d), aux, z, stats
