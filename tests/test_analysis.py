@@ -641,3 +641,15 @@ def test_analyze_an_expert_choice_model_says_what_its_numbers_mean(tmp_path, cap
     assert A.run(args) == 0
     captured = capsys.readouterr()
     assert "expert-choice router" in captured.out + captured.err
+
+
+def test_collect_routing_of_a_random_priority_model_is_reproducible():
+    """Slot priority "random" needs an rng: routing collection uses a fixed stream (it used
+    to fail with "needs rng", so `analyze` could not read such a checkpoint)."""
+    m = _toy_model(0, slot_priority="random", eval_capacity_factor=0.5)
+    windows = np.random.default_rng(1).integers(0, 258, size=(8, 65))
+    a = A.collect_routing(m, windows, batch_size=4)
+    b = A.collect_routing(m, windows, batch_size=4)
+    for ka, kb in zip(a.kept, b.kept):
+        assert np.array_equal(ka, kb)
+    assert any((~k).any() for k in a.kept)                     # drops, so the order mattered

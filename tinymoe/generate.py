@@ -137,6 +137,7 @@ def generate(model: Any, tokenizer: Any, prompt: str | Sequence[int], max_new_to
         prompt_ids = [int(tokenizer.bos_id)]
         _check_ids(prompt_ids, V)
     rng = B.default_rng(seed)
+    route_rng = B.default_rng(seed + 1)   # slot priority "random" only (its own stream)
     greedy = greedy or temperature == 0
     window = model.cfg.max_seq_len
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -151,7 +152,7 @@ def generate(model: Any, tokenizer: Any, prompt: str | Sequence[int], max_new_to
             if cache.length + len(feed) > window:         # full: restart from the tail
                 cache = model.new_cache(1, window)
                 feed = context[-(window // 2):]
-            out = model(np.asarray([feed], dtype=np.int64), cache=cache)
+            out = model(np.asarray([feed], dtype=np.int64), cache=cache, rng=route_rng)
             logits = B.to_numpy(out.logits.data[0, -1])                   # [V] on the host
             if not np.isfinite(logits).all():
                 raise ValueError(f"the model's logits are not finite (NaN or inf) at new "

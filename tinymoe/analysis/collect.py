@@ -125,13 +125,14 @@ def collect_routing(model: Any, windows: Array, domain: Array | None = None,
     experts: dict[int, list[Array]] = {}
     kept: dict[int, list[Array]] = {}
     ce_sum, n_ce, group_len = 0.0, 0, 0
+    route_rng = B.default_rng(0)   # slot priority "random": a fixed stream, as the snapshots use
     with model.evaluating(), routing_settings(model, **overrides):   # eval mode, no graph
         for s in range(0, n_win, batch_size):
             rows = w[s: s + batch_size]                               # [b, T+1]
             b = rows.shape[0]
             if not _usable_rows(b, seq, cfg.group_size):
                 continue
-            out = model(rows[:, :-1], rows[:, 1:])
+            out = model(rows[:, :-1], rows[:, 1:], rng=route_rng)   # rng: priority "random"
             ce_sum += float(B.to_numpy(out.ce.data)) * b * seq
             n_ce += b * seq
             gpos = position_in_group(b, seq, cfg.group_size)          # [b*T]
