@@ -265,6 +265,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("analyze", "routing analysis of a checkpoint (the paper's findings)",
             module="tinymoe.analysis"),
     Command("bench", "throughput, MFU, memory vs a PyTorch twin", module="tinymoe.bench"),
+    Command("findings", "the routing study: train MoE, dense twins, seeds; one report",
+            module="tinymoe.study"),
 )}
 
 
