@@ -266,7 +266,11 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
             module="tinymoe.analysis"),
     Command("bench", "throughput, MFU, memory vs a PyTorch twin", module="tinymoe.bench"),
     Command("findings", "the routing study: train MoE, dense twins, seeds; one report",
-            module="tinymoe.study"),
+            "Train the runs of the routing study (the MoE over seeds, dense twins of equal "
+            "active and of equal total parameters, the MoE without one domain), skipping "
+            "finished runs and resuming interrupted ones, then write one report: "
+            "findings.md (the findings table), its PNGs and findings.json "
+            "(docs/findings.md).", module="tinymoe.study"),
 )}
 
 

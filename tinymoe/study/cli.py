@@ -37,7 +37,8 @@ from tinymoe import backend as B
 from tinymoe.jsonio import json_ready
 from tinymoe.study import measures as M
 from tinymoe.study.plan import (FAST, STUDY_PRESET, STUDY_STEPS, RunSpec, StudySettings,
-                                flops_per_update, param_counts, plan_runs, run_one, seeds_of)
+                                flops_per_update, param_counts, plan_runs, run_one, run_state,
+                                seeds_of)
 from tinymoe.study.report import (FAST_NOTE, findings_rows, format_markdown,
                                   plot_loss_vs_flops, plot_removal)
 
@@ -203,9 +204,13 @@ def run(args: argparse.Namespace) -> int:
 
     host = host_info()
     runs = plan_runs(s, out)
+    states = [run_state(r)[0] for r in runs]      # refuse other runs' folders before training
     out.mkdir(parents=True, exist_ok=True)
     if s.fast:
         say(FAST_NOTE)
+    say(f"{len(runs)} runs in {out / 'runs'}: " + ", ".join(
+        f"{states.count(k)} {k}" for k in ("done", "partial", "new") if k in states)
+        + " (done: skipped; partial: resumed)")
     outcomes: dict[str, dict[str, Any]] = {}
     for i, spec in enumerate(runs, 1):
         say(f"run {i}/{len(runs)} {spec.name}: {spec.model.describe()}")
@@ -335,7 +340,8 @@ def write_report(study: dict[str, Any], out: Path, say: Callable[[str], None] | 
             say(f"writing the report to {out}")
         main, wo = study["analysis"]["main"], study["analysis"]["without"]
         figs = {"loss_vs_flops": plot_loss_vs_flops(study["runs"], out / "loss_vs_flops.png"),
-                "expert_removal": plot_removal(study["removal"], out / "expert_removal.png"),
+                "expert_removal": plot_removal(study["removal"], out / "expert_removal.png",
+                                               study["scale"]["threshold"]),
                 "specialization": plot_specialization(main["specialization"],
                                                       out / "specialization.png"),
                 "domain_share": plot_domain_share(main["specialization"],

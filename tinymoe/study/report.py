@@ -219,25 +219,30 @@ def plot_loss_vs_flops(runs: Sequence[Mapping[str, Any]], path: str | Path) -> s
     return str(path)
 
 
-def plot_removal(removal: Mapping[str, Any], path: str | Path) -> str:
-    """Held-out loss per domain with the experts (eval cf) and without them (capacity 0),
-    with 95% intervals over windows."""
+def plot_removal(removal: Mapping[str, Any], path: str | Path,
+                 threshold: float | None = None) -> str:
+    """The cost of removing every expert (held-out loss at capacity 0 minus at the eval
+    capacity factor, same windows) per domain and pooled, with 95% intervals over
+    windows; ``threshold``: the scale criterion, drawn as a dashed line."""
     doms = list(removal["domains"])
+    diff = [removal["domains"][d]["diff"] for d in doms]
+    est = [v["estimate"] for v in diff]
+    err = [[e - v["low"] for e, v in zip(est, diff)], [v["high"] - e for e, v in zip(est, diff)]]
     fig = agg_figure(6.5, 4.0, dpi=110, layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
     x = list(range(len(doms)))
-    for off, key, label, color in ((-0.2, "second", "with experts (eval cf)", "tab:blue"),
-                                   (0.2, "first", "capacity 0 (no experts)", "tab:red")):
-        est = [removal["domains"][d][key]["estimate"] for d in doms]
-        lo = [e - removal["domains"][d][key]["low"] for d, e in zip(doms, est)]
-        hi = [removal["domains"][d][key]["high"] - e for d, e in zip(doms, est)]
-        ax.bar([i + off for i in x], est, width=0.4, color=color, label=label,
-               yerr=[lo, hi], capsize=3)
+    ax.bar(x, est, width=0.6, color=["tab:red"] * (len(doms) - 1) + ["tab:purple"],
+           yerr=err, capsize=4)
+    ax.axhline(0.0, color="black", lw=0.8)
+    if threshold is not None:
+        ax.axhline(threshold, color="gray", ls="--", lw=1.0,
+                   label=f"scale criterion: {threshold:g} nats/byte")
+        ax.legend()
     ax.set_xticks(x)
     ax.set_xticklabels(doms)
-    ax.set_ylabel("held-out loss, nats/byte")
-    ax.set_title("What the experts are worth (main MoE)")
-    ax.legend()
+    ax.set_ylabel("held-out loss increase, nats/byte")
+    ax.set_title(f"Cost of removing every expert (capacity 0 vs eval cf "
+                 f"{removal['eval_capacity_factor']:g}), main MoE")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
