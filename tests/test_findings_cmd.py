@@ -18,7 +18,6 @@ from tinymoe.study import (REMOVAL_MIN, ZERO_CAPACITY, StudySettings, compare_lo
                            scale_criteria, seed_summary, window_losses)
 from tinymoe.study.measures import CAVEAT_TAIL
 from tinymoe.study.plan import FAST
-from tinymoe.train import train
 
 from tests.test_cli import InProcess, one_line_error
 
@@ -161,36 +160,49 @@ def test_caveat_logic_on_synthetic_numbers():
 # ---------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    """Fast mode twice in one folder. Before the first, the main MoE run is trained to step
-    2 of its schedule and stopped (as an interrupted run leaves it): the first invocation
-    must resume it and train the others; the second must skip every run."""
+    """Fast mode three times in one folder. The first invocation is interrupted at step 2
+    of its first run (a KeyboardInterrupt inside the training loop: the trainer's Ctrl-C
+    path, which saves a checkpoint); the second must resume that run and train the
+    others; the third must skip every run."""
     import contextlib  # noqa: PLC0415
     import io  # noqa: PLC0415
 
+    import tinymoe.train  # noqa: PLC0415
     from tinymoe.__main__ import main  # noqa: PLC0415
 
     out = tmp_path_factory.mktemp("study")
     threads = B.get_num_threads()
-    fast = StudySettings(**FAST)
-    runs = plan_runs(fast, out)
-    first = runs[0]
-    part = train(first.model, first.train.replace(stop_at=2), progress=False)
-    assert part.status == "stopped" and part.step == 2
+    runs = plan_runs(StudySettings(**FAST), out)
+    real_train = tinymoe.train.train
+
+    def interrupted_train(model_cfg, tcfg, progress=True):
+        def ctrl_c(step, model):
+            if step == 2:
+                raise KeyboardInterrupt
+        return real_train(model_cfg, tcfg, progress, on_step=ctrl_c)
+
+    def invoke():
+        o, e = io.StringIO(), io.StringIO()      # capsys is function-scoped: capture by hand
+        with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
+            rc = main(["findings", "--fast", "--out", str(out), "--threads", "1", "--quiet"])
+        return {"rc": rc, "stdout": o.getvalue(), "stderr": e.getvalue()}
+
     results = []
     try:
-        for _ in range(2):             # capsys is function-scoped: capture by hand
-            o, e = io.StringIO(), io.StringIO()
-            with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
-                rc = main(["findings", "--fast", "--out", str(out), "--threads", "1",
-                           "--quiet"])
-            results.append({"rc": rc, "stdout": o.getvalue(), "stderr": e.getvalue(),
-                            "json": json.loads((out / "findings.json").read_text()),
-                            "md": (out / "findings.md").read_text(),
-                            "ckpt_bytes": {r.name: (r.folder / "checkpoint.npz").read_bytes()
-                                           for r in runs}})
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(tinymoe.train, "train", interrupted_train)
+            stopped = invoke()
+        stopped["written"] = sorted(p.name for p in out.iterdir())
+        for _ in range(2):
+            res = invoke()
+            res.update(json=json.loads((out / "findings.json").read_text()),
+                       md=(out / "findings.md").read_text(),
+                       ckpt_bytes={r.name: (r.folder / "checkpoint.npz").read_bytes()
+                                   for r in runs})
+            results.append(res)
     finally:
         B.set_num_threads(threads)
-    return {"out": out, "runs": runs, "results": results}
+    return {"out": out, "runs": runs, "stopped": stopped, "results": results}
 
 
 def test_fast_mode_writes_the_report(study):
@@ -247,6 +259,10 @@ def test_fast_mode_writes_the_report(study):
 
 
 def test_interrupted_run_is_resumed_and_finished_runs_are_skipped(study):
+    stopped = study["stopped"]
+    assert stopped["rc"] == 130
+    assert "run the same command again to resume" in stopped["stderr"]
+    assert stopped["written"] == ["runs"]                       # no report from a cut study
     first, second = study["results"]
     actions = {r["name"]: (r["action"], r["from_step"]) for r in first["json"]["runs"]}
     main_run = study["runs"][0]
