@@ -33,8 +33,13 @@ def _iv(v: Mapping[str, Any] | None) -> dict[str, float] | None:
                                    for k in ("estimate", "low", "high")}
 
 
+def _unit(row: Mapping[str, Any]) -> str:
+    """Unit of a routing-analysis row: its measures are shares, except a CE (nats)."""
+    return "nats" if "CE" in row["measure"] else "%"
+
+
 def findings_rows(study: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Every row of the study's table; ``unit`` is "nats/byte" or "%" (a share)."""
+    """Every row of the study's table; ``unit`` is "nats/byte", "nats" or "%" (a share)."""
     rows: list[dict[str, Any]] = []
     nb = "nats/byte"
     rem = study.get("removal")
@@ -68,7 +73,7 @@ def findings_rows(study: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "verdict": verdict(moe, d, "less"), "unit": nb,
                 "rule": "MoE range entirely below the dense range (lower is better)"})
     for r in (study.get("analysis_rows") or {}).get("main", []):
-        rows.append({**r, "finding": r["finding"], "unit": "%"})
+        rows.append({**r, "unit": _unit(r)})
     held = study.get("held_out")
     if held:
         dom = held["domain"]
@@ -90,7 +95,8 @@ def findings_rows(study: Mapping[str, Any]) -> list[dict[str, Any]]:
                          else "effect interval excludes 0 (either sign)")})
         for r in (study.get("analysis_rows") or {}).get("without", []):
             if "held_out_domain" in r["measure"]:
-                rows.append({**r, "finding": "held-out domain: " + r["finding"], "unit": "%"})
+                rows.append({**r, "finding": "held-out domain: " + r["finding"],
+                             "unit": _unit(r)})
     return rows
 
 
