@@ -241,7 +241,8 @@ def test_fast_mode_writes_the_report(study):
     assert abs(m["dense_active"]["params"]["active"] - m["moe"]["params"]["active"]) <= row / 2
     assert abs(m["dense_total"]["params"]["total"] - m["moe"]["params"]["total"]) <= row / 2
     md = first["md"]
-    assert "| finding | measure | effect [interval] | baseline | baseline [interval] | verdict |" in md
+    assert ("| finding | measure | effect [interval] | baseline | baseline [interval] | "
+            "verdict |") in md
     findings = {r["finding"] for r in js["findings"]}
     for f in ("experts matter (expert removal)", "MoE against a dense model",
               "context-independent specialization", "early routing learning",
