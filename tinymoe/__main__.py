@@ -289,9 +289,15 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
             _params_arguments, _params_run),
     Command("analyze", "routing analysis of a checkpoint (the paper's findings)",
             module="tinymoe.analysis"),
-    Command("bench", "throughput, MFU, memory vs a PyTorch twin", module="tinymoe.bench"),
+    Command("bench", "throughput, MFU, memory vs the same model in PyTorch", module="tinymoe.bench"),
     Command("compare-routers", "train router variants on the same budget and compare them",
             module="tinymoe.variants"),
+    Command("findings", "the routing study: train MoE, dense twins, seeds; one report",
+            "Train the runs of the routing study (the MoE over seeds, dense twins of equal "
+            "active and of equal total parameters, the MoE without one domain), skipping "
+            "finished runs and resuming interrupted ones, then write one report: "
+            "findings.md (the findings table), its PNGs and findings.json "
+            "(docs/findings.md).", module="tinymoe.study"),
 )}
 
 
