@@ -98,18 +98,12 @@ def _add_config_flag(p: argparse.ArgumentParser, extra: str = "") -> None:
                         f"(default: {DEFAULT_PRESET}{extra})")
 
 
-def _threads(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{n} must be >= 1")
-    return n
 
 
 def _add_threads_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=_threads, default=None, metavar="N",
+    from tinymoe.flags import positive_int  # noqa: PLC0415
+
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="threads for BLAS and tinymoe's row-parallel kernels (default: every core; "
                         "1 is faster on a machine busy with other work)")
 

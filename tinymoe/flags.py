@@ -26,7 +26,7 @@ import types
 import typing
 from typing import Any, Callable, Sequence
 
-__all__ = ["field_docs", "flag_converter", "add_dataclass_flags", "flag_name"]
+__all__ = ["field_docs", "flag_converter", "add_dataclass_flags", "flag_name", "positive_int"]
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -130,3 +130,14 @@ def add_dataclass_flags(group: Any, cls: type, dest_prefix: str, *, skip: Sequen
                            metavar=_metavar(f.name, hints[f.name], opts), help=help_text)
         names.append(f.name)
     return names
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type=`` for counts that must be >= 1 (steps, seeds, threads, ...)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} must be >= 1")
+    return n

@@ -47,7 +47,7 @@ from tinymoe import routing
 from tinymoe.autograd import Context, Function, Tensor
 from tinymoe.evaluate import routing_summary
 from tinymoe.nn.module import Module, Parameter
-from tinymoe.nn.moe import MoE, MoEStats, Experts, combine, dispatch, gather_rows, route_differentiable
+from tinymoe.nn.moe import MoE, MoEStats, Experts, combine, dispatch, gather_rows, route_layer
 
 np = B.np
 
@@ -324,17 +324,10 @@ class ExpertParallelMoE(Module):
 
     def forward(self, x: Tensor, rng: Any = None) -> tuple[Tensor, Tensor, Tensor, MoEStats]:
         cfg = self.cfg
-        if x.ndim != 3 or x.shape[-1] != cfg.d_model:
-            raise ValueError(f"MoE expects x of shape [B, T, {cfg.d_model}], got {tuple(x.shape)}")
+        # the same routing as one process (per group; refused variants never get here)
+        tokens, weight, aux, z, result = route_layer(self.router, cfg, self.training, x, rng)
         bsz, seq, d = x.shape
         n = bsz * seq
-        tokens = x.reshape(n, d)                                          # [B, T, d] -> [N, d]
-        logits = self.router(tokens)                                      # [N, d] -> [N, E]
-        cf = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
-        group = seq if cfg.group_size is None else cfg.group_size
-        weight, aux, z, result = route_differentiable(
-            logits, cfg.top_k, cf, group, cfg.min_capacity, cfg.capacity_mode,
-            cfg.slot_priority, cfg.renormalize, rng)                      # [N, k], [], []
         flat_pos, token, rank = routing.dispatch_indices(result)          # [M] each
         rows = result.rows_per_expert                                     # R = n_groups * C
         buf = dispatch(tokens, flat_pos, token, cfg.n_experts, rows)      # [N, d] -> [E, R, d]

@@ -54,6 +54,7 @@ from typing import Any, Callable, Sequence
 
 from tinymoe import backend as B
 from tinymoe.config import ModelConfig, get_preset, preset_names
+from tinymoe.flags import positive_int
 from tinymoe.routing_variants import fine_grained, routing_changed
 
 np = B.np
@@ -316,14 +317,6 @@ def _routers(text: str) -> list[str]:
     return names
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} must be >= 1")
-    return v
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -332,25 +325,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated variants; choices: {', '.join(VARIANTS)} (default: all)")
     p.add_argument("--config", default="mini", choices=preset_names(),
                    help="base preset every variant is built on (default: mini)")
-    p.add_argument("--steps", type=_positive, default=None,
+    p.add_argument("--steps", type=positive_int, default=None,
                    help="optimizer updates per variant (default: 300; with --fast: 6)")
-    p.add_argument("--batch-size", type=_positive, default=16, help="sequences per update (default: 16)")
-    p.add_argument("--seq-len", type=_positive, default=None, help="tokens per sequence (default: the preset's)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="sequences per update (default: 16)")
+    p.add_argument("--seq-len", type=positive_int, default=None, help="tokens per sequence (default: the preset's)")
     p.add_argument("--seed", type=int, default=0, help="model init, batch order, routing noise (default: 0)")
     p.add_argument("--data", default=None, help="text file or folder (default: the built-in corpus)")
-    p.add_argument("--max-chars", type=_positive, default=None,
+    p.add_argument("--max-chars", type=positive_int, default=None,
                    help="cut each domain's train text to this many characters")
     p.add_argument("--out", default="runs/compare-routers",
                    help="folder: one run folder per variant, report.md/json, figures/ (default: runs/compare-routers)")
     p.add_argument("--fast", action="store_true",
                    help="seconds: toy preset, 6 steps (or --steps), batch 4 x 32 tokens, 6000 "
                         "characters per domain, a snapshot every 2 steps")
-    p.add_argument("--fine-grained-split", type=_positive, default=2, metavar="M",
+    p.add_argument("--fine-grained-split", type=positive_int, default=2, metavar="M",
                    help="fine_grained: split every expert into M of 1/M the width, top-k times M (default: 2)")
     p.add_argument("--shared-experts", type=int, default=None, metavar="S",
                    help="fine_grained: S always-on shared experts of the small width (default: M, "
                         "the width of OpenMoE's shared FFN; 0: none)")
-    p.add_argument("--threads", type=_positive, default=None, help="BLAS/kernel threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="BLAS/kernel threads")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -48,7 +48,8 @@ from tinymoe.nn.layers import fan_in_std, gated_triple, normal_parameter
 from tinymoe.nn.module import Module, Parameter
 
 __all__ = ["Router", "Experts", "MoE", "MoEStats", "RouterFunction", "Dispatch", "Combine", "GatherRows",
-           "GroupedMatmul", "route_differentiable", "dispatch", "combine", "gather_rows", "grouped_matmul"]
+           "GroupedMatmul", "route_differentiable", "route_layer", "dispatch", "combine", "gather_rows",
+           "grouped_matmul"]
 
 
 # --------------------------------------------------------------------------------------
@@ -385,6 +386,31 @@ class MoEStats(routing.RoutingResult):
         return cls(**values, layer=layer, batch_shape=batch_shape)
 
 
+def route_layer(router: Router, cfg: ModelConfig, training: bool, x: Tensor, rng: Any = None
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Any]:
+    """The routing half of an MoE layer, shared by :class:`MoE` and the expert-parallel
+    layer (``tinymoe.parallel``): x [B, T, d] -> (tokens [N, d], combine weights [N, k],
+    L_aux, L_z, RoutingResult), with the train or eval capacity factor, the routing group
+    (the sequence unless ``group_size``) and, when the config asks for one, a routing
+    variant (``tinymoe.routing_variants``)."""
+    if x.ndim != 3 or x.shape[-1] != cfg.d_model:
+        raise ValueError(f"MoE expects x of shape [B, T, {cfg.d_model}], got {tuple(x.shape)}")
+    bsz, seq, d = x.shape
+    tokens = x.reshape(bsz * seq, d)                                      # [B, T, d] -> [N, d]
+    logits = router(tokens)                                               # [N, d] -> [N, E]
+    cf = cfg.capacity_factor if training else cfg.eval_capacity_factor
+    group = seq if cfg.group_size is None else cfg.group_size
+    if routers.uses_variant(cfg):                                         # tinymoe.routing_variants
+        weight, aux, z, result = routers.route_variant(
+            router, tokens, logits, cfg, training=training, capacity_factor=cf,
+            group_size=group, rng=rng)                                    # [N, k], [], []
+    else:
+        weight, aux, z, result = route_differentiable(
+            logits, cfg.top_k, cf, group, cfg.min_capacity, cfg.capacity_mode,
+            cfg.slot_priority, cfg.renormalize, rng)                      # [N, k], [], []
+    return tokens, weight, aux, z, result
+
+
 class MoE(Module):
     """Token-choice top-k MoE of FFN experts (``cfg.ffn_kind``) with expert capacity (OpenMoE).
 
@@ -411,23 +437,9 @@ class MoE(Module):
         """x [B, T, d] -> (y [B, T, d], L_aux, L_z, stats). ``rng`` (a host NumPy Generator)
         is required by slot priority "random" and by ``router_noise`` in training mode, and
         ignored otherwise."""
-        cfg = self.cfg
-        if x.ndim != 3 or x.shape[-1] != cfg.d_model:
-            raise ValueError(f"MoE expects x of shape [B, T, {cfg.d_model}], got {tuple(x.shape)}")
+        tokens, weight, aux, z, result = route_layer(self.router, self.cfg, self.training, x, rng)
         bsz, seq, d = x.shape
         n = bsz * seq
-        tokens = x.reshape(n, d)                                          # [B, T, d] -> [N, d]
-        logits = self.router(tokens)                                      # [N, d] -> [N, E]
-        cf = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
-        group = seq if cfg.group_size is None else cfg.group_size
-        if routers.uses_variant(cfg):                                     # tinymoe.routing_variants
-            weight, aux, z, result = routers.route_variant(
-                self.router, tokens, logits, cfg, training=self.training, capacity_factor=cf,
-                group_size=group, rng=rng)                                # [N, k], [], []
-        else:
-            weight, aux, z, result = route_differentiable(
-                logits, cfg.top_k, cf, group, cfg.min_capacity, cfg.capacity_mode,
-                cfg.slot_priority, cfg.renormalize, rng)                  # [N, k], [], []
         # The layer's one host sync: the rows per expert size the grouped matmuls.
         sizes = tuple(int(v) for v in B.to_numpy(result.load_after))      # [E] host ints
         token, rank = routing.packed_indices(result, sum(sizes))          # [M] each, by buffer row

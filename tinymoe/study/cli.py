@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tinymoe import backend as B
+from tinymoe.flags import positive_int
 from tinymoe.jsonio import json_ready
 from tinymoe.study import measures as M
 from tinymoe.study.plan import (FAST, STUDY_PRESET, STUDY_STEPS, RunSpec, StudySettings,
@@ -46,14 +47,6 @@ __all__ = ["add_arguments", "run", "settings_from_args", "host_info", "read_log"
            "run_summary", "command_line"]
 
 
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{n} must be >= 1")
-    return n
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,10 +57,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"model preset of the MoE, one of: {', '.join(preset_names())} "
                         f"(default: {STUDY_PRESET}; with --fast: {FAST['preset']}); the dense "
                         "twins are derived from it")
-    p.add_argument("--steps", type=_positive, default=None, metavar="N",
+    p.add_argument("--steps", type=positive_int, default=None, metavar="N",
                    help=f"optimizer updates of every run (default: {STUDY_STEPS}; with "
                         f"--fast: {FAST['steps']})")
-    p.add_argument("--seeds", type=_positive, default=None, metavar="N",
+    p.add_argument("--seeds", type=positive_int, default=None, metavar="N",
                    help="seeds of the MoE and of each dense twin; the spread over seeds is "
                         f"the MoE-vs-dense interval (default: 3; with --fast: {FAST['seeds']})")
     p.add_argument("--without", default="code", metavar="DOMAIN",
@@ -83,7 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fast", action="store_true",
                    help="test mode: toy model, a few steps, one seed, tiny data and budgets; "
                         "runs in seconds, its verdicts are not meaningful (the report says so)")
-    p.add_argument("--threads", type=_positive, default=None, metavar="N",
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="threads for BLAS and tinymoe's row-parallel kernels (default: every "
                         "core; 1 is faster on a machine busy with other work)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
