@@ -4,8 +4,8 @@
 # Each exercise of `lessons/11_early_routing.py`, worked and checked, on lesson 9's shared
 # run (`mini`, 300 updates; in fast mode `toy`, 30 updates on a small cut of the corpus). The
 # extra runs change one setting each and keep the seed, so they see the same batches. Fast
-# mode scales the step counts by 1/10 (snapshots every step up to step 10, the router frozen
-# after step 10); its toy runs are far too short for the routing to settle, so there the
+# mode takes a snapshot every update up to update 10 and freezes the router after update 10
+# (normal mode: every 5 up to 100, frozen after 100); its toy runs are far too short for the routing to settle, so there the
 # answers show how to measure, and the printed numbers say what happened.
 
 # %%
