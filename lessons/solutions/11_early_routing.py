@@ -5,8 +5,9 @@
 # run (`mini`, 300 updates; in fast mode `toy`, 30 updates on a small cut of the corpus). The
 # extra runs change one setting each and keep the seed, so they see the same batches. Fast
 # mode takes a snapshot every update up to update 10 and freezes the router after update 10
-# (normal mode: every 5 up to 100, frozen after 100); its toy runs are far too short for the routing to settle, so there the
-# answers show how to measure, and the printed numbers say what happened.
+# (normal mode: every 5 up to 100, frozen after 100); its toy runs are far too short for
+# the routing to settle, so there the answers show how to measure, and the printed numbers
+# say what happened.
 
 # %%
 import json
@@ -184,7 +185,8 @@ def run_loop(freeze_after):
 free = run_loop(None)
 frozen = run_loop(freeze_at)
 cost = frozen["held_out"] - free["held_out"]
-print(f"router trained throughout:      held-out {free['held_out']:.4f} nats/byte, train CE (last 5) {free['train_ce']:.4f}")
+print(f"router trained throughout:      held-out {free['held_out']:.4f} nats/byte, "
+      f"train CE (last 5) {free['train_ce']:.4f}")
 print(f"router frozen after update {freeze_at:3d}: held-out {frozen['held_out']:.4f} nats/byte, "
       f"train CE (last 5) {frozen['train_ce']:.4f}")
 print(f"freezing the router {'costs' if cost > 0 else 'saves'} {abs(cost):.4f} nats/byte of held-out loss in this run "

@@ -96,7 +96,8 @@ first_iv, last_iv = group[sizes[0]]["stats"]["all"]["gap"], group[sizes[-1]]["st
 apart = last_iv["high"] < first_iv["low"]
 print(f"in this run the model's gap at {sizes[-1]} sequences per group is "
       f"{'smaller' if smaller else 'not smaller'} than with one sequence per group (point estimates); the "
-      f"intervals {'are apart' if apart else 'overlap: with only ' + str(group[sizes[-1]]['stats']['n_units']) + ' large groups the difference is not established'}")
+      f"intervals " + ("are apart" if apart else f"overlap: with only {group[sizes[-1]]['stats']['n_units']} large "
+                        "groups the difference is not established"))
 assert all(a > b for a, b in zip(rand_gap, rand_gap[1:])), "random routing's gap should shrink with the group"
 assert smaller, "bigger groups should shrink the model's gap too"
 
@@ -202,9 +203,9 @@ for name, st in prio.items():
 # $n$ assignments in a group drops $\max(0, n - C)$ of them whatever the order; the priority
 # only decides *which*. Random priority spreads those drops evenly over the group (gaps of a
 # few percent, printed, against position priority's), but drops *different* tokens with
-# every seed, and the choice is blind to the router's confidence. Under training with `rng` this is well defined (the trainer passes its
-# routing RNG and saves it in checkpoints); for a measurement the seed must be chosen and
-# reported, and several seeds averaged. Checks:
+# every seed, and the choice is blind to the router's confidence. Under training with `rng`
+# this is well defined (the trainer passes its routing RNG and saves it in checkpoints); for
+# a measurement the seed must be chosen and reported, and several seeds averaged. Checks:
 
 # %%
 rand_gaps = [prio[f"random, seed {s}"]["all"]["gap"]["estimate"] for s in (0, 1, 2)]

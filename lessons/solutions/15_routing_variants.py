@@ -180,7 +180,8 @@ from tinymoe.checkpoint import load_model  # noqa: E402
 
 bmodel, _, bcfg = load_model(bias_run_dir / "checkpoint.npz")
 biases = [B.to_numpy(blk.moe.router.bias.data) for blk in bmodel.blocks if getattr(blk, "moe", None) is not None]
-print(f"bias after {steps} steps: {[b.astype(float).round(4).tolist() for b in biases]} (|b| <= steps x rate = {steps * 1e-3:.3f})")
+print(f"bias after {steps} steps: {[b.astype(float).round(4).tolist() for b in biases]} "
+      f"(|b| <= steps x rate = {steps * bcfg.router_bias_rate:.3f})")
 assert all(np.abs(b).max() <= steps * bcfg.router_bias_rate + 1e-6 for b in biases), "the bias moved faster than gamma"
 assert all(np.abs(b).max() > 0 for b in biases), "the bias should have moved"
 assert all(np.isfinite(v) for v in loss.values()) and len(rows) == 2
