@@ -133,8 +133,8 @@ for name in ("half", "double"):
 # updates towards its end, so all three runs quiet down late, and a larger rate can also
 # keep the routing moving longer. The lines above say which happened here. Routing that
 # settles earlier says nothing by itself about the model's quality: read the last train CE
-# next to it (in fast mode the half-rate run has learned least; in normal mode, 300 updates
-# of `mini`, it had the lowest train CE of the three). The checks are on the measurements:
+# printed next to it (which rate learns most differs between a 30-update toy run and a
+# 300-update `mini` run). The checks are on the measurements:
 
 # %%
 for name, s in settle.items():
