@@ -200,12 +200,12 @@ show(fig, "15_variants.png")
 #
 # ## Exercises
 #
-# 1. Measure the leak of OpenMoE's router with `slot_priority="probability"` and with
-#    `top_k=1`. Which settings make token choice causal? (Hint: `routing_changed` on
-#    `OpenMoE(get_preset("toy", ...))`, as in section 2.)
-# 2. In section 4, set `router_bias_rate` to 0.001 and to 0.1. How many forwards until the
-#    load ratio falls below 1.5, and how much does it oscillate afterwards? (Hint: a fixed
-#    rate times a sign cannot settle exactly.)
-# 3. Run the lab with `--routers openmoe,bias_balanced --steps 600` and compare the load
-#    balance curves: does the bias reach the balance the aux loss reaches, and at what cost in
-#    held-out loss?
+# 1. **Causal token choice.** Measure the leak of OpenMoE's router with
+#    `slot_priority="probability"` and with `top_k=1`. Which settings make token choice
+#    causal? (Hint: `routing_changed` on `OpenMoE(get_preset("toy", ...))`, as in section 2.)
+# 2. **The bias rate.** In section 4, set `router_bias_rate` to 0.001 and to 0.1. How many
+#    forwards until the load ratio falls below 1.5, and how much does it oscillate afterwards?
+#    (Hint: a fixed rate times a sign cannot settle exactly.)
+# 3. **Bias against the aux loss.** Run the lab with `--routers openmoe,bias_balanced
+#    --steps 600` and compare the load balance curves: does the bias reach the balance the aux
+#    loss reaches, and at what cost in held-out loss?

@@ -25,8 +25,7 @@ LESSONS = sorted(LESSON_DIR.glob("[0-9][0-9]_*.py"))
 SOLUTION_DIR = LESSON_DIR / "solutions"
 SOLUTIONS = sorted(SOLUTION_DIR.glob("[0-9][0-9]_*.py"))
 # Lessons whose worked solutions are still to be written.
-AWAITING_SOLUTIONS = {"11_early_routing.py", "12_drop_towards_the_end.py",
-                      "14_experts_on_many_machines.py", "15_routing_variants.py"}
+AWAITING_SOLUTIONS: set[str] = set()
 
 
 def _tail(text: str, n: int = 3000) -> str:
