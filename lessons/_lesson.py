@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent   # the repository (commands run from there)
 
 FAST: bool = os.environ.get("TINYMOE_FAST", "0").strip().lower() not in ("", "0", "false", "no")
 OUT: Path = Path(os.environ.get("TINYMOE_LESSON_OUT") or HERE / "out")

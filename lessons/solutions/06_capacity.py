@@ -67,7 +67,7 @@ rng = np.random.default_rng(0)
 x = rng.normal(size=(n_groups * Gd, 32))
 z = (x @ (rng.normal(size=(32, Ed)) * 0.3)).astype(np.float32)          # [N, E]
 by_pos, halves, prob_gap = {}, {}, {}
-for prio in routing.PRIORITIES:
+for prio in routing.SLOT_PRIORITIES:
     r = routing.route(z, 2, 1.25, group_size=Gd, priority=prio, rng=np.random.default_rng(0))
     dropped = ~r.kept.reshape(n_groups, Gd, 2)                           # [groups, G, k]
     by_pos[prio] = dropped.mean(axis=(0, 2))                             # [G]
