@@ -177,6 +177,7 @@ class Comm:
         """Print one line and end every rank of the job (``MPI_Abort``), never a hang."""
         sys.stderr.write(f"error (rank {self.rank} of {self.size}): {message}\n")
         sys.stderr.flush()
+        time.sleep(0.2)  # let mpiexec forward the line before the abort tears the job down
         self.comm.Abort(code)
         os._exit(code)   # MPICH's MPI_Abort can return to the caller before the job is torn down
 
