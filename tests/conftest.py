@@ -20,7 +20,18 @@ import contextlib
 import os
 from pathlib import Path
 
+import importlib.util
+
 import pytest
+
+# The suite needs what requirements.txt installs (torch is the oracle). Without it, say so
+# in one line before anything imports them, instead of a page of collection errors.
+_NEEDED = ("numpy", "tqdm", "matplotlib", "threadpoolctl", "torch")
+_MISSING = [name for name in _NEEDED if importlib.util.find_spec(name) is None]
+_MISSING_LINE = (f"the test environment lacks {', '.join(_MISSING)}: run `pip install -r "
+                 "requirements.txt` from the repository root first")
+if "numpy" in _MISSING:              # this file itself needs NumPy (through tinymoe.backend)
+    pytest.exit(_MISSING_LINE, returncode=pytest.ExitCode.USAGE_ERROR)
 
 os.environ.setdefault("TINYMOE_FAST", "1")   # lessons run in fast mode inside the suite
 _ROOT = str(Path(__file__).resolve().parents[1])
@@ -35,6 +46,11 @@ from tinymoe import backend as B  # noqa: E402
 from tests import strict_xp  # noqa: E402
 
 _CUDA = B.cuda_available()
+
+
+def pytest_configure(config):  # noqa: ANN001
+    if _MISSING:
+        pytest.exit(_MISSING_LINE, returncode=pytest.ExitCode.USAGE_ERROR)
 
 
 def pytest_report_header(config):  # noqa: ANN001
