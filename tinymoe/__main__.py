@@ -125,6 +125,7 @@ _TRAIN_SPECIAL = ("out_dir", "resume", "device", "overwrite")
 
 def _train_arguments(p: argparse.ArgumentParser) -> None:
     from tinymoe.flags import add_dataclass_flags  # noqa: PLC0415
+    from tinymoe.parallel import MODES  # noqa: PLC0415  (the one vocabulary; MPI loads lazily)
     from tinymoe.train import TrainConfig  # noqa: PLC0415
 
     _add_config_flag(p, "; with --resume: the checkpoint's config")
@@ -138,7 +139,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     _add_device_flag(p)
     _add_threads_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--parallel", choices=("none", "data", "expert"), default="none",
+    p.add_argument("--parallel", choices=MODES, default="none",
                    help="MPI parallelism, run under mpiexec -n P (see docs/parallel.md): "
                         "none = one process (default); data = every rank holds the model, "
                         "gradients are all-reduced; expert = the experts are sharded E/P per "

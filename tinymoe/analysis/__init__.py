@@ -75,7 +75,7 @@ from tinymoe.analysis.measures import (
     routing_std, shuffled_routing_std, specialization_predictors, token_label,
     top_tokens_per_expert)
 from tinymoe.analysis.plots import (
-    plot_domain_share, plot_drop_vs_position, plot_early_routing, plot_specialization)
+    plot_domain_share, plot_drop_vs_position, plot_early_routing, plot_report, plot_specialization)
 from tinymoe.analysis.report import _summary  # noqa: F401 (the tests check its rules)
 from tinymoe.analysis.report import (
     EARLY_FRACTION, EARLY_THRESHOLD, analyze, drop_report, early_routing_report, early_routing_verdict, findings_table,
@@ -101,5 +101,5 @@ __all__ = [
     "RoutingTrace", "routing_settings", "collect_routing", "load_snapshots",
     # plots and report
     "plot_specialization", "plot_domain_share", "plot_early_routing",
-    "plot_drop_vs_position", "format_report", "format_markdown", "analyze", "add_arguments", "run",
+    "plot_drop_vs_position", "plot_report", "format_report", "format_markdown", "analyze", "add_arguments", "run",
 ]

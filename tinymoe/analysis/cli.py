@@ -21,8 +21,7 @@ from typing import Any, Mapping
 
 from tinymoe import backend as B
 from tinymoe.analysis.collect import load_snapshots
-from tinymoe.analysis.plots import (
-    plot_domain_share, plot_drop_vs_position, plot_early_routing, plot_specialization)
+from tinymoe.analysis.plots import plot_report
 from tinymoe.analysis.report import analyze
 from tinymoe.analysis.text import format_markdown, format_report
 from tinymoe.jsonio import json_ready
@@ -236,15 +235,7 @@ def _run_analysis(args: argparse.Namespace) -> int:
 
     out_dir = Path(args.out) if args.out else ckpt_path.parent / "analysis"
     out_dir.mkdir(parents=True, exist_ok=True)
-    figures = {"specialization": plot_specialization(report["specialization"],
-                                                     out_dir / "specialization.png"),
-               "domain_share": plot_domain_share(report["specialization"],
-                                                 out_dir / "domain_share.png")}
-    if report["early_routing"].get("available"):
-        figures["early_routing"] = plot_early_routing(report["early_routing"],
-                                                      out_dir / "early_routing.png")
-    figures["drop_vs_position"] = plot_drop_vs_position(report["drops"],
-                                                        out_dir / "drop_vs_position.png")
+    figures = plot_report(report, out_dir)
     report["figures"] = figures
     report["wall_seconds"] = round(time.perf_counter() - start, 2)
     report["json"] = str(out_dir / "analysis.json")

@@ -17,7 +17,7 @@ from tinymoe.plotting import agg_figure
 np = B.np
 
 __all__ = ["plot_specialization", "plot_domain_share", "plot_early_routing",
-           "plot_drop_vs_position"]
+           "plot_drop_vs_position", "plot_report"]
 
 
 def _figure(width: float, height: float) -> Any:
@@ -228,3 +228,18 @@ def plot_drop_vs_position(drops: Mapping[str, Any], path: str | Path) -> str:
     return _save(fig, path)
 
 
+def plot_report(report: Mapping[str, Any], out_dir: str | Path) -> dict[str, str]:
+    """Every figure of an :func:`~tinymoe.analysis.report.analyze` report, as PNGs in
+    ``out_dir``: {name: path} for specialization, domain_share, early_routing (when the run
+    had snapshots) and drop_vs_position."""
+    out_dir = Path(out_dir)
+    figures = {"specialization": plot_specialization(report["specialization"],
+                                                     out_dir / "specialization.png"),
+               "domain_share": plot_domain_share(report["specialization"],
+                                                 out_dir / "domain_share.png")}
+    if report["early_routing"].get("available"):
+        figures["early_routing"] = plot_early_routing(report["early_routing"],
+                                                      out_dir / "early_routing.png")
+    figures["drop_vs_position"] = plot_drop_vs_position(report["drops"],
+                                                        out_dir / "drop_vs_position.png")
+    return figures

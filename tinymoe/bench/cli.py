@@ -26,6 +26,8 @@ from tinymoe.optim import OPTIMIZERS  # noqa: E402  (one vocabulary: optim owns 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of ``python -m tinymoe bench``."""
+    from tinymoe.parallel import MODES  # noqa: PLC0415  (the one vocabulary; MPI loads lazily)
+
     p.description = ("Throughput (tokens/s), model FLOPs utilisation against the backend's GEMM "
                      "rate, and peak memory of forward, forward+backward, a training step and "
                      "KV-cache generation; optionally side by side with the same model in PyTorch.")
@@ -58,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="PATH", help="write every number to this JSON file")
-    p.add_argument("--parallel", choices=("none", "data", "expert"), default="none",
+    p.add_argument("--parallel", choices=MODES, default="none",
                    help="time a training step on P MPI ranks (run under mpiexec -n P; see "
                         "tinymoe/bench/parallel_side.py): the step split into compute, all-to-all "
                         "and all-reduce, bytes moved per MoE layer against the formula, tokens/s. "

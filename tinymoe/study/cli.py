@@ -324,8 +324,7 @@ def _bar(desc: str) -> Callable[[Any], Any]:
 
 def write_report(study: dict[str, Any], out: Path, say: Callable[[str], None] | None) -> None:
     """The PNGs (first call only), ``findings.json`` and ``findings.md`` in ``out``."""
-    from tinymoe.analysis import (plot_domain_share, plot_drop_vs_position,  # noqa: PLC0415
-                                  plot_early_routing, plot_specialization)
+    from tinymoe.analysis import plot_drop_vs_position, plot_report  # noqa: PLC0415
     from tinymoe.checkpoint import atomic_write_bytes  # noqa: PLC0415
 
     if "figures" not in study:
@@ -335,15 +334,7 @@ def write_report(study: dict[str, Any], out: Path, say: Callable[[str], None] | 
         figs = {"loss_vs_flops": plot_loss_vs_flops(study["runs"], out / "loss_vs_flops.png"),
                 "expert_removal": plot_removal(study["removal"], out / "expert_removal.png",
                                                study["scale"]["threshold"]),
-                "specialization": plot_specialization(main["specialization"],
-                                                      out / "specialization.png"),
-                "domain_share": plot_domain_share(main["specialization"],
-                                                  out / "domain_share.png")}
-        if main["early_routing"].get("available"):
-            figs["early_routing"] = plot_early_routing(main["early_routing"],
-                                                       out / "early_routing.png")
-        figs["drop_vs_position"] = plot_drop_vs_position(main["drops"],
-                                                         out / "drop_vs_position.png")
+                **plot_report(main, out)}
         figs["held_out_drop_vs_position"] = plot_drop_vs_position(
             wo["drops"], out / "held_out_drop_vs_position.png")
         study["figures"] = figs
