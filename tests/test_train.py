@@ -216,6 +216,16 @@ def test_logs_curves_snapshots(tmp_path):
         np.mean([res.eval[d]["ce"] for d in ("prose", "code", "arith")]))
 
 
+def test_dense_model_trains_with_snapshots_on(tmp_path):
+    """A dense model (no MoE block) under the default snapshot setting trains and writes
+    no routing snapshot (there is no routing to record); it used to stop at step 0."""
+    cfg = tcfg(tmp_path, steps=2, snapshot_every=1, save_every=2)
+    res = train(toy(moe_every=3, n_experts=1, top_k=1), cfg, progress=False)
+    assert res.status == "done", res.message
+    snaps = tmp_path / "run" / "snapshots"
+    assert not snaps.exists() or not list(snaps.glob("*.npz"))
+
+
 def test_eval_nats_per_byte_with_bpe():
     text = "the cat sat on the mat; the dog sat on the log. " * 40
     tok = BPETokenizer.train(text, 300)

@@ -476,8 +476,9 @@ def _run(s: Session, rf: RunFolder, progress: bool,
             write_line(msg)
 
     rf.start_log(fresh=s.ckpt is None)
-    probe_x, probe_dom = (probe_batch(s.val_tok, cfg.seq_len) if cfg.snapshot_every
-                          else (None, None))
+    # routing snapshots need routing: a dense model (no MoE block) writes none
+    probe_x, probe_dom = (probe_batch(s.val_tok, cfg.seq_len)
+                          if cfg.snapshot_every and s.model_cfg.moe_layers else (None, None))
     counts = count_parameters(s.model_cfg)
     rf.log({"event": "start", "step": s.start_step, "time": time.time(),
             "resumed_from": s.ckpt.path if s.ckpt is not None else None,
