@@ -3,6 +3,8 @@ skipping finished runs, resuming an interrupted one), the dense twins' parameter
 the capacity-0 loss, and the caveat logic on synthetic numbers."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -282,6 +284,32 @@ def test_interrupted_run_is_resumed_and_finished_runs_are_skipped(study):
     assert [r["final_mean"] for r in second["json"]["runs"]] == \
         [r["final_mean"] for r in first["json"]["runs"]]
     assert second["json"]["findings"] == first["json"]["findings"]
+
+
+def test_jobs_trains_in_worker_processes_with_the_same_result(study, tmp_path):
+    """--jobs 2 trains the runs two at a time in spawned processes (1 thread each): every
+    run ends with the same weights as the one-at-a-time study, and the report is written."""
+    from tinymoe.__main__ import main
+
+    threads = B.get_num_threads()
+    out = tmp_path / "jobs"
+    o, e = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
+            rc = main(["findings", "--fast", "--out", str(out), "--threads", "2", "--jobs", "2",
+                       "--quiet"])
+    finally:
+        B.set_num_threads(threads)
+    assert rc == 0, e.getvalue()[-2000:]
+    assert "2 at a time, 1 thread(s) each" in o.getvalue() + e.getvalue()
+    js = json.loads((out / "findings.json").read_text())
+    assert {r["action"] for r in js["runs"]} == {"trained"}
+    for r in study["runs"]:
+        mine = load_checkpoint(out / "runs" / r.name).model_state
+        ref = load_checkpoint(r.folder).model_state
+        assert mine.keys() == ref.keys()
+        for k in ref:
+            np.testing.assert_array_equal(mine[k], ref[k], err_msg=f"{r.name} {k}")
 
 
 def test_markdown_caveat_follows_the_criteria(study):

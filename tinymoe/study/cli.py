@@ -79,6 +79,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="threads for BLAS and tinymoe's row-parallel kernels (default: every "
                         "core; 1 is faster on a machine busy with other work)")
+    p.add_argument("--jobs", type=positive_int, default=1, metavar="N",
+                   help="runs trained at once, each in its own process with --threads / N "
+                        "threads (default: 1; on 2 cores, --jobs 2 trains two small runs in "
+                        "about the time of one). Only training is parallel; the measures "
+                        "after it run in this process")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -205,9 +210,9 @@ def run(args: argparse.Namespace) -> int:
         f"{states.count(k)} {k}" for k in ("done", "partial", "new") if k in states)
         + " (done: skipped; partial: resumed)")
     outcomes: dict[str, dict[str, Any]] = {}
-    for i, spec in enumerate(runs, 1):
-        say(f"run {i}/{len(runs)} {spec.name}: {spec.model.describe()}")
-        res = run_one(spec, progress=progress)
+    jobs = min(int(getattr(args, "jobs", 1) or 1), len(runs))
+
+    def finished(i: int, spec: RunSpec, res: dict[str, Any]) -> int | None:
         outcomes[spec.name] = res
         say(f"run {i}/{len(runs)} {spec.name}: {res['action']}"
             + (f" from step {res['from_step']}" if res["action"] == "resumed" else "")
@@ -219,6 +224,19 @@ def run(args: argparse.Namespace) -> int:
         if res["status"] != "done":
             print(f"error: run {spec.name} stopped: {res['message']}", file=sys.stderr)
             return 1
+        return None
+
+    if jobs > 1:
+        stop = train_in_parallel(runs, jobs, max(1, B.get_num_threads() // jobs), say, finished)
+        if stop is not None:
+            return stop
+    for i, spec in enumerate(runs, 1):
+        if spec.name in outcomes:
+            continue
+        say(f"run {i}/{len(runs)} {spec.name}: {spec.model.describe()}")
+        stop = finished(i, spec, run_one(spec, progress=progress))
+        if stop is not None:
+            return stop
     t_train = time.perf_counter() - t0
     study = measure(s, runs, outcomes, say, progress)
     study["host"] = {**host, "load_end": _load()}
@@ -229,6 +247,65 @@ def run(args: argparse.Namespace) -> int:
     write_report(study, out, None)                 # again, with the final wall time
     print(summary_text(study, out))
     return 0
+
+
+def _train_worker(spec: RunSpec, threads: int) -> dict[str, Any]:
+    """One run in a worker process of :func:`train_in_parallel` (no progress bar)."""
+    B.keep_freed_memory()
+    B.set_num_threads(threads)
+    return run_one(spec, progress=False)
+
+
+def train_in_parallel(runs: list[RunSpec], jobs: int, threads: int,
+                      say: Callable[[str], None],
+                      finished: Callable[[int, RunSpec, dict[str, Any]], int | None]
+                      ) -> int | None:
+    """Train ``runs`` in ``jobs`` worker processes of ``threads`` threads each (``spawn``:
+    a fresh interpreter per worker, no state shared with this one). ``finished(i, spec,
+    outcome)`` is called as each run ends; its first non-None value (an exit status) is
+    returned after the runs already started have ended: Ctrl-C reaches every worker, each
+    saves its run at the end of the current update (resumable), and the runs not yet
+    started are cancelled."""
+    import multiprocessing  # noqa: PLC0415
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait  # noqa: PLC0415
+
+    todo = [(i, r) for i, r in enumerate(runs, 1) if run_state(r)[0] != "done"]
+    for i, r in enumerate(runs, 1):
+        if run_state(r)[0] == "done":
+            finished(i, r, run_one(r, progress=False))          # skipped: reads the state only
+    if not todo:
+        return None
+    say(f"training {len(todo)} runs, {jobs} at a time, {threads} thread(s) each")
+    status: int | None = None
+    with ProcessPoolExecutor(max_workers=jobs,
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending = {}
+        for i, r in todo:
+            pending[pool.submit(_train_worker, r, threads)] = (i, r)
+        while pending:
+            try:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            except KeyboardInterrupt:                   # the workers got the signal too
+                for f in pending:
+                    f.cancel()
+                status = status or 130
+                continue
+            for f in done:
+                i, r = pending.pop(f)
+                if f.cancelled():
+                    continue
+                try:
+                    res = f.result()
+                except Exception as e:                  # noqa: BLE001 (a worker died)
+                    res = {"name": r.name, "action": "trained", "from_step": 0,
+                           "status": "error", "message": f"{type(e).__name__}: {e}",
+                           "seconds": 0.0}
+                stop = finished(i, r, res)
+                if stop is not None and status is None:
+                    status = stop
+                    for g in pending:                   # not started yet: not started at all
+                        g.cancel()
+    return status
 
 
 def measure(s: StudySettings, runs: list[RunSpec], outcomes: dict[str, dict[str, Any]],
