@@ -262,9 +262,17 @@ for name, s in summary.items():
     for d in domains:
         assert s["final"][d] < bar[d], (f"{name}: held-out {d} {s['final'][d]:.3f} nats/byte is not below "
                                         f"{bar[d]:.3f}: the run did not learn")
-    assert s["curve"]["step"][-1] == STEPS and abs(s["curve"]["nats_per_byte"][-1] - s["final_mean"]) < 1e-12
-    assert s["curve"]["flops"][-1] == STEPS * flops_per_update(MODELS[s["kind"]], RECIPE)
+    assert s["curve"]["step"][-1] == STEPS and abs(s["curve"]["nats_per_byte"][-1] - s["final_mean"]) < 1e-12, (
+        f"{name}: the curve should end at step {STEPS} with the final loss {s['final_mean']:.4f}")
+    assert s["curve"]["flops"][-1] == STEPS * flops_per_update(MODELS[s["kind"]], RECIPE), (
+        f"{name}: the curve's last point should be {STEPS} updates x FLOPs per update")
 assert dropped["dense_active"] == dropped["dense_total"] == 0.0, "a dense model has nothing to drop"
+for twin, said in (("dense_active", vs_active), ("dense_total", vs_total)):   # the rule, from the raw seed values
+    moe_v = [summary[f"moe-seed{s}"]["final_mean"] for s in SEEDS]
+    twin_v = [summary[f"{twin}-seed{s}"]["final_mean"] for s in SEEDS]
+    rule = "lower" if max(moe_v) < min(twin_v) else "higher" if min(moe_v) > max(twin_v) else "not separable"
+    assert said == rule, (f"MoE vs {twin}: the text said {said!r} but the seed values {moe_v} vs {twin_v} "
+                          f"say {rule!r}: the seed ranges (seed_summary) or the verdict rule are wrong")
 (RUNS / "summary.json").write_text(json.dumps(json_ready({
     "fast": FAST, "moe": MOE.to_dict(), "recipe": RECIPE.to_dict(), "seeds": list(SEEDS), "runs": summary,
     "flops_per_token": flops_tok, "counts": counts}), indent=1))
