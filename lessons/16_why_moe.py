@@ -76,7 +76,8 @@ for name, c in counts.items():
 # %% [markdown]
 # ## 2. Counting by hand
 #
-# **Parameters.** Token embedding $V d$ (tied with the LM head, counted once); per block two
+# **Parameters.** Token embedding $V d$ (tied with the LM head, counted once; an untied head
+# adds $d V$); per block two
 # RMSNorm scales ($2d$), attention $4 d\, d_a$ ($W_q, W_k, W_v, W_o$, $d_a$ = heads x head
 # size), and the FFN: dense $3 d\, d_{ff}$, or a router $d E$ and $E$ experts of
 # $3 d f$ each, of which a token uses $k$; a final norm $d$.
@@ -95,10 +96,10 @@ for name, c in counts.items():
 # %%
 def by_hand(cfg, T):
     """(total params, active params, training FLOPs per token) from the shapes."""
-    assert cfg.ffn_kind == "swiglu" and cfg.tie_embeddings and not cfg.router_noise and not cfg.router_bias_rate, \
-        "this hand count covers tied SwiGLU models without router extras"
+    assert cfg.ffn_kind == "swiglu" and not cfg.router_noise and not cfg.router_bias_rate, \
+        "this hand count covers SwiGLU FFNs and routers without noise or bias"
     d, V, A, L = cfg.d_model, cfg.vocab_size, cfg.attn_dim, cfg.n_layers
-    total = active = V * d + d                                # embedding (= tied head) + final norm
+    total = active = V * d + d + (0 if cfg.tie_embeddings else d * V)   # embedding, final norm, untied head
     matmul = d * V + L * 4 * d * A                            # weights a token multiplies: head + attention
     for i in range(L):
         total += 2 * d + 4 * d * A
@@ -157,10 +158,11 @@ assert abs(ratio_active - 1) < 0.05 and ratio_total > 1.5, (ratio_active, ratio_
 #
 # ## 3. Training the six runs
 #
-# The same recipe for all: the built-in corpus, the same batches (the data order follows the
-# seed), AdamW with warmup and cosine decay, the same number of updates, and held-out
-# evaluations along the way (`eval_every`; the same held-out windows for every model). Two
-# seeds per model change the initial weights and the batch order. `tinymoe.train.train`
+# The same recipe for all: the built-in corpus, AdamW with warmup and cosine decay, the same
+# number of updates, and held-out evaluations along the way (`eval_every`; the same held-out
+# windows for every model). The seed sets both the initial weights and the order of the
+# batches, so for a given seed all three models see the same batches in the same order; the
+# second seed changes both. `tinymoe.train.train`
 # writes each run to its folder; `tinymoe.study.cli.run_summary` reads the final held-out
 # loss per domain and the curve from its `log.jsonl` (what `python -m tinymoe findings` does).
 
