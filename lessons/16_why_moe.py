@@ -18,7 +18,7 @@
 #
 # Everything below is computed on this run's numbers; the sentences that depend on the
 # outcome are chosen by the code from those numbers. (Normal mode: 2 seeds x 3 models x 400
-# updates, about 3 minutes on one core. `TINYMOE_FAST=1`: 6 updates each, which only
+# updates, 2-3 minutes on one core. `TINYMOE_FAST=1`: 6 updates each, which only
 # exercises the code: its losses mean nothing.)
 
 # %%
@@ -144,15 +144,16 @@ for name, match in (("dense_active", "active"), ("dense_total", "total")):
     assert counts[name]["moe_layers"] == 0 and counts[name]["total"] == counts[name]["active"]
 ratio_total = flops_tok["dense_total"] / flops_tok["moe"]
 ratio_active = flops_tok["dense_active"] / flops_tok["moe"]
-f_expert = MOE.top_k * 3 * MOE.d_model * MOE.expert_ff
 print(f"compute per token relative to the MoE: equal active {ratio_active:.3f}x, equal total {ratio_total:.2f}x "
       f"(the FFN alone: E/k = {MOE.n_experts / MOE.top_k:g}x; attention, router and LM head are the same for all)")
+print(f"parameters relative to the MoE: equal active {counts['dense_active']['total'] / counts['moe']['total']:.2f}x, "
+      f"equal total {counts['dense_total']['total'] / counts['moe']['total']:.2f}x")
 assert abs(ratio_active - 1) < 0.05 and ratio_total > 1.5, (ratio_active, ratio_total)
 
 # %% [markdown]
-# So the equal-active twin spends the same compute per token as the MoE with a third of its
-# parameters, and the equal-total twin holds the MoE's parameters but spends the printed
-# multiple of its compute. If routing cost nothing and a token's $k$ experts were as good as
+# So the equal-active twin spends the same compute per token as the MoE with the printed
+# fraction of its parameters, and the equal-total twin holds the MoE's parameters but spends
+# the printed multiple of its compute. If routing cost nothing and a token's $k$ experts were as good as
 # the whole wide FFN, the MoE would reach the equal-total twin's loss at the equal-active
 # twin's compute: that is the hope the runs below put to the test.
 #
@@ -162,9 +163,9 @@ assert abs(ratio_active - 1) < 0.05 and ratio_total > 1.5, (ratio_active, ratio_
 # number of updates, and held-out evaluations along the way (`eval_every`; the same held-out
 # windows for every model). The seed sets both the initial weights and the order of the
 # batches, so for a given seed all three models see the same batches in the same order; the
-# second seed changes both. `tinymoe.train.train`
-# writes each run to its folder; `tinymoe.study.cli.run_summary` reads the final held-out
-# loss per domain and the curve from its `log.jsonl` (what `python -m tinymoe findings` does).
+# second seed changes both. `tinymoe.train.train` writes each run to its folder;
+# `tinymoe.study.cli.run_summary` reads the final held-out loss per domain and the curve
+# from its `log.jsonl` (as `python -m tinymoe findings` does).
 
 # %%
 specs, summary = [], {}
@@ -241,8 +242,8 @@ elif vs_active == "higher":
 else:
     print("-> the MoE and the dense-equal-active twin are not separable at this scale: their seed ranges overlap.")
 if vs_total == "higher":
-    print("-> the dense-equal-total twin is lower than the MoE by more than the seed spread: the upper reference "
-          f"is not reached, at {ratio_total:.2f}x less compute per token.")
+    print("-> the dense-equal-total twin is lower than the MoE by more than the seed spread: the MoE does not reach "
+          f"the upper reference (which spends {ratio_total:.2f}x the MoE's compute per token).")
 elif vs_total == "lower":
     print("-> the MoE is even lower than the dense-equal-total twin by more than the seed spread.")
 else:
