@@ -153,9 +153,18 @@ assert abs(ratio_active - 1) < 0.05 and ratio_total > 1.5, (ratio_active, ratio_
 # %% [markdown]
 # So the equal-active twin spends the same compute per token as the MoE with the printed
 # fraction of its parameters, and the equal-total twin holds the MoE's parameters but spends
-# the printed multiple of its compute. If routing cost nothing and a token's $k$ experts were as good as
-# the whole wide FFN, the MoE would reach the equal-total twin's loss at the equal-active
-# twin's compute: that is the hope the runs below put to the test.
+# the printed multiple of its compute.
+#
+# **Why the equal-total twin is the upper reference.** Put the $E$ experts' hidden units
+# side by side: $E$ SwiGLU experts of width $f$ are one SwiGLU FFN of width $E f$ whose hidden
+# units come in $E$ blocks, and that is the equal-total twin's FFN (the twin is a few units
+# wider: it spends the routers' $d E$ weights per layer on FFN width).
+# The MoE evaluates $k$ of the $E$ blocks for each token and scales each by its gate; the
+# dense twin evaluates every block for every token: the same parameters and $E/k$ times the
+# FFN compute. So one expects the dense twin to be at least as good per update, and the
+# question is how close the MoE gets to it with $k/E$ of the FFN compute. If routing cost
+# nothing and a token's $k$ blocks were all it needed, the MoE would reach the equal-total
+# twin's loss at the equal-active twin's compute: that is the hope the runs below test.
 #
 # ## 3. Training the six runs
 #
