@@ -59,6 +59,26 @@ def test_model_flops_counts_shapes():
     assert half["n_active_matmul_params"] == n - 0.5 * 2 * 3 * d * ff
 
 
+@pytest.mark.parametrize("over", [dict(ffn_kind="openmoe"), dict(d_ff_shared=96),
+                                  dict(ffn_kind="openmoe", d_ff_shared=32, moe_every=1)])
+def test_model_flops_matches_the_weight_shapes(over):
+    """The active matmul parameters are the weight shapes a token passes through, read
+    from config.parameter_shapes: every attention and dense/shared FFN matrix, the router,
+    k of the E experts' matrices, and the head (d V) -- for both FFN kinds (OpenMoE's has
+    4 d f weights) and a shared FFN of its own width."""
+    from tinymoe.config import parameter_shapes
+
+    cfg = get_preset("toy", **over)
+    n = 0
+    for name, shape in parameter_shapes(cfg).items():
+        if len(shape) < 2 or name == "tok_emb.weight":
+            continue                                          # norms; the embedding is a gather
+        size = int(np.prod(shape))
+        n += size * cfg.top_k // cfg.n_experts if ".experts." in name else size
+    n += cfg.d_model * cfg.vocab_size                         # the (tied) head
+    assert model_flops(cfg, seq=64)["n_active_matmul_params"] == n
+
+
 def test_bench_bad_input():
     assert main(["bench", "--config", "toy", "--steps", "0"]) != 0
 

@@ -35,9 +35,10 @@ def model_flops(cfg: ModelConfig, seq: int, kept_fraction: float = 1.0) -> dict[
     n_moe = len(cfg.moe_layers)
     n_dense = cfg.n_layers - n_moe
     attn = cfg.n_layers * 4 * d * da
-    dense = n_dense * 3 * d * f
-    moe = n_moe * (d * cfg.n_experts + kept_fraction * cfg.top_k * 3 * d * cfg.expert_ff
-                   + (3 * d * f if cfg.shared_ffn else 0))
+    m = 4 if cfg.ffn_kind == "openmoe" else 3                   # weights per hidden unit: 4 d f or 3 d f
+    dense = n_dense * m * d * f
+    moe = n_moe * (d * cfg.n_experts + kept_fraction * cfg.top_k * m * d * cfg.expert_ff
+                   + (m * d * cfg.shared_ff if cfg.shared_ffn else 0))
     head = d * V
     n_active = attn + dense + moe + head
     attn_scores = cfg.n_layers * seq * da                       # multiply-adds per token / 2
