@@ -61,11 +61,14 @@ def test_dense_twins_match_the_moe_within_one_row_of_d_ff(name, over):
 
 
 def test_plan_has_every_kind_and_seed():
-    runs = plan_runs(StudySettings(steps=40, seeds=3, without="arith"), "out")
+    runs = plan_runs(StudySettings(steps=40, seeds=3, total_seeds=3, without="arith"), "out")
     names = [r.name for r in runs]
     assert names == ["moe-seed0", "moe-seed1", "moe-seed2", "dense_active-seed0",
                      "dense_active-seed1", "dense_active-seed2", "dense_total-seed0",
                      "dense_total-seed1", "dense_total-seed2", "moe_without_arith-seed0"]
+    # by default the equal-total reference is trained for one seed only
+    default = [r.name for r in plan_runs(StudySettings(steps=40, seeds=3, without="arith"), "o")]
+    assert default == [n for n in names if n not in ("dense_total-seed1", "dense_total-seed2")]
     assert all(Path(r.train.out_dir) == Path("out/runs") / r.name for r in runs)
     assert [r.train.seed for r in runs[:3]] == [0, 1, 2]
     assert runs[-1].train.exclude_domains == ("arith",)

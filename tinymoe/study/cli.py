@@ -63,6 +63,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=positive_int, default=None, metavar="N",
                    help="seeds of the MoE and of each dense twin; the spread over seeds is "
                         f"the MoE-vs-dense interval (default: 3; with --fast: {FAST['seeds']})")
+    p.add_argument("--total-seeds", type=positive_int, default=None, metavar="N",
+                   help="seeds of the dense twin of equal TOTAL parameters, a reference line "
+                        "that is not part of the scale criteria and the slowest run "
+                        "(default: 1; at most --seeds)")
     p.add_argument("--without", default="code", metavar="DOMAIN",
                    help="domain left out of training for the held-out-domain run (default: "
                         "code; one of the data's domains: prose, code, arith for the "
@@ -91,6 +95,7 @@ def settings_from_args(args: argparse.Namespace) -> StudySettings:
     """The study settings: the defaults (or the fast ones), then the flags given."""
     base = dict(FAST) if args.fast else {}
     given = {"preset": args.config, "steps": args.steps, "seeds": args.seeds,
+             "total_seeds": getattr(args, "total_seeds", None),
              "without": args.without, "data": args.data}
     base.update({k: v for k, v in given.items() if v is not None})
     s = StudySettings(**base)
@@ -115,6 +120,7 @@ def command_line(s: StudySettings, out: str) -> str:
     """The command that reproduces (or resumes) this study."""
     parts = ["python -m tinymoe findings"] + (["--fast"] if s.fast else [])
     parts += [f"--config {s.preset}", f"--steps {s.steps}", f"--seeds {s.seeds}",
+              f"--total-seeds {s.total_seeds}",
               f"--without {s.without}"] + ([f"--data {s.data}"] if s.data else [])
     return " ".join(parts + [f"--out {out}"])
 

@@ -61,6 +61,7 @@ class StudySettings:
     preset: str = STUDY_PRESET
     steps: int = STUDY_STEPS
     seeds: int = 3
+    total_seeds: int = 1
     without: str = "code"
     data: str | None = None
     batch_size: int = STUDY_BATCH
@@ -79,7 +80,7 @@ class StudySettings:
 
     def validate(self) -> None:
         """One-line ValueError naming the first bad setting."""
-        for name in ("steps", "seeds", "batch_size", "eval_batches", "curve_points",
+        for name in ("steps", "seeds", "total_seeds", "batch_size", "eval_batches", "curve_points",
                      "removal_windows", "analysis_tokens", "drop_tokens", "init_tokens",
                      "analysis_batch", "n_boot", "n_splits"):
             v = getattr(self, name)
@@ -131,8 +132,10 @@ def dense_twin(moe: ModelConfig, match: str = "active") -> ModelConfig:
 
 
 def plan_runs(settings: StudySettings, out: str | Path) -> list[RunSpec]:
-    """Every run of the study, in training order: the MoE seeds, the two dense twins per
-    seed, then the MoE without ``settings.without`` (seed 0).
+    """Every run of the study, in training order: the MoE seeds, the dense twin of equal
+    active parameters per seed, the twin of equal total parameters for the first
+    ``total_seeds`` seeds (a reference, not part of the scale criteria; the costliest run),
+    then the MoE without ``settings.without`` (seed 0).
 
     Same recipe for all: ``steps`` updates, ``batch_size`` x ``seq_len`` tokens each,
     held-out evaluation ``curve_points`` times during training (the loss-vs-FLOPs
@@ -160,8 +163,8 @@ def plan_runs(settings: StudySettings, out: str | Path) -> list[RunSpec]:
             max_chars=settings.max_chars)
         return RunSpec(name=name, kind=kind, seed=seed, model=models[kind], train=tcfg)
 
-    runs = [spec(k, s) for s in range(settings.seeds) for k in ("moe", "dense_active",
-                                                               "dense_total")]
+    runs = [spec(k, s) for s in range(settings.seeds) for k in ("moe", "dense_active")]
+    runs += [spec("dense_total", s) for s in range(min(settings.total_seeds, settings.seeds))]
     runs.sort(key=lambda r: KINDS.index(r.kind))
     return runs + [spec("moe_without", 0)]
 
