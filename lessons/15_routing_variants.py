@@ -26,6 +26,7 @@ from tinymoe import backend as B
 from tinymoe.config import count_parameters, get_preset
 from tinymoe.nn.model import OpenMoE
 from tinymoe.nn.moe import MoE
+from tinymoe.nn.routers import update_biases
 from tinymoe.routing_variants import fine_grained, route_expert_choice, routing_changed
 from tinymoe.variants import VARIANTS, compare_routers, format_markdown, variant_config
 
@@ -114,8 +115,9 @@ assert np.mean(a != b) > 0 and np.mean(c1 != c2) == 0
 #
 # DeepSeek-V3 drops the aux loss (whose gradient competes with the language-model loss) and
 # balances with a per-expert bias $b$: the top-$k$ is chosen on $p + b$, the gating weights
-# stay $p$, and after every step $b_i \leftarrow b_i + \gamma\,\mathrm{sign}(\bar{\ell} - \ell_i)$
-# (overloaded experts get a lower bias). Below: a router whose weights prefer expert 0 for
+# stay $p$, and after every optimizer step $b_i \leftarrow b_i + \gamma\,\mathrm{sign}(\bar{\ell} - \ell_i)$
+# (overloaded experts get a lower bias; $\ell$ is the load summed over the step's
+# micro-batches: the forwards only count, `update_biases` moves the bias). Below: a router whose weights prefer expert 0 for
 # almost every token (a layer of width 8, so that the tokens' probabilities differ: a bias
 # can only split tokens whose preferences differ), a fixed batch, **no weight update at
 # all** — only the bias moves.
@@ -131,6 +133,7 @@ x = tinymoe.Tensor(np.abs(np.random.default_rng(3).normal(size=(4, 16, cfg.d_mod
 ratio = []
 for _ in range(150):
     load = B.to_numpy(moe(x)[3].load_before)
+    update_biases(moe)          # what the trainer does after each optimizer step
     ratio.append(load.max() / load.mean())
 print(f"max/mean load: first forward {ratio[0]:.2f}, last {ratio[-1]:.2f}; bias now {B.to_numpy(moe.router.bias.data).round(3)}")
 assert ratio[-1] < ratio[0]

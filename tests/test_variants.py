@@ -3,6 +3,8 @@ written from their papers (tests/oracle/torch_variants.py), forward and backward
 and float32; config validation; fine-grained experts; the expert-choice leak."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ from tinymoe import backend as B
 from tinymoe.config import count_parameters, get_preset
 from tinymoe.nn.model import OpenMoE
 from tinymoe.nn.moe import MoE
+from tinymoe.nn.routers import update_biases
 from tinymoe.routing_variants import bias_update, fine_grained, routing_changed
 
 from tests.oracle.compare import assert_close
@@ -116,6 +119,8 @@ def test_bias_balancing_matches_torch(dtype):
     compare_grads(r, tol, ["router.weight", "experts.w_gate", "experts.w_up", "experts.w_down"])
     bias = r["moe"].router.bias
     assert bias.grad is None, "the balancing bias must get no gradient"
+    np.testing.assert_array_equal(B.to_numpy(bias.data), bias0.astype(dtype))   # moves per step, not per forward
+    assert update_biases(r["moe"]) == 1
     expected = twin_bias_update(torch.tensor(bias0), ref["load"], rate).numpy()
     np.testing.assert_allclose(B.to_numpy(bias.data), expected.astype(dtype), rtol=0, atol=1e-7)
     assert not np.array_equal(expected, bias0)
@@ -129,9 +134,47 @@ def test_bias_moves_only_in_training_with_grad():
         moe(x)
     with tinymoe.no_grad():
         moe(x)
+    assert moe.router.bias_load is None and update_biases(moe) == 0
     assert not np.any(B.to_numpy(moe.router.bias.data)), "eval or no_grad forwards must not move the bias"
     moe(x)
+    assert not np.any(B.to_numpy(moe.router.bias.data)), "a forward alone must not move the bias"
+    assert update_biases(moe) == 1 and moe.router.bias_load is None
     assert np.any(B.to_numpy(moe.router.bias.data))
+
+
+def test_bias_moves_once_per_step_under_grad_accum():
+    """grad_accum=2: the bias moves once per optimizer step, by one sign step of the load
+    summed over both micro-batches (DeepSeek-V3 updates per training step), and both
+    micro-batches are routed with the bias of the step's start."""
+    from tinymoe.data import Batch  # noqa: PLC0415
+    from tinymoe.train import build_optimizer, train_step  # noqa: PLC0415
+    from tests.test_train import tcfg  # noqa: PLC0415
+
+    rate = 0.01
+    cfg = get_preset("toy", router_bias_rate=rate, aux_loss_coef=0.0, dtype="float64")
+    model = OpenMoE(cfg, seed=0)
+    rng = np.random.default_rng(0)
+    batches = [Batch(x=rng.integers(0, 258, size=(2, 16)), y=rng.integers(0, 258, size=(2, 16)),
+                     domain=np.zeros(2, dtype=np.int64)) for _ in range(2)]
+    for blk in model.blocks:                                  # a start bias that changes choices
+        if getattr(blk, "moe", None) is not None:
+            blk.moe.router.bias.data[...] = rng.normal(0.0, 0.02, size=cfg.n_experts)
+    routers_ = [blk.moe.router for blk in model.blocks if getattr(blk, "moe", None) is not None]
+    b0 = [r.bias.data.copy() for r in routers_]
+    with tinymoe.no_grad():                                   # the loads the step will see
+        loads = [[B.to_numpy(st.load_before) for st in model(b.x).routing] for b in batches]
+    summed = [loads[0][i] + loads[1][i] for i in range(len(routers_))]
+    optimizer = build_optimizer(model, tcfg(Path("/nonexistent"), grad_accum=2))
+    st = train_step(model, optimizer, iter(batches), lr=1e-3)
+    assert st.bad is None
+    per_micro_batch_differs = False
+    for r, b, load, l0, l1 in zip(routers_, b0, summed, loads[0], loads[1]):
+        expected = b + rate * np.sign(load.mean() - load)                   # [E]
+        np.testing.assert_array_equal(B.to_numpy(r.bias.data), expected)
+        assert r.bias_load is None
+        twice = b + rate * np.sign(l0.mean() - l0) + rate * np.sign(l1.mean() - l1)
+        per_micro_batch_differs |= not np.allclose(twice, expected)
+    assert per_micro_batch_differs, "case meant to tell one update per step from one per micro-batch"
 
 
 def test_bias_update_sign_rule():
@@ -153,6 +196,7 @@ def test_bias_balancing_evens_load_without_aux_loss():
     ratio = []                                                # max load / mean load
     for _ in range(150):
         load = B.to_numpy(moe(x)[3].load_before)
+        update_biases(moe)                                    # one "step" per forward here
         ratio.append(load.max() / load.mean())
     assert ratio[0] > 3.0, ratio[0]
     assert np.mean(ratio[-20:]) < 2.0, ratio[-20:]            # (4.0 = everything on one expert)
@@ -300,6 +344,7 @@ def test_expert_choice_leaks_token_choice_top1_does_not():
 
 @pytest.mark.parametrize("variant", [
     dict(router_bias_rate=0.01, aux_loss_coef=0.0),
+    dict(router_bias_rate=0.01, aux_loss_coef=0.0, grad_accum=2),
     dict(router_noise=True, renormalize=True),
     dict(router_type="expert_choice", capacity_mode="k_scaled", capacity_factor=1.0,
          eval_capacity_factor=1.0, min_capacity=1),
@@ -311,10 +356,13 @@ def test_variant_resume_is_bitwise_exact(tmp_path, variant):
     from tinymoe.train import train  # noqa: PLC0415
     from tests.test_train import tcfg  # noqa: PLC0415
 
+    variant = dict(variant)
+    accum = variant.pop("grad_accum", 1)
     model_cfg = get_preset("toy", **variant)
-    straight = train(model_cfg, tcfg(tmp_path, "straight"), progress=False)
-    first = train(model_cfg, tcfg(tmp_path, "split", stop_at=2), progress=False)
-    second = train(None, tcfg(tmp_path, "split", resume=first.checkpoint), progress=False)
+    straight = train(model_cfg, tcfg(tmp_path, "straight", grad_accum=accum), progress=False)
+    first = train(model_cfg, tcfg(tmp_path, "split", stop_at=2, grad_accum=accum), progress=False)
+    second = train(None, tcfg(tmp_path, "split", resume=first.checkpoint, grad_accum=accum),
+                   progress=False)
     assert second.status == "done" and second.step == 4
     a = load_checkpoint(straight.checkpoint).model_state
     b = load_checkpoint(second.checkpoint).model_state

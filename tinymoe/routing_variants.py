@@ -30,10 +30,11 @@ Each variant is one :class:`tinymoe.config.ModelConfig` field (``python -m tinym
 2. **Bias balancing without aux loss** (DeepSeek-V3, Liu et al. 2024, section 2.1.2),
    ``router_bias_rate=gamma > 0``: a per-expert bias b is added to the scores for the
    top-k *selection only* (``tinymoe.routing.route(selection_bias=b)``); the combine
-   weights use the unbiased probabilities. After every training forward
+   weights use the unbiased probabilities. After every optimizer step
    ``b_i <- b_i + gamma * sign(mean_j load_j - load_i)`` (:func:`bias_update`; load =
-   assignments before capacity, summed over the batch): an overloaded expert's bias goes
-   down. DeepSeek-V3 scores with a sigmoid; here the scores stay OpenMoE's softmax
+   assignments before capacity, summed over the step's batch, all its micro-batches
+   with ``grad_accum > 1``; :func:`tinymoe.nn.routers.update_biases`): an overloaded
+   expert's bias goes down. DeepSeek-V3 scores with a sigmoid; here the scores stay OpenMoE's softmax
    probabilities (a sigmoid router is not implemented). The bias is stored as a router
    "parameter" that never gets a gradient (the optimizer skips it), so it is in every
    checkpoint and resume stays exact.

@@ -39,7 +39,7 @@ from typing import Any
 
 from tinymoe import backend as B
 from tinymoe import functional as F
-from tinymoe import routing
+from tinymoe import routing, routing_variants
 from tinymoe.autograd import Context, Function, Tensor
 from tinymoe.config import ModelConfig
 from tinymoe.config import FFN_KINDS
@@ -290,20 +290,48 @@ class Router(Module):
     """Router: logits ``z = x W_r``, weight [d, E], no bias, init N(0, 0.02) (OpenMoE).
 
     Routing variants (:mod:`tinymoe.nn.routers`): ``noise=True`` adds ``noise_weight``
-    [d, E] (noisy gating's W_noise, init 0 as in Shazeer et al. 2017); ``selection_bias=True``
+    [d, E] (noisy gating's W_noise, init 0 as in Shazeer et al. 2017); ``bias_rate > 0``
     adds ``bias`` [E] (DeepSeek-V3's balancing bias, init 0; it gets no gradient, it is
     moved by a sign rule, and is a Parameter only so that it is saved in checkpoints).
+
+    Bias balancing moves the bias once per optimizer step: every training forward (with
+    autograd on) adds its expert load to ``bias_load`` [E] (:meth:`add_load`), and
+    :meth:`update_bias` (called by the trainer after the update,
+    :func:`tinymoe.nn.routers.update_biases`) applies the sign rule to the summed load and
+    clears it. ``bias_load`` is transient (never saved): it is empty between steps.
     """
 
     def __init__(self, d_model: int, n_experts: int, *, rng: Any, std: float = 0.02,
-                 dtype: Any = "float32", noise: bool = False, selection_bias: bool = False):
+                 dtype: Any = "float32", noise: bool = False, bias_rate: float = 0.0):
         super().__init__()
         self.d_model, self.n_experts = d_model, n_experts
         self.weight = normal_parameter(rng, (d_model, n_experts), std, B.np.dtype(dtype))
         if noise:
             self.noise_weight = Parameter(B.to_device(B.np.zeros((d_model, n_experts)), B.np.dtype(dtype)))
-        if selection_bias:
+        self.bias_rate = float(bias_rate)
+        self.bias_load: Any = None                                        # [E] int64, this step's load
+        if bias_rate > 0:
             self.bias = Parameter(B.to_device(B.np.zeros(n_experts), B.np.dtype(dtype)))
+
+    def add_load(self, load: Any) -> None:
+        """Add one training forward's expert load ``load [E]`` (assignments before
+        capacity) to this step's sum."""
+        self.bias_load = load.copy() if self.bias_load is None else self.bias_load + load  # [E]
+
+    def update_bias(self) -> bool:
+        """DeepSeek-V3's end-of-step update on the load summed over the step's forwards:
+        ``b_i += rate * sign(mean_j L_j - L_i)`` (:func:`tinymoe.routing_variants.bias_update`),
+        then forget the load. Returns whether the bias moved (False: no load was added)."""
+        if self.bias_load is None or self.bias_rate <= 0:
+            self.bias_load = None
+            return False
+        routing_variants.bias_update(self.bias.data, self.bias_load, self.bias_rate)
+        self.bias_load = None
+        return True
+
+    def clear_load(self) -> None:
+        """Forget the load added since the last update (a skipped or interrupted step)."""
+        self.bias_load = None
 
     def forward(self, x: Tensor) -> Tensor:
         return x @ self.weight                                            # [N, d] -> [N, E]
@@ -428,7 +456,7 @@ class MoE(Module):
         self.cfg = cfg
         self.layer_idx = layer_idx
         self.router = Router(cfg.d_model, cfg.n_experts, std=0.02, dtype=cfg.dtype, rng=rng,
-                             noise=cfg.router_noise, selection_bias=cfg.router_bias_rate > 0)
+                             noise=cfg.router_noise, bias_rate=cfg.router_bias_rate)
         self.experts = Experts(cfg.n_experts, cfg.d_model, cfg.expert_ff, std=cfg.init_std,
                                kind=cfg.ffn_kind, fan_in_scale=cfg.init_fan_in_scale, dtype=cfg.dtype,
                                rng=rng)

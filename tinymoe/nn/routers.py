@@ -10,7 +10,8 @@ decisions and ``p``; the decisions of every variant are held fixed in the backwa
   :func:`tinymoe.routing_variants.route_expert_choice`; ``w[n, j] = kept * p[n, e_j]``
   is the raw-weight case of RouterFunction; ``f = 0`` makes ``L_aux`` and its gradient 0.
 - bias balancing: ``route(..., selection_bias=b)``; the weights are the unbiased ``p``
-  of the choice, so the backward is exactly token choice's. b gets no gradient.
+  of the choice, so the backward is exactly token choice's. b gets no gradient; it moves
+  once per optimizer step (:func:`update_biases`) from the load summed over the step.
 - noisy gating: :class:`NoisyLogits` makes ``H = z + eps * softplus(z_noise)`` with a
   hand-written backward; everything after it sees H as its logits.
 """
@@ -23,7 +24,8 @@ from tinymoe import routing, routing_variants
 from tinymoe.autograd import Context, Function, Tensor, is_grad_enabled
 from tinymoe.config import ModelConfig
 
-__all__ = ["NoisyLogits", "noisy_logits", "route_variant", "uses_variant"]
+__all__ = ["NoisyLogits", "noisy_logits", "route_variant", "uses_variant", "update_biases",
+           "clear_bias_loads"]
 
 
 class NoisyLogits(Function):
@@ -55,6 +57,27 @@ def noisy_logits(z: Tensor, u: Tensor, eps: Any) -> Tensor:
     return NoisyLogits.apply(z, u, eps)
 
 
+def update_biases(model: Any) -> int:
+    """DeepSeek-V3's bias update, once per optimizer step (Liu et al. 2024, section 2.1.2:
+    "at the end of each step"): every bias-balanced router of ``model`` (any Module) moves
+    its bias by ``rate * sign(mean load - load)`` from the load summed over the training
+    forwards since the last call (all micro-batches of a step with gradient accumulation),
+    then forgets that load. Returns the number of routers whose bias moved.
+
+    Not collective: under MPI (``tinymoe.parallel``) the load would be this rank's only,
+    which is why ``--parallel`` refuses bias balancing."""
+    return sum(bool(m.update_bias()) for m in model.modules() if hasattr(m, "update_bias"))
+
+
+def clear_bias_loads(model: Any) -> None:
+    """Forget the load every bias-balanced router of ``model`` has summed since the last
+    :func:`update_biases` (the trainer calls it at the start of each step, so a skipped or
+    interrupted step leaves nothing behind)."""
+    for m in model.modules():
+        if hasattr(m, "clear_load"):
+            m.clear_load()
+
+
 def uses_variant(cfg: ModelConfig) -> bool:
     """True when a routing-variant field of ``cfg`` is set (else the MoE runs OpenMoE's path)."""
     return cfg.router_type != "token_choice" or cfg.router_noise or cfg.router_bias_rate > 0
@@ -66,8 +89,9 @@ def route_variant(router: Any, tokens: Tensor, logits: Tensor, cfg: ModelConfig,
     """Route ``logits [N, E]`` of ``tokens [N, d]`` with the variant ``cfg`` selects.
 
     ``router`` is the layer's :class:`tinymoe.nn.moe.Router` (``noise_weight`` and
-    ``bias`` live there). In training mode with autograd on, bias balancing updates
-    ``router.bias`` in place after the decision (:func:`routing_variants.bias_update`).
+    ``bias`` live there). In training mode with autograd on, bias balancing adds this
+    forward's load to ``router.bias_load``; the bias itself moves once per optimizer step,
+    in :func:`update_biases` (the trainer calls it after the update).
     """
     from tinymoe.nn.moe import RouterFunction  # noqa: PLC0415 (moe imports this module)
 
@@ -84,6 +108,6 @@ def route_variant(router: Any, tokens: Tensor, logits: Tensor, cfg: ModelConfig,
                                cfg.min_capacity, cfg.capacity_mode, cfg.slot_priority,
                                cfg.renormalize, rng, selection_bias=bias)
         if bias is not None and training and is_grad_enabled():
-            routing_variants.bias_update(router.bias.data, result.load_before, cfg.router_bias_rate)
+            router.add_load(result.load_before)                           # [E], applied per step
     weight, aux, z = RouterFunction.apply(logits, result)
     return weight, aux, z, result
