@@ -318,11 +318,62 @@ def test_cli_bad_variant_exit_2(capsys, tmp_path, flags, match):
     assert match in p.stderr
 
 
+@pytest.mark.parametrize("flags,match", [
+    (["--fine-grained", "3"], "does not divide the expert FFN width 128"),
+    (["--fine-grained", "0"], "split=0 must be an integer >= 1"),
+    (["--fine-grained", "-2"], "split=-2 must be an integer >= 1"),
+    (["--shared-experts", "-1"], "shared_experts=-1 must be an integer >= 0"),
+    (["--fine-grained", "two"], "invalid int value"),
+    (["--fine-grained", "2", "--n-experts", "3", "--top-k", "4"], "top_k=4 > n_experts=3"),
+])
+def test_cli_bad_fine_grained_exit_2(capsys, tmp_path, flags, match):
+    from tests.test_cli import InProcess, one_line_error  # noqa: PLC0415
+
+    p = InProcess(capsys, "train", "--config", "toy", "--steps", "1", "--out", tmp_path / "r", *flags)
+    one_line_error(p, match=match)
+
+
+def test_cli_fine_grained_refused_on_resume(capsys, tmp_path):
+    from tests.test_cli import InProcess, one_line_error  # noqa: PLC0415
+
+    p = InProcess(capsys, "train", "--resume", tmp_path / "nothing.npz", "--fine-grained", "2")
+    one_line_error(p, match="a resumed run keeps its checkpoint's experts")
+
+
+@pytest.mark.parametrize("flags,want", [
+    # toy: 4 experts of width 128, top-2, shared FFN of width d_ff=128
+    (["--fine-grained", "2", "--shared-experts", "1"], (8, 4, 64, True, 64)),
+    (["--fine-grained", "4"], (16, 8, 32, True, None)),          # shared FFN left as it was
+    (["--fine-grained", "2", "--shared-experts", "0"], (8, 4, 64, False, None)),
+    (["--shared-experts", "3"], (4, 2, 128, True, 384)),          # no split: 3 experts' width
+])
+def test_cli_fine_grained_stores_concrete_shapes(capsys, tmp_path, flags, want):
+    """``train --fine-grained M --shared-experts S`` trains the split layer; the checkpoint
+    holds its shapes (no M), so loading it needs nothing else."""
+    from tinymoe.checkpoint import load_checkpoint, load_model  # noqa: PLC0415
+    from tests.test_cli import InProcess  # noqa: PLC0415
+
+    out = tmp_path / "r"
+    p = InProcess(capsys, "train", "--config", "toy", "--steps", "1", "--batch-size", "2",
+                  "--seq-len", "16", "--eval-batches", "1", "--snapshot-every", "0",
+                  "--max-chars", "4000", "--out", out, "--quiet", "--threads", "1", *flags)
+    assert p.returncode == 0, p.stderr
+    cfg = load_checkpoint(out / "checkpoint.npz").model_config
+    assert (cfg.n_experts, cfg.top_k, cfg.expert_ff, cfg.shared_ffn, cfg.d_ff_shared) == want
+    assert "fine_grained" not in cfg.to_dict() and "split" not in cfg.to_dict()
+    model, _, _ = load_model(out / "checkpoint.npz")
+    moe = next(b.moe for b in model.blocks if getattr(b, "moe", None) is not None)
+    assert tuple(moe.experts.w_gate.shape) == (want[0], cfg.d_model, want[2])
+    base = get_preset("toy")
+    assert count_parameters(cfg)["experts"] == count_parameters(base)["experts"]
+
+
 def test_help_lists_variant_fields(capsys):
     from tests.test_cli import InProcess  # noqa: PLC0415
 
     p = InProcess(capsys, "train", "--help")
-    for flag in ("--router-type", "--router-noise", "--router-bias-rate", "--d-ff-shared"):
+    for flag in ("--router-type", "--router-noise", "--router-bias-rate", "--d-ff-shared",
+                 "--fine-grained", "--shared-experts"):
         assert flag in p.stdout
     assert "expert_choice" in p.stdout
 

@@ -65,7 +65,8 @@ from tinymoe import backend as B
 from tinymoe.config import ModelConfig, capacity
 from tinymoe.routing import RoutingResult, _group_size, softmax_and_logsumexp
 
-__all__ = ["route_expert_choice", "bias_update", "draw_noise", "fine_grained", "routing_changed"]
+__all__ = ["route_expert_choice", "bias_update", "draw_noise", "fine_grained", "fine_grained_flags",
+           "routing_changed"]
 
 Array = Any
 
@@ -154,6 +155,26 @@ def fine_grained(cfg: ModelConfig, split: int, shared_experts: int = 1) -> Model
     return cfg.replace(n_experts=cfg.n_experts * split, top_k=cfg.top_k * split, d_ff_expert=small,
                        shared_ffn=shared_experts > 0,
                        d_ff_shared=shared_experts * small if shared_experts > 0 else None)
+
+
+def fine_grained_flags(cfg: ModelConfig, split: int | None, shared_experts: int | None) -> ModelConfig:
+    """What ``python -m tinymoe train --fine-grained M --shared-experts S`` does to the
+    chosen preset (after its field overrides): :func:`fine_grained` with ``split = M``
+    (None: 1, no split) and ``shared_experts = S``; with S None the shared FFN is left as
+    the preset has it (for a preset whose expert width equals d_ff that is S = M, the lab's
+    default). Both None: ``cfg`` unchanged.
+
+    The result holds only concrete shapes (``n_experts``, ``top_k``, ``d_ff_expert``,
+    ``shared_ffn``, ``d_ff_shared``): a checkpoint and every analysis read the split layer
+    as it is, with no knowledge of M. One-line ValueError for a bad M or S.
+    """
+    if split is None and shared_experts is None:
+        return cfg
+    out = fine_grained(cfg, 1 if split is None else split,
+                       shared_experts=0 if shared_experts is None else shared_experts)
+    if shared_experts is None:                                   # keep the preset's shared FFN
+        out = out.replace(shared_ffn=cfg.shared_ffn, d_ff_shared=cfg.d_ff_shared)
+    return out
 
 
 def routing_changed(model: Any, ids: Array, cut: int, seed: int = 0) -> dict[str, float]:
