@@ -5,7 +5,8 @@
 # - that OpenMoE's router (top-k token choice, capacity, position priority, the Switch aux
 #   loss) is one point in a design space, and how four other points differ:
 #   **expert choice** (Zhou et al. 2022), **noisy top-k gating** (Shazeer et al. 2017),
-#   **bias balancing without an aux loss** (DeepSeek-V3) and **fine-grained + shared
+#   **bias balancing without an aux loss** (DeepSeek-V3, with softmax or its sigmoid
+#   scores) and **fine-grained + shared
 #   experts** (DeepSeekMoE); Switch (top-1) is the fifth, with no new code;
 # - each is one `ModelConfig` field in tinymoe (`python -m tinymoe train --help` lists
 #   them), built into the same router and MoE layer, with a hand-written backward checked
@@ -117,7 +118,9 @@ assert np.mean(a != b) > 0 and np.mean(c1 != c2) == 0
 # balances with a per-expert bias $b$: the top-$k$ is chosen on $p + b$, the gating weights
 # stay $p$, and after every optimizer step $b_i \leftarrow b_i + \gamma\,\mathrm{sign}(\bar{\ell} - \ell_i)$
 # (overloaded experts get a lower bias; $\ell$ is the load summed over the step's
-# micro-batches: the forwards only count, `update_biases` moves the bias). Below: a router whose weights prefer expert 0 for
+# micro-batches: the forwards only count, `update_biases` moves the bias). DeepSeek-V3's
+# scores are sigmoids, $s = \sigma(z)$, chosen on $s + b$ and normalised over the chosen
+# $k$ (`router_score="sigmoid"`, the lab's `sigmoid_bias`); below, softmax probabilities. Below: a router whose weights prefer expert 0 for
 # almost every token (a layer of width 8, so that the tokens' probabilities differ: a bias
 # can only split tokens whose preferences differ), a fixed batch, **no weight update at
 # all** — only the bias moves.

@@ -19,7 +19,7 @@ from tinymoe.routing_variants import bias_update, fine_grained, routing_changed
 
 from tests.oracle.compare import assert_close
 from tests.oracle.torch_variants import (twin_bias_update, twin_expert_choice, twin_noisy_logits,
-                                         twin_token_choice)
+                                         twin_sigmoid_token_choice, twin_token_choice)
 from tests.test_moe import make_weights, moe_tol
 
 BSZ, SEQ = 2, 16
@@ -202,6 +202,79 @@ def test_bias_balancing_evens_load_without_aux_loss():
     assert np.mean(ratio[-20:]) < 2.0, ratio[-20:]            # (4.0 = everything on one expert)
 
 
+# ------------------------------------------------------------------------ sigmoid scores
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("case", ["plain", "bias", "groups"])
+def test_sigmoid_scores_match_torch(dtype, case):
+    """DeepSeek-V3's sigmoid router (eq. 13-16) with capacity drops, against the twin: the
+    same choices and drops, y, L_aux = k * the paper's sequence-wise balance loss (eq.
+    17-20, alpha 1), z-loss, and every gradient."""
+    group = 8 if case == "groups" else None
+    rate = 0.01 if case == "bias" else 0.0
+    cfg = variant_cfg(dtype, router_score="sigmoid", renormalize=True, capacity_factor=0.75,
+                      eval_capacity_factor=0.75, group_size=group, router_bias_rate=rate)
+    g = SEQ if group is None else group
+    cap = max(int(round(0.75 * g / 4)), 1)                       # openmoe: round(cf G / E)
+    bias0 = np.array([0.3, -0.2, 0.05, -0.1])
+    r = run_variant(cfg, {"router.bias": bias0} if rate else None)
+    tw = r["tw"]
+    logits = r["tokens_t"] @ tw["router.weight"]
+    bias_t = torch.tensor(bias0, dtype=logits.dtype) if rate else None
+    ref = twin_sigmoid_token_choice(r["tokens_t"], logits, tw["experts.w_gate"], tw["experts.w_up"],
+                                    tw["experts.w_down"], 2, cap, g, bias=bias_t)
+    ref["aux"] = 2 * ref["bal"]                                   # Switch top-k form = K * L_Bal
+    if rate:
+        plain = twin_sigmoid_token_choice(r["tokens_t"], logits, tw["experts.w_gate"], tw["experts.w_up"],
+                                          tw["experts.w_down"], 2, cap, g)
+        assert not torch.equal(ref["index"], plain["index"]), "the bias must change some choices here"
+    backward_twin(r, ref)
+    st, tol = r["stats"], moe_tol(cfg, BSZ * SEQ)
+    assert st.capacity == cap and st.score == "sigmoid"
+    np.testing.assert_array_equal(B.to_numpy(st.expert_index), ref["index"].numpy())
+    np.testing.assert_array_equal(B.to_numpy(st.kept), ref["kept"].numpy())
+    assert not ref["kept"].all(), "case meant to drop some assignments"
+    np.testing.assert_allclose(B.to_numpy(st.probs).sum(axis=1), 1.0, rtol=1e-6)
+    assert_close("y", r["y"], ref["y"].reshape(BSZ, SEQ, -1), tol)
+    assert_close("aux", r["aux"], ref["aux"], tol)
+    assert_close("z", r["z"], ref["z"], tol)
+    compare_grads(r, tol, ["router.weight", "experts.w_gate", "experts.w_up", "experts.w_down"])
+
+
+def test_sigmoid_router_function_gradient_alone():
+    """RouterFunction's sigmoid backward on its own (combine weights, aux and z-loss with
+    separate upstream gradients), float64, against torch autograd on eq. 13-15 and 17-20."""
+    from tinymoe import routing  # noqa: PLC0415
+    from tinymoe.nn.moe import RouterFunction  # noqa: PLC0415
+
+    rng = np.random.default_rng(4)
+    n, E, k, g = 24, 6, 3, 12
+    z_np = rng.normal(0.0, 2.0, size=(n, E))
+    gw_np, ga, gz = rng.normal(size=(n, k)), 0.7, -0.4
+    result = routing.route(z_np, k, 1.0, g, 1, "openmoe", "position", True, score="sigmoid")
+    assert not result.kept.all()
+    z = tinymoe.Tensor(z_np, requires_grad=True)
+    w, aux, zl = RouterFunction.apply(z, result)
+    ((w * tinymoe.Tensor(gw_np)).sum() + aux * ga + zl * gz).backward()
+
+    zt = torch.tensor(z_np, requires_grad=True)
+    s = torch.sigmoid(zt)
+    idx = torch.tensor(result.expert_index)
+    sel = s.gather(1, idx)
+    gate = sel / sel.sum(-1, keepdim=True) * torch.tensor(result.kept)
+    s_norm = s / s.sum(-1, keepdim=True)
+    f = torch.zeros(n // g, E, dtype=zt.dtype)
+    for gi in range(n // g):
+        for e in range(E):
+            f[gi, e] = (idx[gi * g:(gi + 1) * g] == e).any(dim=1).double().mean()
+    aux_t = (E * (f * s_norm.reshape(n // g, g, E).mean(1)).sum(1)).mean()
+    z_t = (torch.logsumexp(zt, -1) ** 2).mean()
+    ((gate * torch.tensor(gw_np)).sum() + aux_t * ga + z_t * gz).backward()
+    assert_close("w", w, gate, 1e-12)
+    assert_close("aux", aux, aux_t, 1e-12)
+    assert_close("grad z", z.grad, zt.grad, 1e-10)
+
+
 # ------------------------------------------------------------------------ noisy gating
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -288,6 +361,10 @@ def test_fine_grained_layer_equals_split_experts():
     (dict(router_type="mixed"), "router_type='mixed' is not one of"),
     (dict(router_type="expert_choice", router_noise=True), "not supported"),
     (dict(d_ff_shared=0), "d_ff_shared=0"),
+    (dict(router_score="tanh"), "router_score='tanh' is not one of softmax, sigmoid"),
+    (dict(router_score="sigmoid"), "needs renormalize=True"),
+    (dict(router_score="sigmoid", renormalize=True, router_type="expert_choice",
+          capacity_mode="k_scaled", capacity_factor=1.0), "not supported"),
 ])
 def test_bad_variant_configs(kw, match):
     with pytest.raises(ValueError, match=match) as e:
@@ -309,6 +386,8 @@ def test_fine_grained_refuses_bad_splits():
      "larger than the group"),
     (["--router-bias-rate", "-1"], "router_bias_rate"),
     (["--router-type", "nope"], "router_type"),
+    (["--router-score", "sigmoid"], "needs renormalize=True"),
+    (["--router-score", "relu"], "router_score"),
 ])
 def test_cli_bad_variant_exit_2(capsys, tmp_path, flags, match):
     from tests.test_cli import InProcess, one_line_error  # noqa: PLC0415
@@ -373,7 +452,7 @@ def test_help_lists_variant_fields(capsys):
 
     p = InProcess(capsys, "train", "--help")
     for flag in ("--router-type", "--router-noise", "--router-bias-rate", "--d-ff-shared",
-                 "--fine-grained", "--shared-experts"):
+                 "--fine-grained", "--shared-experts", "--router-score"):
         assert flag in p.stdout
     assert "expert_choice" in p.stdout
 
@@ -399,6 +478,7 @@ def test_expert_choice_leaks_token_choice_top1_does_not():
     dict(router_noise=True, renormalize=True),
     dict(router_type="expert_choice", capacity_mode="k_scaled", capacity_factor=1.0,
          eval_capacity_factor=1.0, min_capacity=1),
+    dict(router_score="sigmoid", renormalize=True, router_bias_rate=0.01, aux_loss_coef=0.0),
 ])
 def test_variant_resume_is_bitwise_exact(tmp_path, variant):
     """The bias (a router 'parameter' without gradient) and the noise RNG (the trainer's
@@ -433,6 +513,7 @@ def test_variant_resume_is_bitwise_exact(tmp_path, variant):
     dict(router_type="expert_choice", capacity_mode="k_scaled", capacity_factor=0.5, eval_capacity_factor=0.5),
     dict(router_noise=True, renormalize=True),
     dict(router_bias_rate=0.01),
+    dict(router_score="sigmoid", renormalize=True),
 ])
 def test_variants_same_on_every_backend(backend, variant):
     """The same float64 forward, backward and bias update on the active backend as on

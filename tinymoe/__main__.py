@@ -73,12 +73,13 @@ class Command:
 def _choices() -> dict[str, Sequence[str]]:
     """Fields whose value is one of a fixed set (validated by the dataclasses)."""
     from tinymoe.config import (CAPACITY_MODES, DTYPES, FFN_KINDS, INITS,  # noqa: PLC0415
-                                ROUTER_TYPES, SLOT_PRIORITIES)
+                                ROUTER_SCORES, ROUTER_TYPES, SLOT_PRIORITIES)
     from tinymoe.train import OPTIMIZERS, RECIPES, SCHEDULES, TOKENIZERS  # noqa: PLC0415
 
     return {"schedule": SCHEDULES, "optimizer": OPTIMIZERS, "tokenizer": TOKENIZERS,
             "capacity_mode": CAPACITY_MODES, "slot_priority": SLOT_PRIORITIES, "dtype": DTYPES,
-            "recipe": RECIPES, "ffn_kind": FFN_KINDS, "init": INITS, "router_type": ROUTER_TYPES}
+            "recipe": RECIPES, "ffn_kind": FFN_KINDS, "init": INITS, "router_type": ROUTER_TYPES,
+            "router_score": ROUTER_SCORES}
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> list[str]:

@@ -30,7 +30,7 @@ from typing import Any, Iterable
 __all__ = [
     "ModelConfig", "PRESETS", "DEFAULT_PRESET", "get_preset", "preset_names",
     "parameter_shapes", "count_parameters", "memory_bytes", "parse_overrides",
-    "CAPACITY_MODES", "SLOT_PRIORITIES", "ROUTER_TYPES", "capacity", "FFN_KINDS", "INITS",
+    "CAPACITY_MODES", "SLOT_PRIORITIES", "ROUTER_TYPES", "ROUTER_SCORES", "capacity", "FFN_KINDS", "INITS",
 ]
 
 # The routing vocabulary (see tinymoe.routing for what each choice does). Adding a choice
@@ -38,6 +38,7 @@ __all__ = [
 CAPACITY_MODES = ("openmoe", "k_scaled")
 SLOT_PRIORITIES = ("position", "probability", "random")
 ROUTER_TYPES = ("token_choice", "expert_choice")  # see tinymoe.routing_variants
+ROUTER_SCORES = ("softmax", "sigmoid")             # softmax: OpenMoE; sigmoid: DeepSeek-V3
 DTYPES = ("float32", "float64")
 _DTYPE_BYTES = {"float32": 4, "float64": 8}
 
@@ -61,6 +62,7 @@ _OPT_INT_FIELDS += ("d_ff_shared",)
 _FLOAT_FIELDS += ("router_bias_rate",)
 _BOOL_FIELDS += ("router_noise",)
 _STR_FIELDS += ("router_type",)
+_STR_FIELDS += ("router_score",)
 
 
 def capacity(group_size: int, n_experts: int, top_k: int, capacity_factor: float | None,
@@ -231,11 +233,16 @@ class ModelConfig:
      "routing RNG (seeded, in checkpoints)")
     router_bias_rate: float = 0.0
     ("bias balancing without aux loss (DeepSeek-V3): a per-expert bias added to the "
-     "probabilities for top-k selection only, moved by this rate times sign(mean load - "
-     "load) after every training forward; 0 = off")
+     "scores for top-k selection only, moved by this rate times sign(mean load - "
+     "load) after every optimizer step (load summed over its micro-batches); 0 = off")
     d_ff_shared: int | None = None
     ("hidden width of the shared FFN of MoE blocks (none: d_ff); s shared fine-grained "
      "experts of width w (DeepSeekMoE) are one shared SwiGLU of width s*w")
+    router_score: str = "softmax"
+    ("router scores: softmax (OpenMoE: p = softmax(z) over the experts) or sigmoid "
+     "(DeepSeek-V3 eq. 13-15: s = sigmoid(z) per expert, top-k on s (+ bias), gate weights "
+     "the chosen s normalised to sum 1: needs renormalize=true; the aux loss uses "
+     "s / sum_e s, the z-loss stays logsumexp(z)^2)")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -331,6 +338,16 @@ class ModelConfig:
             raise ValueError(f"router_bias_rate={self.router_bias_rate} < 0")
         if self.d_ff_shared is not None and self.d_ff_shared <= 0:
             raise ValueError(f"d_ff_shared={self.d_ff_shared} must be positive (or None)")
+        if self.router_score not in ROUTER_SCORES:
+            raise ValueError(f"router_score={self.router_score!r} is not one of "
+                             f"{', '.join(ROUTER_SCORES)}")
+        if self.router_score == "sigmoid":
+            if self.router_type != "token_choice":
+                raise ValueError("router_score='sigmoid' is not supported with "
+                                 f"router_type={self.router_type!r} (token choice only)")
+            if not self.renormalize:
+                raise ValueError("router_score='sigmoid' needs renormalize=True (DeepSeek-V3 "
+                                 "eq. 13: the chosen sigmoid scores are normalised to sum 1)")
         if self.router_type == "expert_choice":
             for name in ("router_noise", "renormalize"):
                 if getattr(self, name):
@@ -430,7 +447,8 @@ class ModelConfig:
         variant = "".join(part for part, on in (
             (f" {self.router_type}", self.router_type != "token_choice"),
             (" +noise", self.router_noise),
-            (f" +bias {self.router_bias_rate:g}", self.router_bias_rate > 0)) if on)
+            (f" +bias {self.router_bias_rate:g}", self.router_bias_rate > 0),
+            (" sigmoid", self.router_score != "softmax")) if on)
         return (f"{self.n_layers}L d{self.d_model} {heads} {ff} | {moe} | {cf} "
                 f"{self.slot_priority}{variant} | vocab {self.vocab_size} "
                 f"{'tied' if self.tie_embeddings else 'untied'} | seq {self.max_seq_len} | "

@@ -34,9 +34,9 @@ Each variant is one :class:`tinymoe.config.ModelConfig` field (``python -m tinym
    ``b_i <- b_i + gamma * sign(mean_j load_j - load_i)`` (:func:`bias_update`; load =
    assignments before capacity, summed over the step's batch, all its micro-batches
    with ``grad_accum > 1``; :func:`tinymoe.nn.routers.update_biases`): an overloaded
-   expert's bias goes down. DeepSeek-V3 scores with a sigmoid; here the scores stay OpenMoE's softmax
-   probabilities (a sigmoid router is not implemented). The bias is stored as a router
-   "parameter" that never gets a gradient (the optimizer skips it), so it is in every
+   expert's bias goes down. DeepSeek-V3 scores with a sigmoid: with
+   ``router_score="sigmoid"`` (item 6) the choice is on ``s + b``; with the default
+   softmax scores on ``p + b``. The bias is stored as a router "parameter" that never gets a gradient (the optimizer skips it), so it is in every
    checkpoint and resume stays exact.
 
 3. **Noisy top-k gating** (Shazeer et al. 2017, eq. 3-5), ``router_noise=True``: in
@@ -56,6 +56,13 @@ Each variant is one :class:`tinymoe.config.ModelConfig` field (``python -m tinym
 
 5. **Switch** (Fedus et al. 2021): top-1, ``capacity_mode="k_scaled"``; a preset of the
    lab (:mod:`tinymoe.variants`), no new code.
+
+6. **Sigmoid scores** (DeepSeek-V3, section 2.1.2, eq. 13-16), ``router_score="sigmoid"``
+   with ``renormalize=True``: ``s = sigmoid(z)`` per expert, top-k on ``s`` (+ b), gate
+   weights ``s_j / sum_l s_l`` over the k chosen. :func:`tinymoe.routing.route` does it
+   (``score="sigmoid"``); ``probs`` are ``s / sum_e s``, so the Switch aux loss becomes k
+   times DeepSeek-V3's sequence-wise balance loss (eq. 17-20) when groups are sequences;
+   the z-loss stays on the logits (docs/router.md §13).
 """
 from __future__ import annotations
 

@@ -71,8 +71,19 @@ class RouterFunction(Function):
         P_{g,i} = (1/G) sum_{n in g} p_{n,i}, f held constant (it comes from an argmax), so
         dL_aux/dp_{n,i} = E f_{g(n),i} / (G n_groups).
     (c) the softmax: dL/dz_n = p_n * (dL/dp_n - <dL/dp_n, p_n>).
-    (d) z-loss (ST-MoE eq. 5): L_z = (1/N) sum_n lse(z_n)^2, d lse/dz = p, so
-        dL_z/dz_n = 2 lse(z_n) p_n / N (added directly on z).
+    (d) z-loss (ST-MoE eq. 5): L_z = (1/N) sum_n lse(z_n)^2, d lse/dz = softmax(z), so
+        dL_z/dz_n = 2 lse(z_n) softmax(z_n) / N (added directly on z).
+
+    Sigmoid scores (``result.score == "sigmoid"``, DeepSeek-V3 eq. 13-15): ``p`` is then
+    s' = s / S with s = sigmoid(z), S = sum_e s_e, and (a)-(b) give dL/ds'. Step (c)
+    becomes the chain through s' and s: dL/ds_e = (dL/ds'_e - <dL/ds', s'>) / S and
+    ds_e/dz_e = s_e (1 - s_e), so with s_e / S = s'_e
+
+        dL/dz_n = s'_n * (dL/ds'_n - <dL/ds'_n, s'_n>) * (1 - s_n),
+
+    the softmax form of (c) times (1 - s). (The gate weights s_j / sum_l s_l of the k
+    chosen equal s'_j / sum_l s'_l, the renormalised case of (a).) The z-loss (d) is the
+    same function of z, with softmax(z) = exp(z - lse) recomputed from the logits.
     """
 
     @staticmethod
@@ -80,6 +91,7 @@ class RouterFunction(Function):
         xp = B.array_module(logits)
         dt = logits.dtype
         ctx.result = result
+        ctx.logits = logits if result.score == "sigmoid" else None       # [N, E], for (c) and (d)
         weight = result.combine_weight.astype(dt, copy=True)              # [N, k]
         aux = xp.asarray(result.aux_loss, dtype=dt)                       # []
         z = xp.asarray(result.z_loss, dtype=dt)                           # []
@@ -103,10 +115,15 @@ class RouterFunction(Function):
             gw = (gw - (gw * w).sum(axis=1, keepdims=True)) / total      # [N, k]
         rows = xp.arange(n)[:, None]                                      # [N, 1]
         dp[rows, r.expert_index] += gw.astype(dt, copy=False)             # k distinct experts per row
-        # (c) softmax backward
+        # (c) softmax backward (sigmoid scores: times 1 - s)
         dz = p * (dp - (dp * p).sum(axis=1, keepdims=True))               # [N, E]
+        if ctx.logits is None:
+            softmax_z = p                                                 # [N, E]
+        else:
+            dz *= routing.sigmoid(-ctx.logits)                            # [N, E] 1 - s, no cancellation
+            softmax_z = xp.exp(ctx.logits - r.lse[:, None])               # [N, E]
         # (d) z-loss
-        dz += (g_z.astype(dt) * (2.0 / n)) * r.lse[:, None] * p           # [N, E]
+        dz += (g_z.astype(dt) * (2.0 / n)) * r.lse[:, None] * softmax_z   # [N, E]
         return dz, None
 
 

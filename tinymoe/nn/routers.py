@@ -14,6 +14,8 @@ decisions and ``p``; the decisions of every variant are held fixed in the backwa
   once per optimizer step (:func:`update_biases`) from the load summed over the step.
 - noisy gating: :class:`NoisyLogits` makes ``H = z + eps * softplus(z_noise)`` with a
   hand-written backward; everything after it sees H as its logits.
+- sigmoid scores (DeepSeek-V3): ``route(..., score="sigmoid")``; RouterFunction's
+  backward chains through ``s' = s / sum s`` and ``s = sigmoid(z)`` (its docstring).
 """
 from __future__ import annotations
 
@@ -80,7 +82,8 @@ def clear_bias_loads(model: Any) -> None:
 
 def uses_variant(cfg: ModelConfig) -> bool:
     """True when a routing-variant field of ``cfg`` is set (else the MoE runs OpenMoE's path)."""
-    return cfg.router_type != "token_choice" or cfg.router_noise or cfg.router_bias_rate > 0
+    return (cfg.router_type != "token_choice" or cfg.router_noise or cfg.router_bias_rate > 0
+            or cfg.router_score != "softmax")
 
 
 def route_variant(router: Any, tokens: Tensor, logits: Tensor, cfg: ModelConfig, *,
@@ -106,7 +109,8 @@ def route_variant(router: Any, tokens: Tensor, logits: Tensor, cfg: ModelConfig,
         bias = router.bias.data if cfg.router_bias_rate > 0 else None              # [E]
         result = routing.route(logits.data, cfg.top_k, capacity_factor, group_size,
                                cfg.min_capacity, cfg.capacity_mode, cfg.slot_priority,
-                               cfg.renormalize, rng, selection_bias=bias)
+                               cfg.renormalize, rng, selection_bias=bias,
+                               score=cfg.router_score)
         if bias is not None and training and is_grad_enabled():
             router.add_load(result.load_before)                           # [E], applied per step
     weight, aux, z = RouterFunction.apply(logits, result)
