@@ -99,6 +99,9 @@ assert leaks["expert_choice"] > leaks["openmoe"] > leaks["switch"]
 # With $W_\text{noise} = 0$ (their init) the noise has std $\ln 2 \approx 0.69$, far above the
 # spread of a fresh router's logits, so early routing is close to random — exploration. The
 # noise comes from the run's routing RNG (seeded, saved in checkpoints), and is off in eval.
+# Their balance loss can replace the Switch one (`aux_loss_kind="shazeer"`): the squared
+# coefficients of variation of each expert's summed gates and of its smooth "load", the
+# normal-CDF probability of being in the top-$k$ under the noise.
 
 # %%
 cfg = base.replace(router_noise=True, renormalize=True)

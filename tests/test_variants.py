@@ -3,11 +3,13 @@ written from their papers (tests/oracle/torch_variants.py), forward and backward
 and float32; config validation; fine-grained experts; the expert-choice leak."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as TF
 
 import tinymoe
 from tinymoe import backend as B
@@ -19,7 +21,8 @@ from tinymoe.routing_variants import bias_update, fine_grained, routing_changed
 
 from tests.oracle.compare import assert_close
 from tests.oracle.torch_variants import (twin_bias_update, twin_expert_choice, twin_noisy_logits,
-                                         twin_sigmoid_token_choice, twin_token_choice)
+                                         twin_shazeer_losses, twin_sigmoid_token_choice,
+                                         twin_token_choice)
 from tests.test_moe import make_weights, moe_tol
 
 BSZ, SEQ = 2, 16
@@ -297,6 +300,85 @@ def test_noisy_gating_matches_torch(dtype, renorm):
     compare_grads(r, tol, ["router.weight", "router.noise_weight", "experts.w_gate", "experts.w_down"])
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("renorm,group", [(True, None), (False, 8)])
+def test_shazeer_balance_loss_matches_torch(dtype, renorm, group):
+    """aux_loss_kind="shazeer" (Shazeer et al. 2017 eq. 6-11) with noisy gating and capacity
+    drops: L_aux = CV(Importance)^2 + CV(Load)^2 against torch autograd on the paper's
+    formula, and every gradient (router, W_noise, x, experts) of y, L_aux and L_z."""
+    cfg = variant_cfg(dtype, router_noise=True, aux_loss_kind="shazeer", renormalize=renorm,
+                      capacity_factor=1.0, group_size=group)
+    g = SEQ if group is None else group
+    w_noise = np.random.default_rng(5).normal(0.0, 0.5, size=(8, 4))
+    r = run_variant(cfg, {"router.noise_weight": w_noise}, noise_seed=11)
+    tw = r["tw"]
+    eps = torch.tensor(np.random.default_rng(11).standard_normal((BSZ * SEQ, 4)).astype(dtype))
+    logits = twin_noisy_logits(r["tokens_t"], tw["router.weight"], tw["router.noise_weight"], eps)
+    ref = twin_token_choice(r["tokens_t"], logits, tw["experts.w_gate"], tw["experts.w_up"],
+                            tw["experts.w_down"], 2, int(round(g / 4)), g, renormalize=renorm)
+    ref["aux"] = twin_shazeer_losses(r["tokens_t"], tw["router.weight"], tw["router.noise_weight"],
+                                     eps, 2, g, renorm)
+    backward_twin(r, ref)
+    st, tol = r["stats"], moe_tol(cfg, BSZ * SEQ)
+    np.testing.assert_array_equal(B.to_numpy(st.expert_index), ref["index"].numpy())
+    assert not ref["kept"].all(), "case meant to drop some assignments"
+    assert st.aux_kind == "shazeer"
+    assert_close("y", r["y"], ref["y"].reshape(BSZ, SEQ, -1), tol)
+    assert_close("aux", r["aux"], ref["aux"], tol)
+    assert_close("stats aux", st.aux_loss, ref["aux"], tol)
+    assert_close("z", r["z"], ref["z"], tol)
+    compare_grads(r, tol, ["router.weight", "router.noise_weight", "experts.w_gate", "experts.w_up",
+                           "experts.w_down"])
+
+
+def test_shazeer_loss_pieces_alone():
+    """Each half on its own (float64): the importance half through RouterFunction and the
+    load half through ShazeerLoad, against the twin with only that half's gradient."""
+    from tinymoe import routing  # noqa: PLC0415
+    from tinymoe.nn.moe import RouterFunction  # noqa: PLC0415
+    from tinymoe.nn.routers import noisy_logits, shazeer_load_loss  # noqa: PLC0415
+
+    rng = np.random.default_rng(9)
+    n, d, E, k, g = 24, 5, 6, 2, 12
+    x_np, wg_np, wn_np = rng.normal(size=(n, d)), rng.normal(0, 0.7, (d, E)), rng.normal(0, 0.5, (d, E))
+    eps_np = rng.standard_normal((n, E))
+    x, wg, wn = (tinymoe.Tensor(a, requires_grad=True) for a in (x_np, wg_np, wn_np))
+    clean, u = x @ wg, x @ wn
+    h = noisy_logits(clean, u, eps_np)
+    res = routing.route(h.data, k, None, g, 1, "openmoe", "position", True)
+    res = dataclasses.replace(res, aux_kind="shazeer")
+    _, imp, _ = RouterFunction.apply(h, res)
+    load = shazeer_load_loss(clean, u, eps_np, h.data, res.expert_index, res.n_groups)
+    (imp * 0.3 + load * 1.7).backward()
+
+    xt, wgt, wnt = (torch.tensor(a, requires_grad=True) for a in (x_np, wg_np, wn_np))
+    total = twin_shazeer_losses(xt, wgt, wnt, torch.tensor(eps_np), k, g, True)
+    # the twin's importance half written out again, so that load = total - importance
+    ht = xt @ wgt + torch.tensor(eps_np) * TF.softplus(xt @ wnt)
+    pt = torch.softmax(ht, -1)
+    idx = torch.topk(ht.detach(), k, -1).indices
+    gk = pt.gather(1, idx)
+    gates = torch.zeros(n, E, dtype=ht.dtype).scatter(1, idx, gk / gk.sum(-1, keepdim=True))
+    imp_t = torch.stack([gates[lo:lo + g].sum(0).var(unbiased=False) / gates[lo:lo + g].sum(0).mean() ** 2
+                         for lo in range(0, n, g)]).mean()
+    load_t = total - imp_t
+    (imp_t * 0.3 + load_t * 1.7).backward()
+    assert_close("importance", imp, imp_t, 1e-12)
+    assert_close("load", load, load_t, 1e-12)
+    for name, ours, theirs in (("x", x, xt), ("W_g", wg, wgt), ("W_noise", wn, wnt)):
+        assert_close(f"grad {name}", ours.grad, theirs.grad, 1e-10)
+
+
+def test_shazeer_loss_in_eval_has_no_noise():
+    cfg = variant_cfg(router_noise=True, aux_loss_kind="shazeer", renormalize=True)
+    moe = MoE(cfg, rng=B.default_rng(0))
+    x = tinymoe.Tensor(np.random.default_rng(0).normal(size=(2, 16, 8)))
+    with moe.evaluating():
+        a = moe(x)[1].item()
+        b = moe(x)[1].item()
+    assert a == b and np.isfinite(a) and a > 0
+
+
 def test_noise_only_in_training_and_seeded():
     cfg = variant_cfg(router_noise=True)
     moe = MoE(cfg, rng=B.default_rng(0))
@@ -362,6 +444,10 @@ def test_fine_grained_layer_equals_split_experts():
     (dict(router_type="expert_choice", router_noise=True), "not supported"),
     (dict(d_ff_shared=0), "d_ff_shared=0"),
     (dict(router_score="tanh"), "router_score='tanh' is not one of softmax, sigmoid"),
+    (dict(aux_loss_kind="gshard"), "aux_loss_kind='gshard' is not one of switch, shazeer"),
+    (dict(aux_loss_kind="shazeer"), "needs router_noise=True"),
+    (dict(aux_loss_kind="shazeer", router_noise=True, top_k=4, n_experts=4), "needs top_k < n_experts"),
+    (dict(aux_loss_kind="shazeer", router_noise=True, router_bias_rate=0.1), "not supported"),
     (dict(router_score="sigmoid"), "needs renormalize=True"),
     (dict(router_score="sigmoid", renormalize=True, router_type="expert_choice",
           capacity_mode="k_scaled", capacity_factor=1.0), "not supported"),
@@ -388,6 +474,7 @@ def test_fine_grained_refuses_bad_splits():
     (["--router-type", "nope"], "router_type"),
     (["--router-score", "sigmoid"], "needs renormalize=True"),
     (["--router-score", "relu"], "router_score"),
+    (["--aux-loss-kind", "shazeer"], "needs router_noise=True"),
 ])
 def test_cli_bad_variant_exit_2(capsys, tmp_path, flags, match):
     from tests.test_cli import InProcess, one_line_error  # noqa: PLC0415
@@ -452,7 +539,7 @@ def test_help_lists_variant_fields(capsys):
 
     p = InProcess(capsys, "train", "--help")
     for flag in ("--router-type", "--router-noise", "--router-bias-rate", "--d-ff-shared",
-                 "--fine-grained", "--shared-experts", "--router-score"):
+                 "--fine-grained", "--shared-experts", "--router-score", "--aux-loss-kind"):
         assert flag in p.stdout
     assert "expert_choice" in p.stdout
 
@@ -479,6 +566,7 @@ def test_expert_choice_leaks_token_choice_top1_does_not():
     dict(router_type="expert_choice", capacity_mode="k_scaled", capacity_factor=1.0,
          eval_capacity_factor=1.0, min_capacity=1),
     dict(router_score="sigmoid", renormalize=True, router_bias_rate=0.01, aux_loss_coef=0.0),
+    dict(router_noise=True, renormalize=True, aux_loss_kind="shazeer"),
 ])
 def test_variant_resume_is_bitwise_exact(tmp_path, variant):
     """The bias (a router 'parameter' without gradient) and the noise RNG (the trainer's
@@ -514,6 +602,7 @@ def test_variant_resume_is_bitwise_exact(tmp_path, variant):
     dict(router_noise=True, renormalize=True),
     dict(router_bias_rate=0.01),
     dict(router_score="sigmoid", renormalize=True),
+    dict(router_noise=True, renormalize=True, aux_loss_kind="shazeer"),
 ])
 def test_variants_same_on_every_backend(backend, variant):
     """The same float64 forward, backward and bias update on the active backend as on

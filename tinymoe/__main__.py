@@ -72,14 +72,14 @@ class Command:
 # ---------------------------------------------------------------------------- shared flags
 def _choices() -> dict[str, Sequence[str]]:
     """Fields whose value is one of a fixed set (validated by the dataclasses)."""
-    from tinymoe.config import (CAPACITY_MODES, DTYPES, FFN_KINDS, INITS,  # noqa: PLC0415
-                                ROUTER_SCORES, ROUTER_TYPES, SLOT_PRIORITIES)
+    from tinymoe.config import (AUX_LOSS_KINDS, CAPACITY_MODES, DTYPES, FFN_KINDS,  # noqa: PLC0415
+                                INITS, ROUTER_SCORES, ROUTER_TYPES, SLOT_PRIORITIES)
     from tinymoe.train import OPTIMIZERS, RECIPES, SCHEDULES, TOKENIZERS  # noqa: PLC0415
 
     return {"schedule": SCHEDULES, "optimizer": OPTIMIZERS, "tokenizer": TOKENIZERS,
             "capacity_mode": CAPACITY_MODES, "slot_priority": SLOT_PRIORITIES, "dtype": DTYPES,
             "recipe": RECIPES, "ffn_kind": FFN_KINDS, "init": INITS, "router_type": ROUTER_TYPES,
-            "router_score": ROUTER_SCORES}
+            "router_score": ROUTER_SCORES, "aux_loss_kind": AUX_LOSS_KINDS}
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> list[str]:

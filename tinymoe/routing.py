@@ -285,7 +285,9 @@ class RoutingResult:
     [n_groups, E]``. Per expert: ``load_before``/``load_after [E]`` (int64, assignments
     before/after capacity, summed over groups). Python numbers: ``capacity``,
     ``n_groups``, ``group_size``, ``n_experts``, ``top_k``, ``renormalize``, ``score``
-    ("softmax", or "sigmoid": then ``probs`` are the normalised sigmoid scores). 0-d arrays
+    ("softmax", or "sigmoid": then ``probs`` are the normalised sigmoid scores),
+    ``aux_kind`` ("switch": ``aux_loss`` is the Switch loss; "shazeer": Shazeer et al.'s
+    CV(Importance)^2 + CV(Load)^2, see :mod:`tinymoe.routing_variants`). 0-d arrays
     of the input's device (``float(...)`` reads one; on a GPU that is a host sync, so the
     trainer reads them once per step): ``dropped_fraction`` (dropped / (N*k), float64),
     ``confidence`` (mean top-1 probability), ``aux_loss``, ``z_loss``.
@@ -313,6 +315,7 @@ class RoutingResult:
     aux_loss: Array
     z_loss: Array
     score: str = "softmax"
+    aux_kind: str = "switch"
 
     @property
     def rows_per_expert(self) -> int:

@@ -11,6 +11,8 @@
   (sigmoid affinities, top-k on s (+ b), gates normalised over the chosen) and its
   sequence-wise balance loss, eq. 17-20, taken per routing group.
 - :func:`twin_noisy_logits`: Shazeer et al. 2017, eq. 4: H = x W_g + N(0,1) * softplus(x W_noise).
+- :func:`twin_shazeer_losses`: Shazeer et al. 2017, Appendix A, eq. 6-11: Importance,
+  Load with the normal CDF and kth_excluding, CV^2 of each (torch autograd on the formula).
 - :func:`twin_bias_update`: DeepSeek-V3 section 2.1.2: "decrease the bias term by gamma if
   its corresponding expert is overloaded and increase it by gamma if underloaded".
 
@@ -131,6 +133,45 @@ def twin_noisy_logits(tokens: torch.Tensor, w_router: torch.Tensor, w_noise: tor
                       eps: torch.Tensor) -> torch.Tensor:
     """H(x) = x W_g + StandardNormal() * Softplus(x W_noise) (Shazeer et al. 2017, eq. 4)."""
     return tokens @ w_router + eps * TF.softplus(tokens @ w_noise)
+
+
+def twin_shazeer_losses(tokens: torch.Tensor, w_g: torch.Tensor, w_noise: torch.Tensor,
+                        eps: torch.Tensor | None, k: int, group: int, renormalize: bool) -> torch.Tensor:
+    """L = CV(Importance)^2 + CV(Load)^2 per group of ``group`` tokens, averaged over groups.
+
+        H(x)_i = (x W_g)_i + eps_i * Softplus((x W_noise)_i)          (eq. 4; eps = 0: no noise)
+        G(x) = the gates of KeepTopK(H, k): softmax(H) at the top k, renormalised over them
+               (Shazeer's softmax(KeepTopK(H, k))) or raw (``renormalize=False``)
+        Importance(X) = sum_{x in X} G(x)                              (eq. 6)
+        P(x, i) = Phi(((x W_g)_i - kth_excluding(H(x), k, i)) / Softplus((x W_noise)_i))  (eq. 9)
+        Load(X)_i = sum_{x in X} P(x, i)                               (eq. 10)
+        CV(v)^2 = Var(v) / mean(v)^2  (population variance)            (eq. 7, 11)
+
+    kth_excluding(v, k, i) is the k-th highest component of v, leaving out component i;
+    written here literally, expert by expert."""
+    n, n_experts = tokens.shape[0], w_g.shape[1]
+    clean = tokens @ w_g
+    spread = TF.softplus(tokens @ w_noise)
+    h = clean if eps is None else clean + eps * spread
+    probs = torch.softmax(h, dim=-1)
+    _, index = torch.topk(h.detach(), k, dim=-1)
+    p_choice = probs.gather(1, index)
+    gate_k = p_choice / p_choice.sum(-1, keepdim=True) if renormalize else p_choice
+    gates = torch.zeros((n, n_experts), dtype=h.dtype).scatter(1, index, gate_k)
+    std_normal = torch.distributions.Normal(torch.zeros((), dtype=h.dtype), torch.ones((), dtype=h.dtype))
+    cols = []
+    for i in range(n_experts):
+        others = torch.cat([h[:, :i], h[:, i + 1:]], dim=1)          # H(x) without component i
+        kth = torch.topk(others, k, dim=-1).values[:, k - 1]          # its k-th highest
+        cols.append(std_normal.cdf((clean[:, i] - kth) / spread[:, i]))
+    prob = torch.stack(cols, dim=1)                                    # P(x, i) [N, E]
+
+    def cv2(v: torch.Tensor) -> torch.Tensor:
+        return v.var(unbiased=False) / v.mean() ** 2
+
+    terms = [cv2(gates[lo:lo + group].sum(0)) + cv2(prob[lo:lo + group].sum(0))
+             for lo in range(0, n, group)]
+    return torch.stack(terms).mean()
 
 
 def twin_bias_update(bias: torch.Tensor, load: torch.Tensor, gamma: float) -> torch.Tensor:

@@ -84,6 +84,15 @@ class RouterFunction(Function):
     the softmax form of (c) times (1 - s). (The gate weights s_j / sum_l s_l of the k
     chosen equal s'_j / sum_l s'_l, the renormalised case of (a).) The z-loss (d) is the
     same function of z, with softmax(z) = exp(z - lse) recomputed from the logits.
+
+    Shazeer's importance loss (``result.aux_kind == "shazeer"``, Shazeer et al. 2017 eq.
+    6-7) replaces (b): the aux output is L_imp = (1/n_groups) sum_g CV(I_g)^2, I_g[i] =
+    sum_{n in g} G_{n,i} with G the gates of the chosen experts before drops (raw or
+    renormalised p, as the combine weights). With m = mean_i I_i and V the population
+    variance, dCV^2/dI_i = 2 / (E m^2) ((I_i - m) - V / m), and dI_{g(n), e_j} / dG_{n,j}
+    = 1, so (b) becomes a gradient on the pre-drop gates, added to g' of (a) before the
+    renormalisation chain. (The Load half of their loss depends on the clean logits and
+    the noise scale, not on p: :class:`tinymoe.nn.routers.ShazeerLoad`.)
     """
 
     @staticmethod
@@ -93,7 +102,12 @@ class RouterFunction(Function):
         ctx.result = result
         ctx.logits = logits if result.score == "sigmoid" else None       # [N, E], for (c) and (d)
         weight = result.combine_weight.astype(dt, copy=True)              # [N, k]
-        aux = xp.asarray(result.aux_loss, dtype=dt)                       # []
+        if result.aux_kind == "shazeer":                                  # importance half (eq. 6-7)
+            ctx.importance = routing_variants.importance(
+                _gates(result), result.expert_index, result.n_experts, result.n_groups)  # [ng, E]
+            aux = xp.asarray(routing_variants.cv_squared(ctx.importance).mean(), dtype=dt)  # []
+        else:
+            aux = xp.asarray(result.aux_loss, dtype=dt)                   # []
         z = xp.asarray(result.z_loss, dtype=dt)                           # []
         return weight, aux, z
 
@@ -104,16 +118,22 @@ class RouterFunction(Function):
         p = r.probs                                                       # [N, E]
         n, n_experts = p.shape
         dt = p.dtype
-        # (b) load balance: every token of group g gets E f_g / (G n_groups)
-        coef = g_aux.astype(dt) * (n_experts / (r.group_size * r.n_groups))
-        dp = xp.repeat(coef * r.f.astype(dt), r.group_size, axis=0)      # [n_groups, E] -> [N, E]
+        rows = xp.arange(n)[:, None]                                      # [N, 1]
         # (a) combine weights, only through kept assignments
         gw = g_weight * r.kept                                            # [N, k]
+        if r.aux_kind == "shazeer":
+            # (b') importance: dL/dG_{n,j} = dCV^2/dI at (g(n), e_j), on every chosen gate
+            d_imp = (g_aux.astype(dt) / r.n_groups) * routing_variants.cv_squared_grad(ctx.importance)  # [ng, E]
+            gw = gw + xp.repeat(d_imp, r.group_size, axis=0)[rows, r.expert_index]  # [N, k]
+            dp = xp.zeros_like(p)                                         # [N, E]
+        else:
+            # (b) load balance: every token of group g gets E f_g / (G n_groups)
+            coef = g_aux.astype(dt) * (n_experts / (r.group_size * r.n_groups))
+            dp = xp.repeat(coef * r.f.astype(dt), r.group_size, axis=0)  # [n_groups, E] -> [N, E]
         if r.renormalize:
             total = r.topk_prob.sum(axis=1, keepdims=True)               # [N, 1]
             w = r.topk_prob / total                                       # [N, k]
             gw = (gw - (gw * w).sum(axis=1, keepdims=True)) / total      # [N, k]
-        rows = xp.arange(n)[:, None]                                      # [N, 1]
         dp[rows, r.expert_index] += gw.astype(dt, copy=False)             # k distinct experts per row
         # (c) softmax backward (sigmoid scores: times 1 - s)
         dz = p * (dp - (dp * p).sum(axis=1, keepdims=True))               # [N, E]
@@ -125,6 +145,14 @@ class RouterFunction(Function):
         # (d) z-loss
         dz += (g_z.astype(dt) * (2.0 / n)) * r.lse[:, None] * softmax_z   # [N, E]
         return dz, None
+
+
+def _gates(r: routing.RoutingResult) -> Any:
+    """The gate values of the k chosen experts before capacity drops [N, k]: the raw
+    probabilities, or renormalised over the k (the combine weights before zeroing)."""
+    if r.renormalize:
+        return r.topk_prob / r.topk_prob.sum(axis=1, keepdims=True)     # [N, k]
+    return r.topk_prob                                                    # [N, k]
 
 
 def route_differentiable(logits: Tensor, top_k: int, capacity_factor: float | None = 1.25,
