@@ -458,6 +458,19 @@ def test_bad_variant_configs(kw, match):
     assert "\n" not in str(e.value)
 
 
+def test_config_without_new_variant_fields_loads_with_defaults():
+    """A config saved before router_score / aux_loss_kind existed (an old checkpoint's)
+    loads with OpenMoE's behaviour."""
+    from tinymoe.config import ModelConfig  # noqa: PLC0415
+
+    old = get_preset("toy").to_dict()
+    for name in ("router_score", "aux_loss_kind"):
+        old.pop(name)
+    cfg = ModelConfig.from_dict(old)
+    assert (cfg.router_score, cfg.aux_loss_kind) == ("softmax", "switch")
+    assert cfg == get_preset("toy")
+
+
 def test_fine_grained_refuses_bad_splits():
     with pytest.raises(ValueError, match="does not divide the expert FFN width 128"):
         fine_grained(get_preset("toy"), 3)

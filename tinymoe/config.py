@@ -467,7 +467,8 @@ class ModelConfig:
             (f" {self.router_type}", self.router_type != "token_choice"),
             (" +noise", self.router_noise),
             (f" +bias {self.router_bias_rate:g}", self.router_bias_rate > 0),
-            (" sigmoid", self.router_score != "softmax")) if on)
+            (" sigmoid", self.router_score != "softmax"),
+            (" +shazeer loss", self.aux_loss_kind != "switch")) if on)
         return (f"{self.n_layers}L d{self.d_model} {heads} {ff} | {moe} | {cf} "
                 f"{self.slot_priority}{variant} | vocab {self.vocab_size} "
                 f"{'tied' if self.tie_embeddings else 'untied'} | seq {self.max_seq_len} | "

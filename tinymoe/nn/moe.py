@@ -22,9 +22,10 @@ One MoE forward on tokens x [N, d] (the batch [B, T] flattened in order):
    a token whose every assignment was dropped gets y = 0 (it still flows through the
    residual and the shared FFN of the block).
 
-Routing variants (expert choice, noisy gating, bias balancing: docs/router.md §13) take
-step 2 through :func:`tinymoe.nn.routers.route_variant` when a variant field of the config
-is set; steps 3-5 are the same for all of them.
+Routing variants (expert choice, noisy gating, bias balancing, sigmoid scores, Shazeer's
+balance loss: docs/router.md §13) take step 2 through
+:func:`tinymoe.nn.routers.route_variant` when a variant field of the config is set; steps
+3-5 are the same for all of them.
 
 Losses (per group, averaged over groups):
   load balance  L_aux = E * sum_i f_i P_i  (Switch Transformer, Fedus et al. 2021, eq. 4-6,

@@ -30,8 +30,8 @@ from tinymoe import routing, routing_variants
 from tinymoe.autograd import Context, Function, Tensor, is_grad_enabled
 from tinymoe.config import ModelConfig
 
-__all__ = ["NoisyLogits", "noisy_logits", "ShazeerLoad", "shazeer_load_loss", "route_variant", "uses_variant", "update_biases",
-           "clear_bias_loads"]
+__all__ = ["NoisyLogits", "noisy_logits", "ShazeerLoad", "shazeer_load_loss", "route_variant",
+           "uses_variant", "update_biases", "clear_bias_loads"]
 
 
 class NoisyLogits(Function):
