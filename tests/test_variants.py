@@ -208,21 +208,29 @@ def test_bias_balancing_evens_load_without_aux_loss():
 # ------------------------------------------------------------------------ sigmoid scores
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("case", ["plain", "bias", "groups"])
+@pytest.mark.parametrize("case", ["plain", "bias", "groups", "noise"])
 def test_sigmoid_scores_match_torch(dtype, case):
     """DeepSeek-V3's sigmoid router (eq. 13-16) with capacity drops, against the twin: the
     same choices and drops, y, L_aux = k * the paper's sequence-wise balance loss (eq.
-    17-20, alpha 1), z-loss, and every gradient."""
+    17-20, alpha 1), z-loss, and every gradient (with noisy logits too)."""
     group = 8 if case == "groups" else None
     rate = 0.01 if case == "bias" else 0.0
+    noise = case == "noise"
     cfg = variant_cfg(dtype, router_score="sigmoid", renormalize=True, capacity_factor=0.75,
-                      eval_capacity_factor=0.75, group_size=group, router_bias_rate=rate)
+                      eval_capacity_factor=0.75, group_size=group, router_bias_rate=rate,
+                      router_noise=noise)
     g = SEQ if group is None else group
     cap = max(int(round(0.75 * g / 4)), 1)                       # openmoe: round(cf G / E)
     bias0 = np.array([0.3, -0.2, 0.05, -0.1])
-    r = run_variant(cfg, {"router.bias": bias0} if rate else None)
+    extra = {"router.bias": bias0} if rate else None
+    if noise:
+        extra = {"router.noise_weight": np.random.default_rng(5).normal(0.0, 0.5, size=(8, 4))}
+    r = run_variant(cfg, extra, noise_seed=11)
     tw = r["tw"]
     logits = r["tokens_t"] @ tw["router.weight"]
+    if noise:
+        eps = torch.tensor(np.random.default_rng(11).standard_normal((BSZ * SEQ, 4)).astype(dtype))
+        logits = twin_noisy_logits(r["tokens_t"], tw["router.weight"], tw["router.noise_weight"], eps)
     bias_t = torch.tensor(bias0, dtype=logits.dtype) if rate else None
     ref = twin_sigmoid_token_choice(r["tokens_t"], logits, tw["experts.w_gate"], tw["experts.w_up"],
                                     tw["experts.w_down"], 2, cap, g, bias=bias_t)
@@ -241,7 +249,8 @@ def test_sigmoid_scores_match_torch(dtype, case):
     assert_close("y", r["y"], ref["y"].reshape(BSZ, SEQ, -1), tol)
     assert_close("aux", r["aux"], ref["aux"], tol)
     assert_close("z", r["z"], ref["z"], tol)
-    compare_grads(r, tol, ["router.weight", "experts.w_gate", "experts.w_up", "experts.w_down"])
+    compare_grads(r, tol, ["router.weight", "experts.w_gate", "experts.w_up", "experts.w_down"]
+                  + (["router.noise_weight"] if noise else []))
 
 
 def test_sigmoid_router_function_gradient_alone():
