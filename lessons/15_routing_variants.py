@@ -5,7 +5,8 @@
 # - that OpenMoE's router (top-k token choice, capacity, position priority, the Switch aux
 #   loss) is one point in a design space, and how four other points differ:
 #   **expert choice** (Zhou et al. 2022), **noisy top-k gating** (Shazeer et al. 2017),
-#   **bias balancing without an aux loss** (DeepSeek-V3) and **fine-grained + shared
+#   **bias balancing without an aux loss** (DeepSeek-V3, with softmax or its sigmoid
+#   scores) and **fine-grained + shared
 #   experts** (DeepSeekMoE); Switch (top-1) is the fifth, with no new code;
 # - each is one `ModelConfig` field in tinymoe (`python -m tinymoe train --help` lists
 #   them), built into the same router and MoE layer, with a hand-written backward checked
@@ -26,6 +27,7 @@ from tinymoe import backend as B
 from tinymoe.config import count_parameters, get_preset
 from tinymoe.nn.model import OpenMoE
 from tinymoe.nn.moe import MoE
+from tinymoe.nn.routers import update_biases
 from tinymoe.routing_variants import fine_grained, route_expert_choice, routing_changed
 from tinymoe.variants import VARIANTS, compare_routers, format_markdown, variant_config
 
@@ -97,6 +99,9 @@ assert leaks["expert_choice"] > leaks["openmoe"] > leaks["switch"]
 # With $W_\text{noise} = 0$ (their init) the noise has std $\ln 2 \approx 0.69$, far above the
 # spread of a fresh router's logits, so early routing is close to random — exploration. The
 # noise comes from the run's routing RNG (seeded, saved in checkpoints), and is off in eval.
+# Their balance loss can replace the Switch one (`aux_loss_kind="shazeer"`): the squared
+# coefficients of variation of each expert's summed gates and of its smooth "load", the
+# normal-CDF probability of being in the top-$k$ under the noise.
 
 # %%
 cfg = base.replace(router_noise=True, renormalize=True)
@@ -114,8 +119,11 @@ assert np.mean(a != b) > 0 and np.mean(c1 != c2) == 0
 #
 # DeepSeek-V3 drops the aux loss (whose gradient competes with the language-model loss) and
 # balances with a per-expert bias $b$: the top-$k$ is chosen on $p + b$, the gating weights
-# stay $p$, and after every step $b_i \leftarrow b_i + \gamma\,\mathrm{sign}(\bar{\ell} - \ell_i)$
-# (overloaded experts get a lower bias). Below: a router whose weights prefer expert 0 for
+# stay $p$, and after every optimizer step $b_i \leftarrow b_i + \gamma\,\mathrm{sign}(\bar{\ell} - \ell_i)$
+# (overloaded experts get a lower bias; $\ell$ is the load summed over the step's
+# micro-batches: the forwards only count, `update_biases` moves the bias). DeepSeek-V3's
+# scores are sigmoids, $s = \sigma(z)$, chosen on $s + b$ and normalised over the chosen
+# $k$ (`router_score="sigmoid"`, the lab's `sigmoid_bias`); below, softmax probabilities. Below: a router whose weights prefer expert 0 for
 # almost every token (a layer of width 8, so that the tokens' probabilities differ: a bias
 # can only split tokens whose preferences differ), a fixed batch, **no weight update at
 # all** — only the bias moves.
@@ -131,6 +139,7 @@ x = tinymoe.Tensor(np.abs(np.random.default_rng(3).normal(size=(4, 16, cfg.d_mod
 ratio = []
 for _ in range(150):
     load = B.to_numpy(moe(x)[3].load_before)
+    update_biases(moe)          # what the trainer does after each optimizer step
     ratio.append(load.max() / load.mean())
 print(f"max/mean load: first forward {ratio[0]:.2f}, last {ratio[-1]:.2f}; bias now {B.to_numpy(moe.router.bias.data).round(3)}")
 assert ratio[-1] < ratio[0]

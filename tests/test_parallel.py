@@ -164,7 +164,8 @@ def test_bad_expert_split_aborts_every_rank(tmp_path: Path, experts: int, top_k:
 @pytest.mark.parametrize("flags, words", [
     (("--router-type", "expert_choice"), "router_type=expert_choice"),
     (("--router-noise", "true"), "router_noise"),
-    (("--router-bias-rate", "0.01"), "router_bias_rate")])
+    (("--router-bias-rate", "0.01"), "router_bias_rate"),
+    (("--router-score", "sigmoid", "--renormalize", "true"), "router_score=sigmoid")])
 def test_routing_variants_are_refused_in_one_line(tmp_path: Path, flags: tuple, words: str) -> None:
     """The routing variants draw noise / move a bias per batch: not exact across ranks yet."""
     res = _train_mpi(tmp_path / "x", "data", "--steps", "1", *flags, timeout=120)

@@ -61,6 +61,19 @@ def test_compare_routers_resumes(capsys, lab):
     assert more["variants"]["switch"]["load"]["step"][-1] == 8
 
 
+def test_compare_routers_sigmoid_bias(capsys, tmp_path):
+    """DeepSeek-V3's combination is a lab variant: sigmoid scores, bias, no aux loss."""
+    out = tmp_path / "sig"
+    p = InProcess(capsys, "compare-routers", "--fast", "--steps", "2", "--routers", "sigmoid_bias",
+                  "--out", out)
+    assert p.returncode == 0, p.stderr
+    r = json.loads((out / "report.json").read_text())["variants"]["sigmoid_bias"]
+    cfg = r["model_config"]
+    assert (cfg["router_score"], cfg["renormalize"], cfg["aux_loss_coef"]) == ("sigmoid", True, 0.0)
+    assert cfg["router_bias_rate"] > 0 and r["status"] == "trained"
+    assert "sigmoid_bias" in (out / "report.md").read_text()
+
+
 @pytest.mark.parametrize("flags,match", [
     (["--routers", "openmoe,bogus"], "bogus"),
     (["--steps", "0"], "must be >= 1"),

@@ -72,13 +72,14 @@ class Command:
 # ---------------------------------------------------------------------------- shared flags
 def _choices() -> dict[str, Sequence[str]]:
     """Fields whose value is one of a fixed set (validated by the dataclasses)."""
-    from tinymoe.config import (CAPACITY_MODES, DTYPES, FFN_KINDS, INITS,  # noqa: PLC0415
-                                ROUTER_TYPES, SLOT_PRIORITIES)
+    from tinymoe.config import (AUX_LOSS_KINDS, CAPACITY_MODES, DTYPES, FFN_KINDS,  # noqa: PLC0415
+                                INITS, ROUTER_SCORES, ROUTER_TYPES, SLOT_PRIORITIES)
     from tinymoe.train import OPTIMIZERS, RECIPES, SCHEDULES, TOKENIZERS  # noqa: PLC0415
 
     return {"schedule": SCHEDULES, "optimizer": OPTIMIZERS, "tokenizer": TOKENIZERS,
             "capacity_mode": CAPACITY_MODES, "slot_priority": SLOT_PRIORITIES, "dtype": DTYPES,
-            "recipe": RECIPES, "ffn_kind": FFN_KINDS, "init": INITS, "router_type": ROUTER_TYPES}
+            "recipe": RECIPES, "ffn_kind": FFN_KINDS, "init": INITS, "router_type": ROUTER_TYPES,
+            "router_score": ROUTER_SCORES, "aux_loss_kind": AUX_LOSS_KINDS}
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> list[str]:
@@ -148,6 +149,17 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     add_dataclass_flags(g, TrainConfig, "train__", skip=_TRAIN_SPECIAL, choices=_choices())
     _add_model_flags(p)
+    fg = p.add_argument_group(
+        "fine-grained experts (DeepSeekMoE; applied to the preset after the model flags, "
+        "the run stores the resulting n_experts, top_k, d_ff_expert, d_ff_shared)")
+    fg.add_argument("--fine-grained", type=int, default=None, metavar="M",
+                    help="split every expert into M experts of 1/M the width and route to "
+                         "M*top_k of the M*n_experts (same parameters and compute); M must "
+                         "divide the expert width")
+    fg.add_argument("--shared-experts", type=int, default=None, metavar="S",
+                    help="make the shared FFN S always-on experts of the expert width / M "
+                         "(d_ff_shared = S * width / M; 0: no shared FFN; default: the "
+                         "preset's shared FFN unchanged)")
 
 
 def _train_run(args: argparse.Namespace) -> int:
@@ -155,12 +167,17 @@ def _train_run(args: argparse.Namespace) -> int:
     from tinymoe.config import DEFAULT_PRESET, get_preset  # noqa: PLC0415
     from tinymoe.parallel import run_train, setup  # noqa: PLC0415
     from tinymoe.recipes import RECIPES, apply_recipe  # noqa: PLC0415
+    from tinymoe.routing_variants import fine_grained_flags  # noqa: PLC0415
     from tinymoe.train import TrainConfig, train  # noqa: PLC0415
 
     par = setup(args.parallel)          # one line without mpiexec (or P ranks and "none")
     model_over = _given(args, "model__")
     train_over = _given(args, "train__")
+    split, shared = args.fine_grained, args.shared_experts
     if args.resume is not None:
+        if split is not None or shared is not None:
+            raise ValueError("--fine-grained/--shared-experts shape a new run; a resumed run "
+                             "keeps its checkpoint's experts")
         ckpt = load_checkpoint(args.resume)
         if args.config is not None:
             model_cfg = get_preset(args.config, **model_over)
@@ -180,6 +197,7 @@ def _train_run(args: argparse.Namespace) -> int:
                                                  model_over, TrainConfig.steps)
         else:                                            # (a bad name: TrainConfig says so)
             model_cfg = get_preset(name, **model_over)
+        model_cfg = fine_grained_flags(model_cfg, split, shared)   # concrete shapes, no "m" stored
         out = args.out if args.out is not None else f"runs/{name}"
         tcfg = TrainConfig(**train_over, out_dir=out, device=args.device,
                            overwrite=args.overwrite)

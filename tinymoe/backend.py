@@ -11,6 +11,7 @@ never ``from tinymoe.backend import xp``: the latter freezes the device at impor
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -35,7 +36,7 @@ __all__ = [
     "default_rng", "cuda_available", "DeviceError", "DEFAULT_DTYPE",
     "synchronize", "device_pool_bytes", "free_device_pool",
     "set_num_threads", "get_num_threads", "parallel_rows", "keep_freed_memory",
-    "scatter_add_rows", "scatter_add_flat", "count_values",
+    "scatter_add_rows", "scatter_add_flat", "count_values", "normal_cdf",
 ]
 
 DEFAULT_DTYPE = np.float32
@@ -215,6 +216,23 @@ def scatter_add_flat(size: int, flat_index: Any, values: Any) -> Any:
         return _segment_sum_device(mod, size, flat_index.ravel(), values.ravel())
     out = mod.bincount(flat_index.ravel(), weights=values.ravel(), minlength=size)
     return out.astype(values.dtype, copy=False)
+
+
+def normal_cdf(x: Any) -> Any:
+    """The standard normal CDF ``Phi(x) = erfc(-x / sqrt 2) / 2`` elementwise, in the input
+    dtype, on the input's device.
+
+    NumPy has no erfc: the host path applies ``math.erfc`` per element (double precision).
+    CuPy: ``cupyx.scipy.special.ndtr``. Another device module (the test suite's CuPy
+    stand-in, which has no ``cupyx``) goes through the host (a host sync)."""
+    mod = array_module(x)
+    if mod is np:
+        erfc = np.vectorize(math.erfc, otypes=[np.float64])
+        return (0.5 * erfc(-np.asarray(x, dtype=np.float64) / math.sqrt(2.0))).astype(x.dtype)
+    if mod.__name__ == "cupy":
+        from cupyx.scipy.special import ndtr  # noqa: PLC0415  (a CuPy array exists)
+        return ndtr(x)
+    return mod.asarray(normal_cdf(to_numpy(x)), dtype=x.dtype)
 
 
 def count_values(values: Any, n: int) -> Any:

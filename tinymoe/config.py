@@ -30,7 +30,8 @@ from typing import Any, Iterable
 __all__ = [
     "ModelConfig", "PRESETS", "DEFAULT_PRESET", "get_preset", "preset_names",
     "parameter_shapes", "count_parameters", "memory_bytes", "parse_overrides",
-    "CAPACITY_MODES", "SLOT_PRIORITIES", "ROUTER_TYPES", "capacity", "FFN_KINDS", "INITS",
+    "CAPACITY_MODES", "SLOT_PRIORITIES", "ROUTER_TYPES", "ROUTER_SCORES", "AUX_LOSS_KINDS",
+    "capacity", "FFN_KINDS", "INITS",
 ]
 
 # The routing vocabulary (see tinymoe.routing for what each choice does). Adding a choice
@@ -38,6 +39,8 @@ __all__ = [
 CAPACITY_MODES = ("openmoe", "k_scaled")
 SLOT_PRIORITIES = ("position", "probability", "random")
 ROUTER_TYPES = ("token_choice", "expert_choice")  # see tinymoe.routing_variants
+ROUTER_SCORES = ("softmax", "sigmoid")             # softmax: OpenMoE; sigmoid: DeepSeek-V3
+AUX_LOSS_KINDS = ("switch", "shazeer")             # Switch eq. 4-6; Shazeer et al. 2017 eq. 6-11
 DTYPES = ("float32", "float64")
 _DTYPE_BYTES = {"float32": 4, "float64": 8}
 
@@ -61,6 +64,7 @@ _OPT_INT_FIELDS += ("d_ff_shared",)
 _FLOAT_FIELDS += ("router_bias_rate",)
 _BOOL_FIELDS += ("router_noise",)
 _STR_FIELDS += ("router_type",)
+_STR_FIELDS += ("router_score", "aux_loss_kind")
 
 
 def capacity(group_size: int, n_experts: int, top_k: int, capacity_factor: float | None,
@@ -231,11 +235,20 @@ class ModelConfig:
      "routing RNG (seeded, in checkpoints)")
     router_bias_rate: float = 0.0
     ("bias balancing without aux loss (DeepSeek-V3): a per-expert bias added to the "
-     "probabilities for top-k selection only, moved by this rate times sign(mean load - "
-     "load) after every training forward; 0 = off")
+     "scores for top-k selection only, moved by this rate times sign(mean load - "
+     "load) after every optimizer step (load summed over its micro-batches); 0 = off")
     d_ff_shared: int | None = None
     ("hidden width of the shared FFN of MoE blocks (none: d_ff); s shared fine-grained "
      "experts of width w (DeepSeekMoE) are one shared SwiGLU of width s*w")
+    router_score: str = "softmax"
+    ("router scores: softmax (OpenMoE: p = softmax(z) over the experts) or sigmoid "
+     "(DeepSeek-V3 eq. 13-15: s = sigmoid(z) per expert, top-k on s (+ bias), gate weights "
+     "the chosen s normalised to sum 1: needs renormalize=true; the aux loss uses "
+     "s / sum_e s, the z-loss stays logsumexp(z)^2)")
+    aux_loss_kind: str = "switch"
+    ("the load-balance loss L_aux: switch (E * sum_i f_i P_i, Switch eq. 4-6) or shazeer "
+     "(Shazeer et al. 2017 eq. 6-11: CV(Importance)^2 + CV(Load)^2 per group, Load from "
+     "the normal CDF of the noise; needs router_noise=true), weighted by aux_loss_coef")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -331,6 +344,29 @@ class ModelConfig:
             raise ValueError(f"router_bias_rate={self.router_bias_rate} < 0")
         if self.d_ff_shared is not None and self.d_ff_shared <= 0:
             raise ValueError(f"d_ff_shared={self.d_ff_shared} must be positive (or None)")
+        if self.router_score not in ROUTER_SCORES:
+            raise ValueError(f"router_score={self.router_score!r} is not one of "
+                             f"{', '.join(ROUTER_SCORES)}")
+        if self.aux_loss_kind not in AUX_LOSS_KINDS:
+            raise ValueError(f"aux_loss_kind={self.aux_loss_kind!r} is not one of "
+                             f"{', '.join(AUX_LOSS_KINDS)}")
+        if self.aux_loss_kind == "shazeer":
+            if not self.router_noise:
+                raise ValueError("aux_loss_kind='shazeer' needs router_noise=True (its Load is "
+                                 "the probability under the gating noise)")
+            if self.top_k >= self.n_experts:
+                raise ValueError(f"aux_loss_kind='shazeer' needs top_k < n_experts (got "
+                                 f"{self.top_k} of {self.n_experts}: no expert is ever left out)")
+            if self.router_bias_rate > 0 or self.router_score != "softmax":
+                raise ValueError("aux_loss_kind='shazeer' is not supported with bias balancing "
+                                 "or sigmoid scores (its Load assumes the top-k of H)")
+        if self.router_score == "sigmoid":
+            if self.router_type != "token_choice":
+                raise ValueError("router_score='sigmoid' is not supported with "
+                                 f"router_type={self.router_type!r} (token choice only)")
+            if not self.renormalize:
+                raise ValueError("router_score='sigmoid' needs renormalize=True (DeepSeek-V3 "
+                                 "eq. 13: the chosen sigmoid scores are normalised to sum 1)")
         if self.router_type == "expert_choice":
             for name in ("router_noise", "renormalize"):
                 if getattr(self, name):
@@ -430,7 +466,9 @@ class ModelConfig:
         variant = "".join(part for part, on in (
             (f" {self.router_type}", self.router_type != "token_choice"),
             (" +noise", self.router_noise),
-            (f" +bias {self.router_bias_rate:g}", self.router_bias_rate > 0)) if on)
+            (f" +bias {self.router_bias_rate:g}", self.router_bias_rate > 0),
+            (" sigmoid", self.router_score != "softmax"),
+            (" +shazeer loss", self.aux_loss_kind != "switch")) if on)
         return (f"{self.n_layers}L d{self.d_model} {heads} {ff} | {moe} | {cf} "
                 f"{self.slot_priority}{variant} | vocab {self.vocab_size} "
                 f"{'tied' if self.tie_embeddings else 'untied'} | seq {self.max_seq_len} | "

@@ -408,10 +408,12 @@ class Parallel:
         variant = [name for name, on in (
             ("router_type=expert_choice", model_cfg.router_type != "token_choice"),
             ("router_noise", model_cfg.router_noise),
-            ("router_bias_rate", model_cfg.router_bias_rate > 0)) if on]
+            ("router_bias_rate", model_cfg.router_bias_rate > 0),
+            ("router_score=sigmoid", model_cfg.router_score != "softmax")) if on]
         if variant:
             raise ParallelError(f"{variant[0]}: the routing variants are not supported with "
-                                "--parallel (their noise and bias updates are per batch); "
+                                "--parallel (their noise and bias updates are per batch, and "
+                                "sigmoid scores are untested there); "
                                 "train them in one process")
         t = train_cfg.seq_len
         if model_cfg.group_size is not None and (train_cfg.batch_size * t) % model_cfg.group_size:

@@ -9,6 +9,8 @@ Notation: N tokens (the batch ``[B, T]`` flattened in order), E experts, k exper
 token, tokens cut into ``n_groups`` groups of G contiguous tokens. Inside one group:
 
 1. ``p = softmax(z)`` over all E experts (Switch Transformer eq. 1, numerically stable).
+   (``score="sigmoid"``, DeepSeek-V3: ``s = sigmoid(z)``, top-k on s, ``p = s / sum s``;
+   see :func:`route`.)
 2. The top-k experts of each token by ``p``; ties go to the lower expert index.
    ``expert_index[n, j]`` is the rank-j choice of token n (rank 0 = best).
 3. Combine weight of a choice = its raw probability ``p[n, e]`` (OpenMoE), or, with
@@ -51,10 +53,10 @@ from types import ModuleType
 from typing import Any
 
 from tinymoe import backend as B
-from tinymoe.config import CAPACITY_MODES, SLOT_PRIORITIES, capacity
+from tinymoe.config import CAPACITY_MODES, ROUTER_SCORES, SLOT_PRIORITIES, capacity
 
 __all__ = [
-    "RoutingResult", "route", "softmax", "logsumexp", "softmax_and_logsumexp", "top_k",
+    "RoutingResult", "route", "softmax", "sigmoid", "sigmoid_scores", "logsumexp", "softmax_and_logsumexp", "top_k",
     "capacity", "priority_order", "assign_slots", "expert_fraction", "group_mean_prob", "load_balance_loss",
     "z_loss", "dispatch_indices", "packed_indices",
     "SLOT_PRIORITIES", "CAPACITY_MODES",
@@ -78,6 +80,22 @@ def softmax_and_logsumexp(logits: Array) -> tuple[Array, Array]:
     total = p.sum(axis=-1, keepdims=True)  # [N, 1]
     p /= total
     return p, (m + xp.log(total))[..., 0]  # [N, E], [N]
+
+
+def sigmoid(logits: Array) -> Array:
+    """``s = 1 / (1 + exp(-z))`` elementwise, in the input dtype, without overflow:
+    ``exp(-|z|)`` is at most 1, and ``s = 1 / (1 + e)`` for z >= 0, ``e / (1 + e)`` below."""
+    xp = B.array_module(logits)
+    e = xp.exp(-xp.abs(logits))  # [N, E] in (0, 1]
+    return xp.where(logits >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(logits.dtype, copy=False)
+
+
+def sigmoid_scores(logits: Array) -> tuple[Array, Array, Array]:
+    """DeepSeek-V3's scores (eq. 15) and what the losses use: ``s = sigmoid(z)`` [N, E],
+    the normalised scores ``s' = s / sum_e s`` [N, E] (eq. 19; they sum to 1 like softmax
+    probabilities) and ``logsumexp(z)`` [N] (for the z-loss, which stays on the logits)."""
+    s = sigmoid(logits)  # [N, E]
+    return s, s / s.sum(axis=1, keepdims=True), logsumexp(logits)  # [N, E], [N, E], [N]
 
 
 def softmax(logits: Array) -> Array:
@@ -266,7 +284,10 @@ class RoutingResult:
     Per group: ``f [n_groups, E]`` (top-k fractions before capacity), ``mean_prob
     [n_groups, E]``. Per expert: ``load_before``/``load_after [E]`` (int64, assignments
     before/after capacity, summed over groups). Python numbers: ``capacity``,
-    ``n_groups``, ``group_size``, ``n_experts``, ``top_k``, ``renormalize``. 0-d arrays
+    ``n_groups``, ``group_size``, ``n_experts``, ``top_k``, ``renormalize``, ``score``
+    ("softmax", or "sigmoid": then ``probs`` are the normalised sigmoid scores),
+    ``aux_kind`` ("switch": ``aux_loss`` is the Switch loss; "shazeer": Shazeer et al.'s
+    CV(Importance)^2 + CV(Load)^2, see :mod:`tinymoe.routing_variants`). 0-d arrays
     of the input's device (``float(...)`` reads one; on a GPU that is a host sync, so the
     trainer reads them once per step): ``dropped_fraction`` (dropped / (N*k), float64),
     ``confidence`` (mean top-1 probability), ``aux_loss``, ``z_loss``.
@@ -293,6 +314,8 @@ class RoutingResult:
     confidence: Array
     aux_loss: Array
     z_loss: Array
+    score: str = "softmax"
+    aux_kind: str = "switch"
 
     @property
     def rows_per_expert(self) -> int:
@@ -314,7 +337,7 @@ def _group_size(n: int, group_size: int | None) -> int:
 def route(logits: Array, top_k: int, capacity_factor: float | None = 1.25,
           group_size: int | None = None, min_capacity: int = 4, capacity_mode: str = "openmoe",
           priority: str = "position", renormalize: bool = False, rng: Any = None,
-          selection_bias: Array | None = None) -> RoutingResult:
+          selection_bias: Array | None = None, score: str = "softmax") -> RoutingResult:
     """Route N tokens to k of E experts each, with per-group expert capacity.
 
     ``logits`` is ``[N, E]`` (tokens in order, groups are contiguous runs of
@@ -322,6 +345,14 @@ def route(logits: Array, top_k: int, capacity_factor: float | None = 1.25,
     Generator) is used only by ``priority="random"``. ``selection_bias`` [E] (DeepSeek-V3
     bias balancing, :mod:`tinymoe.routing_variants`): the top-k is taken on ``p + b``
     while ``topk_prob`` and the combine weights stay the unbiased ``p`` of the choice.
+
+    ``score="sigmoid"`` (DeepSeek-V3, Liu et al. 2024, section 2.1.2, eq. 13-16):
+    ``s = sigmoid(z)`` per expert; the top-k is taken on ``s`` (``s + b`` with a bias); the
+    gate weights are the chosen ``s`` normalised to sum 1 over the k (eq. 13: needs
+    ``renormalize=True``). ``probs`` holds ``s' = s / sum_e s`` (eq. 19), so ``topk_prob``,
+    the confidence, priority ``"probability"`` and the load-balance loss read normalised
+    scores; the gate weights ``s_j / sum_l s_l`` equal ``s'_j / sum_l s'_l``. ``lse`` is
+    still ``logsumexp(z)`` (the z-loss keeps the logits small).
     """
     xp = B.array_module(logits)
     if getattr(logits, "ndim", None) != 2:
@@ -339,11 +370,21 @@ def route(logits: Array, top_k: int, capacity_factor: float | None = 1.25,
     n_groups = n // g
     cap = capacity(g, n_experts, top_k, capacity_factor, min_capacity, capacity_mode)
 
-    probs, lse = softmax_and_logsumexp(logits)  # [N, E], [N]
-    if selection_bias is None:
+    if score not in ROUTER_SCORES:
+        raise ValueError(f"unknown score {score!r}: use one of {ROUTER_SCORES}")
+    if score == "sigmoid":
+        if not renormalize:
+            raise ValueError("score='sigmoid' needs renormalize=True (DeepSeek-V3 eq. 13)")
+        chooser, probs, lse = sigmoid_scores(logits)  # s [N, E], s' [N, E], [N]
+    else:
+        probs, lse = softmax_and_logsumexp(logits)  # [N, E], [N]
+        chooser = probs  # [N, E]
+    if selection_bias is None and score == "softmax":
         expert_index, topk_prob = _select_top_k(probs, top_k)  # [N, k], [N, k]
-    else:  # choose on p + b, weigh with p
-        expert_index, _ = _select_top_k(probs + selection_bias, top_k)  # [N, E] + [E] -> [N, k]
+    else:  # choose on p + b (s + b), weigh with the unbiased p (s')
+        if selection_bias is not None:
+            chooser = chooser + selection_bias  # [N, E] + [E]
+        expert_index, _ = _select_top_k(chooser, top_k)  # [N, k]
         topk_prob = probs[xp.arange(n)[:, None], expert_index]  # [N, k]
     if renormalize:
         weight = topk_prob / topk_prob.sum(axis=1, keepdims=True)  # [N, k]
@@ -373,6 +414,7 @@ def route(logits: Array, top_k: int, capacity_factor: float | None = 1.25,
         dropped_fraction=(n * top_k - n_kept) / (n * top_k),
         confidence=topk_prob[:, 0].mean(),
         aux_loss=aux, z_loss=(lse ** 2).mean(),  # z_loss(logits, lse=lse)
+        score=score,
     )
 
 

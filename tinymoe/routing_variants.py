@@ -30,20 +30,26 @@ Each variant is one :class:`tinymoe.config.ModelConfig` field (``python -m tinym
 2. **Bias balancing without aux loss** (DeepSeek-V3, Liu et al. 2024, section 2.1.2),
    ``router_bias_rate=gamma > 0``: a per-expert bias b is added to the scores for the
    top-k *selection only* (``tinymoe.routing.route(selection_bias=b)``); the combine
-   weights use the unbiased probabilities. After every training forward
+   weights use the unbiased probabilities. After every optimizer step
    ``b_i <- b_i + gamma * sign(mean_j load_j - load_i)`` (:func:`bias_update`; load =
-   assignments before capacity, summed over the batch): an overloaded expert's bias goes
-   down. DeepSeek-V3 scores with a sigmoid; here the scores stay OpenMoE's softmax
-   probabilities (a sigmoid router is not implemented). The bias is stored as a router
-   "parameter" that never gets a gradient (the optimizer skips it), so it is in every
+   assignments before capacity, summed over the step's batch, all its micro-batches
+   with ``grad_accum > 1``; :func:`tinymoe.nn.routers.update_biases`): an overloaded
+   expert's bias goes down. DeepSeek-V3 scores with a sigmoid: with
+   ``router_score="sigmoid"`` (item 6) the choice is on ``s + b``; with the default
+   softmax scores on ``p + b``. The bias is stored as a router "parameter" that never gets a gradient (the optimizer skips it), so it is in every
    checkpoint and resume stays exact.
 
 3. **Noisy top-k gating** (Shazeer et al. 2017, eq. 3-5), ``router_noise=True``: in
    training ``H = x W_r + eps * softplus(x W_noise)``, ``eps ~ N(0, 1)`` drawn from the
    run's routing RNG (:func:`draw_noise`), W_noise trainable (init 0 as in the paper);
    routing and losses then use H. Shazeer's ``softmax(KeepTopK(H, k))`` equals the top-k
-   probabilities renormalised, i.e. ``renormalize=True``. Their smooth "load" loss is not
-   implemented (the Switch aux loss is used). Eval: no noise.
+   probabilities renormalised, i.e. ``renormalize=True``. Eval: no noise.
+   The aux loss is the Switch one, or with ``aux_loss_kind="shazeer"`` their smooth
+   balance losses (Appendix A, eq. 6-11), per routing group and averaged over groups:
+   ``L_aux = CV(Importance)^2 + CV(Load)^2`` (both weighted by ``aux_loss_coef``):
+   :func:`importance` (the gates summed per expert), :func:`shazeer_load` (the normal CDF
+   of how far each clean logit is from ``kth_excluding(H, k, i)``, in units of the noise
+   scale), :func:`cv_squared`. In eval the noise is 0 and H = z in the same formulas.
 
 4. **Fine-grained and shared experts** (DeepSeekMoE, Dai et al. 2024, section 3):
    :func:`fine_grained` splits each expert into m of 1/m the width and routes to m k of
@@ -55,16 +61,26 @@ Each variant is one :class:`tinymoe.config.ModelConfig` field (``python -m tinym
 
 5. **Switch** (Fedus et al. 2021): top-1, ``capacity_mode="k_scaled"``; a preset of the
    lab (:mod:`tinymoe.variants`), no new code.
+
+6. **Sigmoid scores** (DeepSeek-V3, section 2.1.2, eq. 13-16), ``router_score="sigmoid"``
+   with ``renormalize=True``: ``s = sigmoid(z)`` per expert, top-k on ``s`` (+ b), gate
+   weights ``s_j / sum_l s_l`` over the k chosen. :func:`tinymoe.routing.route` does it
+   (``score="sigmoid"``); ``probs`` are ``s / sum_e s``, so the Switch aux loss becomes k
+   times DeepSeek-V3's sequence-wise balance loss (eq. 17-20) when groups are sequences;
+   the z-loss stays on the logits (docs/router.md §13).
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from tinymoe import backend as B
 from tinymoe.config import ModelConfig, capacity
 from tinymoe.routing import RoutingResult, _group_size, softmax_and_logsumexp
 
-__all__ = ["route_expert_choice", "bias_update", "draw_noise", "fine_grained", "routing_changed"]
+__all__ = ["route_expert_choice", "bias_update", "draw_noise", "fine_grained", "fine_grained_flags",
+           "routing_changed", "normal_cdf", "normal_pdf", "cv_squared", "cv_squared_grad",
+           "importance", "kth_excluding_index", "shazeer_load"]
 
 Array = Any
 
@@ -123,6 +139,83 @@ def bias_update(bias: Array, load: Array, rate: float) -> Array:
     return bias
 
 
+def normal_cdf(x: Array) -> Array:
+    """``Phi(x)``, the standard normal CDF, elementwise (:func:`tinymoe.backend.normal_cdf`)."""
+    return B.normal_cdf(x)
+
+
+def normal_pdf(x: Array) -> Array:
+    """``phi(x) = exp(-x^2 / 2) / sqrt(2 pi)`` elementwise (the derivative of :func:`normal_cdf`)."""
+    xp = B.array_module(x)
+    return xp.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+
+
+def cv_squared(v: Array) -> Array:
+    """Squared coefficient of variation over the last axis: ``Var(v) / mean(v)^2`` with the
+    population variance ``mean((v - mean v)^2)`` (Shazeer et al. 2017, eq. 7 and 11).
+    ``v`` [..., E] -> [...]."""
+    m = v.mean(axis=-1)                                                         # [...]
+    var = ((v - m[..., None]) ** 2).mean(axis=-1)                               # [...]
+    return var / (m * m)
+
+
+def cv_squared_grad(v: Array) -> Array:
+    """``d CV(v)^2 / d v_i = 2 / (E m^2) * ((v_i - m) - Var / m)`` over the last axis
+    (m = mean, Var = population variance, E = length): [..., E] -> [..., E]."""
+    n = v.shape[-1]
+    m = v.mean(axis=-1, keepdims=True)                                          # [..., 1]
+    var = ((v - m) ** 2).mean(axis=-1, keepdims=True)                           # [..., 1]
+    return (2.0 / (n * m * m)) * ((v - m) - var / m)                            # [..., E]
+
+
+def importance(gates: Array, expert_index: Array, n_experts: int, n_groups: int) -> Array:
+    """Shazeer et al. 2017 eq. 6 per routing group: ``Importance_g[i] = sum_{x in g} G(x)_i``,
+    G(x) the gate values of the k chosen experts (before capacity drops; 0 elsewhere).
+    ``gates`` [N, k], ``expert_index`` [N, k] -> [n_groups, E]."""
+    xp = B.array_module(gates)
+    n = gates.shape[0]
+    dense = xp.zeros((n, n_experts), dtype=gates.dtype)                         # [N, E]
+    dense[xp.arange(n)[:, None], expert_index] = gates                          # k distinct experts a row
+    return dense.reshape(n_groups, n // n_groups, n_experts).sum(axis=1)        # [ng, E]
+
+
+def kth_excluding_index(h: Array, expert_index: Array) -> tuple[Array, Array]:
+    """Where ``kth_excluding(H(x), k, i)`` (Shazeer et al. 2017, eq. 9) sits in each row of
+    ``h`` [N, E], given the top-k ``expert_index`` [N, k] chosen on h. For a chosen i, the
+    k-th highest of the others is the best unchosen entry (the (k+1)-th overall); for an
+    unchosen i, the k-th highest overall, i.e. the worst chosen entry. Needs k < E.
+    Returns ``(index [N, E] int64, chosen [N, E] bool)``."""
+    xp = B.array_module(h)
+    n, n_experts = h.shape
+    rows = xp.arange(n)                                                         # [N]
+    chosen = xp.zeros((n, n_experts), dtype=bool)                               # [N, E]
+    chosen[rows[:, None], expert_index] = True
+    best_out = xp.where(chosen, -xp.inf, h).argmax(axis=1)                      # [N] (k+1)-th highest
+    worst_in = xp.where(chosen, h, xp.inf).argmin(axis=1)                       # [N] k-th highest
+    index = xp.where(chosen, best_out[:, None], worst_in[:, None]).astype(xp.int64)  # [N, E]
+    return index, chosen
+
+
+def shazeer_load(z: Array, spread: Array, h: Array, expert_index: Array, n_groups: int
+                 ) -> tuple[Array, Array, Array]:
+    """Shazeer et al. 2017 eq. 8-10 per routing group:
+
+        P(x, i) = Phi((z_i - kth_excluding(H(x), k, i)) / softplus(u_i))     (eq. 9)
+        Load_g[i] = sum_{x in g} P(x, i)                                      (eq. 10)
+
+    the probability that expert i is in x's top-k when only the noise on i is redrawn.
+    ``z`` [N, E] clean logits x W_g, ``spread`` [N, E] = softplus(x W_noise), ``h`` [N, E]
+    the noisy logits the top-k ``expert_index`` [N, k] was chosen on. Returns ``(load
+    [n_groups, E], a [N, E] the normal argument, index [N, E] of the threshold in h)``."""
+    xp = B.array_module(z)
+    n, n_experts = z.shape
+    index, _ = kth_excluding_index(h, expert_index)                             # [N, E]
+    threshold = h[xp.arange(n)[:, None], index]                                 # [N, E]
+    a = (z - threshold) / spread                                                # [N, E]
+    p = normal_cdf(a)                                                           # [N, E]
+    return p.reshape(n_groups, n // n_groups, n_experts).sum(axis=1), a, index  # [ng, E]
+
+
 def draw_noise(rng: Any, shape: tuple[int, int], dtype: Any) -> Array:
     """Standard normal noise ``eps`` [N, E] for noisy gating, from the host NumPy Generator
     ``rng`` (the trainer's routing RNG, seeded and saved in checkpoints), on the device."""
@@ -153,6 +246,26 @@ def fine_grained(cfg: ModelConfig, split: int, shared_experts: int = 1) -> Model
     return cfg.replace(n_experts=cfg.n_experts * split, top_k=cfg.top_k * split, d_ff_expert=small,
                        shared_ffn=shared_experts > 0,
                        d_ff_shared=shared_experts * small if shared_experts > 0 else None)
+
+
+def fine_grained_flags(cfg: ModelConfig, split: int | None, shared_experts: int | None) -> ModelConfig:
+    """What ``python -m tinymoe train --fine-grained M --shared-experts S`` does to the
+    chosen preset (after its field overrides): :func:`fine_grained` with ``split = M``
+    (None: 1, no split) and ``shared_experts = S``; with S None the shared FFN is left as
+    the preset has it (for a preset whose expert width equals d_ff that is S = M, the lab's
+    default). Both None: ``cfg`` unchanged.
+
+    The result holds only concrete shapes (``n_experts``, ``top_k``, ``d_ff_expert``,
+    ``shared_ffn``, ``d_ff_shared``): a checkpoint and every analysis read the split layer
+    as it is, with no knowledge of M. One-line ValueError for a bad M or S.
+    """
+    if split is None and shared_experts is None:
+        return cfg
+    out = fine_grained(cfg, 1 if split is None else split,
+                       shared_experts=0 if shared_experts is None else shared_experts)
+    if shared_experts is None:                                   # keep the preset's shared FFN
+        out = out.replace(shared_ffn=cfg.shared_ffn, d_ff_shared=cfg.d_ff_shared)
+    return out
 
 
 def routing_changed(model: Any, ids: Array, cut: int, seed: int = 0) -> dict[str, float]:

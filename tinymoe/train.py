@@ -10,6 +10,7 @@ backward / update):
     g <- g / grad_accum                           (only when grad_accum > 1)
     g <- g * min(1, clip / ||g||_2)               global-norm clipping
     optimizer step (AdamW or Adafactor), then forget the gradients
+    bias balancing (if on): b <- b + rate * sign(mean load - load), load summed over the step
 
 Around it, :func:`train`: a progress bar (loss, tokens/s, aux loss, dropped fraction,
 busiest expert's share), held-out evaluation per domain (nats per token and per byte),
@@ -290,6 +291,9 @@ def train_step(model: Any, optimizer: Optimizer, batches: Iterable[Batch], *, lr
     L = CE + aux + z) and backward (gradients add up), then g /= n_micro, global-norm
     clip, update at rate ``lr``, zero_grad. A non-finite loss or gradient norm skips the
     update (``StepStats.bad``). ``grad_clip`` 0 measures the norm without clipping.
+    Bias balancing (``router_bias_rate > 0``) moves its bias after the update, once, from
+    the expert load summed over the step's micro-batches (DeepSeek-V3 updates per step;
+    :func:`tinymoe.nn.routers.update_biases`); a skipped update leaves the bias alone.
 
     ``parallel`` (:class:`tinymoe.parallel.Parallel`, MPI ranks; None: one process): each
     batch is this rank's rows of the global batch; the statistics (and the loss checked for
@@ -302,8 +306,11 @@ def train_step(model: Any, optimizer: Optimizer, batches: Iterable[Batch], *, lr
     The forward adds one sync per MoE layer (the rows per expert, which size the grouped
     matmuls); nothing else in a step reads the device.
     """
+    from tinymoe.nn.routers import clear_bias_loads, update_biases  # noqa: PLC0415 (lazy model code)
+
     params = list(model.parameters())
     optimizer.zero_grad()
+    clear_bias_loads(model)                                      # nothing left from an earlier forward
     lr = set_lr(optimizer, lr)
     names = ("loss", "ce", "aux", "z", "dropped", "busiest")
     n, bad = 0, None
@@ -357,10 +364,12 @@ def train_step(model: Any, optimizer: Optimizer, batches: Iterable[Batch], *, lr
     stats = StepStats(**values, grad_norm=gnorm, lr=lr, bad=bad)
     if bad is not None:
         optimizer.zero_grad()
+        clear_bias_loads(model)
         return stats
     try:
         optimizer.step()                                         # theta <- update(theta, g, lr)
         optimizer.zero_grad()
+        update_biases(model)                                     # bias balancing: one move per step
     except KeyboardInterrupt:
         raise UpdateInterrupted("interrupted during the weight update") from None
     return stats

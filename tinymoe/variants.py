@@ -15,6 +15,8 @@ Variants (:data:`VARIANTS`; the maths is in :mod:`tinymoe.routing_variants`):
 ``noisy``          noisy top-k gating (trainable noise, renormalised top-k = Shazeer's
                    softmax over the kept logits), with the aux loss
 ``bias_balanced``  DeepSeek-V3 bias balancing, rate 1e-3, aux loss off
+``sigmoid_bias``   DeepSeek-V3's combination: sigmoid scores (gates = the chosen scores
+                   normalised to sum 1), bias balancing at rate 1e-3, aux loss off
 ``fine_grained``   DeepSeekMoE: every expert split in m (``--fine-grained-split``,
                    default 2: mE experts of width f/m, top-mk) and s shared experts of
                    that width (``--shared-experts``, default m: OpenMoE's shared width);
@@ -71,6 +73,10 @@ VARIANTS: dict[str, tuple[str, Callable[[ModelConfig], ModelConfig]]] = {
               lambda c: c.replace(router_noise=True, renormalize=True)),
     "bias_balanced": ("bias balancing (DeepSeek-V3), rate 1e-3, no aux loss",
                       lambda c: c.replace(router_bias_rate=1e-3, aux_loss_coef=0.0)),
+    "sigmoid_bias": ("DeepSeek-V3's router: sigmoid scores normalised over the top-k, bias "
+                     "balancing at rate 1e-3, no aux loss",
+                     lambda c: c.replace(router_score="sigmoid", renormalize=True,
+                                         router_bias_rate=1e-3, aux_loss_coef=0.0)),
     "fine_grained": ("fine-grained: experts split m ways + s shared experts (DeepSeekMoE), "
                      "k-scaled capacity",
                      lambda c: fine_grained(c, 2, shared_experts=2).replace(capacity_mode="k_scaled")),

@@ -20,6 +20,7 @@ from tinymoe import backend as B
 from tinymoe.config import get_preset
 from tinymoe.nn.model import OpenMoE
 from tinymoe.nn.moe import MoE
+from tinymoe.nn.routers import update_biases
 from tinymoe.routing_variants import routing_changed
 from tinymoe.train import TrainConfig
 from tinymoe.variants import compare_routers, format_markdown
@@ -87,6 +88,7 @@ def bias_run(rate, n_forwards):
     ratio, moved, prev = [], [], None
     for _ in range(n_forwards):
         st = moe(x)[3]
+        update_biases(moe)                                          # the trainer's end-of-step update
         load = B.to_numpy(st.load_before)                           # [E] tokens per expert (64 in all)
         ratio.append(load.max() / load.mean())
         idx = B.to_numpy(st.expert_index).reshape(-1)               # [64] top-1 expert of each token

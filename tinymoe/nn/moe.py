@@ -22,9 +22,10 @@ One MoE forward on tokens x [N, d] (the batch [B, T] flattened in order):
    a token whose every assignment was dropped gets y = 0 (it still flows through the
    residual and the shared FFN of the block).
 
-Routing variants (expert choice, noisy gating, bias balancing: docs/router.md §13) take
-step 2 through :func:`tinymoe.nn.routers.route_variant` when a variant field of the config
-is set; steps 3-5 are the same for all of them.
+Routing variants (expert choice, noisy gating, bias balancing, sigmoid scores, Shazeer's
+balance loss: docs/router.md §13) take step 2 through
+:func:`tinymoe.nn.routers.route_variant` when a variant field of the config is set; steps
+3-5 are the same for all of them.
 
 Losses (per group, averaged over groups):
   load balance  L_aux = E * sum_i f_i P_i  (Switch Transformer, Fedus et al. 2021, eq. 4-6,
@@ -39,7 +40,7 @@ from typing import Any
 
 from tinymoe import backend as B
 from tinymoe import functional as F
-from tinymoe import routing
+from tinymoe import routing, routing_variants
 from tinymoe.autograd import Context, Function, Tensor
 from tinymoe.config import ModelConfig
 from tinymoe.config import FFN_KINDS
@@ -71,8 +72,28 @@ class RouterFunction(Function):
         P_{g,i} = (1/G) sum_{n in g} p_{n,i}, f held constant (it comes from an argmax), so
         dL_aux/dp_{n,i} = E f_{g(n),i} / (G n_groups).
     (c) the softmax: dL/dz_n = p_n * (dL/dp_n - <dL/dp_n, p_n>).
-    (d) z-loss (ST-MoE eq. 5): L_z = (1/N) sum_n lse(z_n)^2, d lse/dz = p, so
-        dL_z/dz_n = 2 lse(z_n) p_n / N (added directly on z).
+    (d) z-loss (ST-MoE eq. 5): L_z = (1/N) sum_n lse(z_n)^2, d lse/dz = softmax(z), so
+        dL_z/dz_n = 2 lse(z_n) softmax(z_n) / N (added directly on z).
+
+    Sigmoid scores (``result.score == "sigmoid"``, DeepSeek-V3 eq. 13-15): ``p`` is then
+    s' = s / S with s = sigmoid(z), S = sum_e s_e, and (a)-(b) give dL/ds'. Step (c)
+    becomes the chain through s' and s: dL/ds_e = (dL/ds'_e - <dL/ds', s'>) / S and
+    ds_e/dz_e = s_e (1 - s_e), so with s_e / S = s'_e
+
+        dL/dz_n = s'_n * (dL/ds'_n - <dL/ds'_n, s'_n>) * (1 - s_n),
+
+    the softmax form of (c) times (1 - s). (The gate weights s_j / sum_l s_l of the k
+    chosen equal s'_j / sum_l s'_l, the renormalised case of (a).) The z-loss (d) is the
+    same function of z, with softmax(z) = exp(z - lse) recomputed from the logits.
+
+    Shazeer's importance loss (``result.aux_kind == "shazeer"``, Shazeer et al. 2017 eq.
+    6-7) replaces (b): the aux output is L_imp = (1/n_groups) sum_g CV(I_g)^2, I_g[i] =
+    sum_{n in g} G_{n,i} with G the gates of the chosen experts before drops (raw or
+    renormalised p, as the combine weights). With m = mean_i I_i and V the population
+    variance, dCV^2/dI_i = 2 / (E m^2) ((I_i - m) - V / m), and dI_{g(n), e_j} / dG_{n,j}
+    = 1, so (b) becomes a gradient on the pre-drop gates, added to g' of (a) before the
+    renormalisation chain. (The Load half of their loss depends on the clean logits and
+    the noise scale, not on p: :class:`tinymoe.nn.routers.ShazeerLoad`.)
     """
 
     @staticmethod
@@ -80,8 +101,14 @@ class RouterFunction(Function):
         xp = B.array_module(logits)
         dt = logits.dtype
         ctx.result = result
+        ctx.logits = logits if result.score == "sigmoid" else None       # [N, E], for (c) and (d)
         weight = result.combine_weight.astype(dt, copy=True)              # [N, k]
-        aux = xp.asarray(result.aux_loss, dtype=dt)                       # []
+        if result.aux_kind == "shazeer":                                  # importance half (eq. 6-7)
+            ctx.importance = routing_variants.importance(
+                _gates(result), result.expert_index, result.n_experts, result.n_groups)  # [ng, E]
+            aux = xp.asarray(routing_variants.cv_squared(ctx.importance).mean(), dtype=dt)  # []
+        else:
+            aux = xp.asarray(result.aux_loss, dtype=dt)                   # []
         z = xp.asarray(result.z_loss, dtype=dt)                           # []
         return weight, aux, z
 
@@ -92,22 +119,41 @@ class RouterFunction(Function):
         p = r.probs                                                       # [N, E]
         n, n_experts = p.shape
         dt = p.dtype
-        # (b) load balance: every token of group g gets E f_g / (G n_groups)
-        coef = g_aux.astype(dt) * (n_experts / (r.group_size * r.n_groups))
-        dp = xp.repeat(coef * r.f.astype(dt), r.group_size, axis=0)      # [n_groups, E] -> [N, E]
+        rows = xp.arange(n)[:, None]                                      # [N, 1]
         # (a) combine weights, only through kept assignments
         gw = g_weight * r.kept                                            # [N, k]
+        if r.aux_kind == "shazeer":
+            # (b') importance: dL/dG_{n,j} = dCV^2/dI at (g(n), e_j), on every chosen gate
+            d_imp = (g_aux.astype(dt) / r.n_groups) * routing_variants.cv_squared_grad(ctx.importance)  # [ng, E]
+            gw = gw + xp.repeat(d_imp, r.group_size, axis=0)[rows, r.expert_index]  # [N, k]
+            dp = xp.zeros_like(p)                                         # [N, E]
+        else:
+            # (b) load balance: every token of group g gets E f_g / (G n_groups)
+            coef = g_aux.astype(dt) * (n_experts / (r.group_size * r.n_groups))
+            dp = xp.repeat(coef * r.f.astype(dt), r.group_size, axis=0)  # [n_groups, E] -> [N, E]
         if r.renormalize:
             total = r.topk_prob.sum(axis=1, keepdims=True)               # [N, 1]
             w = r.topk_prob / total                                       # [N, k]
             gw = (gw - (gw * w).sum(axis=1, keepdims=True)) / total      # [N, k]
-        rows = xp.arange(n)[:, None]                                      # [N, 1]
         dp[rows, r.expert_index] += gw.astype(dt, copy=False)             # k distinct experts per row
-        # (c) softmax backward
+        # (c) softmax backward (sigmoid scores: times 1 - s)
         dz = p * (dp - (dp * p).sum(axis=1, keepdims=True))               # [N, E]
+        if ctx.logits is None:
+            softmax_z = p                                                 # [N, E]
+        else:
+            dz *= routing.sigmoid(-ctx.logits)                            # [N, E] 1 - s, no cancellation
+            softmax_z = xp.exp(ctx.logits - r.lse[:, None])               # [N, E]
         # (d) z-loss
-        dz += (g_z.astype(dt) * (2.0 / n)) * r.lse[:, None] * p           # [N, E]
+        dz += (g_z.astype(dt) * (2.0 / n)) * r.lse[:, None] * softmax_z   # [N, E]
         return dz, None
+
+
+def _gates(r: routing.RoutingResult) -> Any:
+    """The gate values of the k chosen experts before capacity drops [N, k]: the raw
+    probabilities, or renormalised over the k (the combine weights before zeroing)."""
+    if r.renormalize:
+        return r.topk_prob / r.topk_prob.sum(axis=1, keepdims=True)     # [N, k]
+    return r.topk_prob                                                    # [N, k]
 
 
 def route_differentiable(logits: Tensor, top_k: int, capacity_factor: float | None = 1.25,
@@ -290,20 +336,48 @@ class Router(Module):
     """Router: logits ``z = x W_r``, weight [d, E], no bias, init N(0, 0.02) (OpenMoE).
 
     Routing variants (:mod:`tinymoe.nn.routers`): ``noise=True`` adds ``noise_weight``
-    [d, E] (noisy gating's W_noise, init 0 as in Shazeer et al. 2017); ``selection_bias=True``
+    [d, E] (noisy gating's W_noise, init 0 as in Shazeer et al. 2017); ``bias_rate > 0``
     adds ``bias`` [E] (DeepSeek-V3's balancing bias, init 0; it gets no gradient, it is
     moved by a sign rule, and is a Parameter only so that it is saved in checkpoints).
+
+    Bias balancing moves the bias once per optimizer step: every training forward (with
+    autograd on) adds its expert load to ``bias_load`` [E] (:meth:`add_load`), and
+    :meth:`update_bias` (called by the trainer after the update,
+    :func:`tinymoe.nn.routers.update_biases`) applies the sign rule to the summed load and
+    clears it. ``bias_load`` is transient (never saved): it is empty between steps.
     """
 
     def __init__(self, d_model: int, n_experts: int, *, rng: Any, std: float = 0.02,
-                 dtype: Any = "float32", noise: bool = False, selection_bias: bool = False):
+                 dtype: Any = "float32", noise: bool = False, bias_rate: float = 0.0):
         super().__init__()
         self.d_model, self.n_experts = d_model, n_experts
         self.weight = normal_parameter(rng, (d_model, n_experts), std, B.np.dtype(dtype))
         if noise:
             self.noise_weight = Parameter(B.to_device(B.np.zeros((d_model, n_experts)), B.np.dtype(dtype)))
-        if selection_bias:
+        self.bias_rate = float(bias_rate)
+        self.bias_load: Any = None                                        # [E] int64, this step's load
+        if bias_rate > 0:
             self.bias = Parameter(B.to_device(B.np.zeros(n_experts), B.np.dtype(dtype)))
+
+    def add_load(self, load: Any) -> None:
+        """Add one training forward's expert load ``load [E]`` (assignments before
+        capacity) to this step's sum."""
+        self.bias_load = load.copy() if self.bias_load is None else self.bias_load + load  # [E]
+
+    def update_bias(self) -> bool:
+        """DeepSeek-V3's end-of-step update on the load summed over the step's forwards:
+        ``b_i += rate * sign(mean_j L_j - L_i)`` (:func:`tinymoe.routing_variants.bias_update`),
+        then forget the load. Returns whether the bias moved (False: no load was added)."""
+        if self.bias_load is None or self.bias_rate <= 0:
+            self.bias_load = None
+            return False
+        routing_variants.bias_update(self.bias.data, self.bias_load, self.bias_rate)
+        self.bias_load = None
+        return True
+
+    def clear_load(self) -> None:
+        """Forget the load added since the last update (a skipped or interrupted step)."""
+        self.bias_load = None
 
     def forward(self, x: Tensor) -> Tensor:
         return x @ self.weight                                            # [N, d] -> [N, E]
@@ -428,7 +502,7 @@ class MoE(Module):
         self.cfg = cfg
         self.layer_idx = layer_idx
         self.router = Router(cfg.d_model, cfg.n_experts, std=0.02, dtype=cfg.dtype, rng=rng,
-                             noise=cfg.router_noise, selection_bias=cfg.router_bias_rate > 0)
+                             noise=cfg.router_noise, bias_rate=cfg.router_bias_rate)
         self.experts = Experts(cfg.n_experts, cfg.d_model, cfg.expert_ff, std=cfg.init_std,
                                kind=cfg.ffn_kind, fan_in_scale=cfg.init_fan_in_scale, dtype=cfg.dtype,
                                rng=rng)
