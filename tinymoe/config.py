@@ -554,6 +554,14 @@ PRESETS: dict[str, ModelConfig] = {
     # Default of `python -m tinymoe train`: about 2.3M parameters, trains on 2 CPU cores.
     "mini": ModelConfig(vocab_size=_BYTE_VOCAB, d_model=128, n_layers=4, n_heads=4, d_ff=256,
                         n_experts=8, top_k=2, moe_every=2, max_seq_len=128),
+    # The routing lab (`python -m tinymoe findings --config lab`): mini's shape with the
+    # experts carrying every FFN (MoE in all 4 blocks, no shared FFN), so removing them
+    # removes the model's FFNs; capacity k-scaled (C = ceil(k cf G / E)) over groups of
+    # 2048 tokens (a whole 16 x 128 batch, OpenMoE's groups are 4096), so a token's second
+    # choice is not dropped by the formula itself (docs/findings.md section 3).
+    "lab": ModelConfig(vocab_size=_BYTE_VOCAB, d_model=128, n_layers=4, n_heads=4, d_ff=256,
+                       n_experts=8, top_k=2, moe_every=1, shared_ffn=False, max_seq_len=128,
+                       capacity_mode="k_scaled", group_size=2048),
     # A laptop in under an hour (with a BPE vocabulary of 4096).
     "small": ModelConfig(vocab_size=4096, d_model=256, n_layers=8, n_heads=8, d_ff=1024,
                          n_experts=8, top_k=2, moe_every=2, max_seq_len=256),
