@@ -61,6 +61,34 @@ def test_compare_routers_resumes(capsys, lab):
     assert more["variants"]["switch"]["load"]["step"][-1] == 8
 
 
+def test_compare_routers_jobs_gives_the_same_runs(capsys, tmp_path):
+    """--jobs 2 trains the variants in two worker processes: the same weights as one at a
+    time (same data, seed, steps)."""
+    import numpy as np
+
+    from tinymoe import backend as B
+    from tinymoe.checkpoint import load_checkpoint
+
+    out, lab = tmp_path / "jobs", tmp_path / "one"
+    threads = B.get_num_threads()
+    try:
+        p = InProcess(capsys, "compare-routers", "--fast", "--routers", "openmoe,expert_choice",
+                      "--out", lab, "--threads", "1")
+        assert p.returncode == 0, p.stderr
+        p = InProcess(capsys, "compare-routers", "--fast", "--routers", "openmoe,expert_choice",
+                      "--out", out, "--threads", "2", "--jobs", "2")
+    finally:
+        B.set_num_threads(threads)
+    assert p.returncode == 0, p.stderr
+    assert "2 at a time, 1 thread(s) each" in p.stdout
+    mine = json.loads((out / "report.json").read_text())["variants"]
+    for name in ("openmoe", "expert_choice"):
+        assert mine[name]["status"] == "trained"
+        a, b = (load_checkpoint(f / name).model_state for f in (out, lab))
+        for k in b:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=f"{name} {k}")
+
+
 def test_compare_routers_sigmoid_bias(capsys, tmp_path):
     """DeepSeek-V3's combination is a lab variant: sigmoid scores, bias, no aux loss."""
     out = tmp_path / "sig"

@@ -150,21 +150,58 @@ def _tokens_per_s(folder: Path) -> float:
 
 
 # ---------------------------------------------------------------------------- the lab
+def _train_variant(cfg: ModelConfig, tc: Any, threads: int | None = None) -> tuple[str, str]:
+    """Train (or resume, or reuse) one variant's run in ``tc.out_dir``; returns (status,
+    error message): status "reused" (finished before), "trained", "resumed" or "error".
+    ``threads``: set in a worker process of :func:`compare_routers`'s ``jobs``."""
+    from tinymoe.checkpoint import load_checkpoint  # noqa: PLC0415
+    from tinymoe.train import train  # noqa: PLC0415
+
+    if threads is not None:
+        B.keep_freed_memory()
+        B.set_num_threads(threads)
+    ckpt_path = Path(tc.out_dir) / "checkpoint.npz"
+    ckpt = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
+    if ckpt is not None and ckpt.step >= tc.steps:
+        return "reused", ""
+    res = train(None if ckpt is not None else cfg,
+                tc.replace(resume=str(ckpt_path) if ckpt is not None else None), progress=False)
+    if res.status != "done":
+        return "error", res.message
+    return ("trained" if ckpt is None else "resumed"), ""
+
+
+def _train_all(todo: dict[str, tuple[ModelConfig, Any]], jobs: int,
+               threads: int) -> dict[str, tuple[str, str]]:
+    """Train the variants ``todo`` (name -> (config, train config)) ``jobs`` at a time in
+    spawned worker processes of ``threads`` threads each; name -> (status, message)."""
+    import multiprocessing  # noqa: PLC0415
+    from concurrent.futures import ProcessPoolExecutor  # noqa: PLC0415
+
+    with ProcessPoolExecutor(max_workers=jobs,
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {name: pool.submit(_train_variant, cfg, tc, threads)
+                   for name, (cfg, tc) in todo.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
 def compare_routers(routers: Sequence[str], *, base: ModelConfig, train_cfg: Any, out: str | Path,
                     n_windows: int = 16, n_bins: int = 8, progress: bool = True, split: int = 2,
-                    shared_experts: int | None = None) -> dict[str, Any]:
+                    shared_experts: int | None = None, jobs: int = 1) -> dict[str, Any]:
     """Train (or reuse) one run per variant and measure them; returns the report dict and
     writes ``report.json``, ``report.md`` and ``figures/*.png`` under ``out``.
 
     ``train_cfg`` is a :class:`tinymoe.train.TrainConfig`; its ``out_dir`` is replaced by
     ``<out>/<variant>`` and everything else is shared by all variants. ``split`` and
     ``shared_experts``: the fine-grained variant's m and s (:func:`variant_config`).
+    ``jobs > 1``: the runs are trained that many at a time in worker processes, the
+    threads of this process split between them (the same weights as one at a time); the
+    measures then run here.
     """
     from tinymoe.analysis import token_windows  # noqa: PLC0415
     from tinymoe.checkpoint import load_checkpoint, load_model  # noqa: PLC0415
     from tinymoe.data import encode_corpus  # noqa: PLC0415
     from tinymoe.session import load_data  # noqa: PLC0415
-    from tinymoe.train import train  # noqa: PLC0415
 
     routers = list(dict.fromkeys(routers))
     cfgs = {name: variant_config(name, base, split, shared_experts)
@@ -174,21 +211,22 @@ def compare_routers(routers: Sequence[str], *, base: ModelConfig, train_cfg: Any
     report: dict[str, Any] = {"routers": routers, "steps": train_cfg.steps, "seed": train_cfg.seed,
                               "base": base.to_dict(), "variants": {}}
     corpus = load_data(train_cfg)
+    todo = {name: (cfgs[name], train_cfg.replace(out_dir=str(out / name))) for name in routers}
+    done: dict[str, tuple[str, str]] = {}
+    if jobs > 1:
+        threads = max(1, B.get_num_threads() // jobs)
+        if progress:
+            print(f"compare-routers: training {', '.join(routers)}: {jobs} at a time, "
+                  f"{threads} thread(s) each", flush=True)
+        done = _train_all(todo, jobs, threads)
     for name in routers:
         folder = out / name
         ckpt_path = folder / "checkpoint.npz"
-        ckpt = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
-        if ckpt is not None and ckpt.step >= train_cfg.steps:
-            status = "reused"
-        else:
-            if progress:
-                print(f"compare-routers: training {name} ({VARIANTS[name][0]})", flush=True)
-            tc = train_cfg.replace(out_dir=str(folder),
-                                   resume=str(ckpt_path) if ckpt is not None else None)
-            res = train(None if ckpt is not None else cfgs[name], tc, progress=False)
-            if res.status != "done":
-                raise ValueError(f"compare-routers: {name}: {res.message}")
-            status = "trained" if ckpt is None else "resumed"
+        if name not in done and progress:
+            print(f"compare-routers: {name} ({VARIANTS[name][0]})", flush=True)
+        status, message = done.get(name) or _train_variant(*todo[name])
+        if status == "error":
+            raise ValueError(f"compare-routers: {name}: {message}")
         model, tokenizer, cfg = load_model(ckpt_path)
         extra = load_checkpoint(ckpt_path).extra
         _, val = encode_corpus(corpus, tokenizer)
@@ -350,6 +388,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fine_grained: S always-on shared experts of the small width (default: M, "
                         "the width of OpenMoE's shared FFN; 0: none)")
     p.add_argument("--threads", type=positive_int, default=None, help="BLAS/kernel threads")
+    p.add_argument("--jobs", type=positive_int, default=1, metavar="N",
+                   help="variants trained at once, each in its own process with --threads / N "
+                        "threads (default: 1); the measures run after, in this process")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -369,7 +410,8 @@ def run(args: argparse.Namespace) -> int:
                          log_every=max(steps // 30, 1), snapshot_every=max(steps // 10, 1),
                          seed=args.seed, data=args.data, max_chars=args.max_chars, out_dir=str(args.out))
     report = compare_routers(args.routers, base=base, train_cfg=tc, out=args.out,
-                             split=args.fine_grained_split, shared_experts=args.shared_experts)
+                             split=args.fine_grained_split, shared_experts=args.shared_experts,
+                             jobs=args.jobs)
     print(format_markdown(report))
     print(f"report: {Path(args.out) / 'report.md'} (+ report.json, figures/)")
     return 0
