@@ -99,6 +99,46 @@ def test_rope_op(backend, dtype, offset):
                         [rnd(Bsz, H, T, dh, seed=5)], dtype=dtype, name=f"rope offset {offset}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("offset", [0, 3])
+def test_qkv_rope_op(backend, dtype, offset):
+    """The fused input side of attention (one GEMM, heads, RoPE on q and k) against torch's
+    three products, head split and rotate-half RoPE: forward and the gradients of x, Wq,
+    Wk, Wv; and against its NumPy reference."""
+    Bsz, T, H, dh = 2, 5, 3, 4
+    d = 7
+    cos, sin = F.rope_tables(16, dh, 10000.0, dtype)
+    tcos, tsin = TL.rope_tables(16, dh, 10000.0, TORCH_DTYPE[dtype])
+    sl = slice(offset, offset + T)
+
+    def theirs(x, wq, wk, wv):
+        heads = lambda t: t.reshape(Bsz, T, H, dh).transpose(1, 2)   # noqa: E731
+        q, k, v = heads(x @ wq), heads(x @ wk), heads(x @ wv)
+        return torch.stack([TL.rope(q, tcos[sl], tsin[sl]), TL.rope(k, tcos[sl], tsin[sl]), v])
+
+    inputs = [rnd(Bsz, T, d, seed=1), rnd(d, H * dh, seed=2), rnd(d, H * dh, seed=3),
+              rnd(d, H * dh, seed=4)]
+    check_against_torch(lambda x, wq, wk, wv: F.stack(F.qkv_rope(x, wq, wk, wv, cos[sl], sin[sl], H)),
+                        theirs, inputs, dtype=dtype, name=f"qkv_rope offset {offset}", depth=2)
+    if dtype == np.float64:
+        ref = F.qkv_rope_reference(*inputs, B.to_numpy(cos[sl]), B.to_numpy(sin[sl]), H)
+        ours = F.qkv_rope(*[tinymoe.Tensor(B.to_device(a)) for a in inputs], cos[sl], sin[sl], H)
+        for name, a, b in zip("qkv", ours, ref):
+            np.testing.assert_allclose(a.numpy(), b, rtol=1e-13, atol=1e-13, err_msg=name)
+
+
+def test_qkv_rope_unused_outputs_get_no_gradient():
+    """Only v used: dWq = dWk = 0 and dx = dv Wv^T (the zeros the autograd passes for the
+    unused outputs flow through the rotation as zeros)."""
+    x, wq, wk, wv = (tinymoe.Tensor(rnd(*s, seed=i), requires_grad=True)
+                     for i, s in enumerate([(2, 3, 4), (4, 4), (4, 4), (4, 4)]))
+    cos, sin = F.rope_tables(3, 2, 10000.0, np.float64)
+    _, _, v = F.qkv_rope(x, wq, wk, wv, cos, sin, 2)
+    v.sum().backward()
+    assert not wq.grad.any() and not wk.grad.any()
+    np.testing.assert_allclose(x.grad, np.ones((2, 3, 4)) @ wv.data.T, rtol=1e-13)
+
+
 def test_rope_is_a_rotation():
     """Position 0 is the identity; every (x1_i, x2_i) pair keeps its length; a dot product of
     a rotated q and k depends only on the position difference."""

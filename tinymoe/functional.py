@@ -19,9 +19,9 @@ from typing import Any, Sequence
 from tinymoe import backend as B
 from tinymoe.autograd import Context, Function, Tensor
 from tinymoe.functional_fused import (  # noqa: F401  (re-exported: tinymoe.functional keeps every name)
-    CausalAttention, RMSNorm, RoPE, SwiGLU, _block, _parallel, _rowdot, _rows, _sigmoid, causal_attention,
-    causal_attention_reference, rms_norm, rms_norm_reference, rope, rope_reference, rope_tables, swiglu,
-    swiglu_reference)
+    CausalAttention, QKVRoPE, RMSNorm, RoPE, SwiGLU, _block, _parallel, _rowdot, _rows, _sigmoid,
+    causal_attention, causal_attention_reference, qkv_rope, qkv_rope_reference, rms_norm,
+    rms_norm_reference, rope, rope_reference, rope_tables, swiglu, swiglu_reference)
 
 # --------------------------------------------------------------------------------------
 # helpers

@@ -201,11 +201,14 @@ class RotaryEmbedding(Module):
         dtype = _float_dtype(dtype)
         self.cos, self.sin = F.rope_tables(self.max_seq_len, self.head_dim, self.base, dtype)  # [L, dh] each
 
-    def forward(self, x: Any, offset: int = 0) -> Tensor:
-        T = x.shape[-2]
+    def tables(self, offset: int, T: int) -> tuple[Any, Any]:
+        """cos, sin [T, dh] for the absolute positions offset .. offset + T - 1."""
         if offset < 0 or offset + T > self.max_seq_len:
             raise ValueError(f"RoPE positions {offset}..{offset + T - 1} are outside max_seq_len={self.max_seq_len}")
-        return F.rope(x, self.cos[offset:offset + T], self.sin[offset:offset + T])   # [..., T, dh]
+        return self.cos[offset:offset + T], self.sin[offset:offset + T]
+
+    def forward(self, x: Any, offset: int = 0) -> Tensor:
+        return F.rope(x, *self.tables(offset, x.shape[-2]))                          # [..., T, dh]
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, max_seq_len={self.max_seq_len}, base={self.base:g}"
@@ -307,10 +310,6 @@ class Attention(Module):
         max_len = self.max_seq_len if max_len is None else max_len
         return KVCache(batch, self.n_heads, max_len, self.d_head, self.dtype)
 
-    def _split_heads(self, t: Tensor, batch: int, T: int) -> Tensor:
-        t = t.reshape(batch, T, self.n_heads, self.d_head)      # [B, T, H*dh] -> [B, T, H, dh]
-        return t.transpose(0, 2, 1, 3)                          # [B, T, H, dh] -> [B, H, T, dh]
-
     def forward(self, x: Any, cache: KVCache | None = None) -> Tensor:
         if len(x.shape) != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"Attention: input shape {tuple(x.shape)} is not [B, T, d_model={self.d_model}]")
@@ -322,11 +321,12 @@ class Attention(Module):
             if cache.k.shape[0] != batch:
                 raise ValueError(f"Attention: batch {batch} != KV cache batch {cache.k.shape[0]}")
             offset = cache.length
-        q = self._split_heads(self.wq(x), batch, T)             # [B, H, T, dh]
-        k = self._split_heads(self.wk(x), batch, T)             # [B, H, T, dh]
-        v = self._split_heads(self.wv(x), batch, T)             # [B, H, T, dh]
-        q = self.rope(q, offset)                                # rotate by positions offset..offset+T-1
-        k = self.rope(k, offset)
+        # q, k, v = split_heads(x Wq), split_heads(x Wk), split_heads(x Wv), q and k rotated
+        # by the positions offset..offset+T-1: one fused node (F.qkv_rope; its reference
+        # F.qkv_rope_reference is those three lines written out)
+        cos, sin = self.rope.tables(offset, T)                  # [T, dh] each
+        q, k, v = F.qkv_rope(x, self.wq.weight, self.wk.weight, self.wv.weight, cos, sin,
+                             self.n_heads)                      # [B, T, d] -> 3 x [B, H, T, dh]
         if cache is not None:
             k_all, v_all = cache.append(k.data, v.data)         # [B, H, offset+T, dh] each
             k, v = Tensor(k_all), Tensor(v_all)
