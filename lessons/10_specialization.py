@@ -215,6 +215,43 @@ for t in top:
     print(f"  expert {t['expert']} ({t['n_tokens']:6d} tokens): {items}")
 
 # %% [markdown]
+# ## 5. The same measures at the study's scale
+#
+# Everything above is one `mini` run of lesson 9, whose experts sit beside a shared FFN in
+# two of four blocks. `python -m tinymoe findings --config lab` ran the same measures on the
+# `lab` preset, whose experts carry every FFN (MoE in all four blocks, no shared FFN), trained
+# over 3 seeds next to dense twins; the repository keeps that run's record in
+# `docs/study/lab.json` (the README's analysis section quotes it). Its specialization rows,
+# each an effect with its 95% interval against a baseline with its own:
+
+# %%
+import json
+
+from _lesson import ROOT
+
+study = json.loads((ROOT / "docs" / "study" / "lab.json").read_text())
+print(f"study: {study['command']} ({study['models']['moe']['describe']})")
+spec_rows = [r for r in study["findings"] if r["finding"] == "context-independent specialization"]
+adds_rows = [r for r in study["findings"] if r["finding"] == "what training adds to specialization"]
+
+
+def pct(iv):
+    return f"{100 * iv['estimate']:.1f}% [{100 * iv['low']:.1f}, {100 * iv['high']:.1f}]"
+
+
+for r in spec_rows + adds_rows:
+    print(f"  {r['measure']}: {pct(r['effect'])} vs {r['baseline_name']} {pct(r['baseline'])}"
+          f" -> {'PASS' if r['verdict'] else 'not above'}")
+spec_all = all(r["verdict"] for r in spec_rows)
+adds_blocks = [r["measure"].split(":")[0] for r in adds_rows if r["verdict"]]
+print("at the study's scale: the token id predicts the top-1 expert "
+      + ("above both baselines in every MoE block" if spec_all else
+         "above both baselines NOT in every block (see the rows)")
+      + "; training adds id skill beyond the untrained router in "
+      + (", ".join(adds_blocks) if adds_blocks else "no block") + f" of {len(adds_rows)}")
+assert len(spec_rows) >= 2 and len(adds_rows) >= 1, "the study record lost its specialization rows"
+
+# %% [markdown]
 # ## What to take away
 #
 # - Routing is, to a large degree, a **lookup by token id**: the id predicts the top-1 expert
