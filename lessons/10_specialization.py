@@ -262,6 +262,9 @@ assert len(spec_rows) >= 2 and len(adds_rows) >= 1, "the study record lost its s
 #   300 updates) training *lowers* the id-predictability a little (about 65 % -> 54 % in
 #   normal mode) as context starts to matter — yet the id stays by far the strongest single
 #   predictor. "Context-independent" is a starting point the router never fully leaves.
+# - Section 5 repeats the measures on the `lab` study, where the experts carry every FFN:
+#   its printed line says in which blocks the id predictor beats both baselines and in which
+#   training adds id skill beyond the untrained router; read it rather than assume it.
 # - This is what makes the next two findings possible: routing decided by token id can be
 #   learned early and then barely changes (lesson 11), and it cannot adapt to a token's place
 #   in the sequence, so crowded experts drop late tokens (lesson 12).
