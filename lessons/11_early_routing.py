@@ -185,6 +185,35 @@ elif verdict["reproduced"] is False:
     assert any(iv["high"] < A.EARLY_THRESHOLD for iv in verdict["agreement_tokens"])
 
 # %% [markdown]
+# ## 4. The same verdict at the study's scale
+#
+# `python -m tinymoe findings --config lab` applied this rule to a model whose experts carry
+# every FFN (the `lab` preset, 1,500 updates, snapshots every 1/8 of training); the
+# repository keeps the record in `docs/study/lab.json`. Its early-routing rows, per MoE
+# block: per-token agreement with the final routing at the first snapshot at or after 25% of
+# training, against 90% of the ceiling, and against the first snapshot (is it above where
+# training started?):
+
+# %%
+from _lesson import ROOT
+
+study = json.loads((ROOT / "docs" / "study" / "lab.json").read_text())
+rows = [r for r in study["findings"] if r["finding"] == "early routing learning"]
+verdicts = []
+for r in rows:
+    e, b = r["effect"], r["baseline"]
+    v = {True: "reproduced", False: "did not reproduce", None: "undecided"}[r["verdict"]] \
+        if r["baseline_name"].startswith("ceiling") else ("PASS" if r["verdict"] else "not above")
+    if r["baseline_name"].startswith("ceiling"):
+        verdicts.append(r["verdict"])
+    print(f"  {r['measure']}: {100 * e['estimate']:.1f}% [{100 * e['low']:.1f}, {100 * e['high']:.1f}]"
+          f" vs {r['baseline_name']} {100 * b['estimate']:.1f}% -> {v}")
+n_yes, n_no = verdicts.count(True), verdicts.count(False)
+print(f"at the study's scale: early routing reproduced in {n_yes} of {len(verdicts)} MoE blocks, "
+      f"did not in {n_no}, undecided in {len(verdicts) - n_yes - n_no}")
+assert verdicts, "the study record lost its early-routing rows"
+
+# %% [markdown]
 # ## What to take away
 #
 # - Routing changes fastest at the start: between the first snapshots most probe tokens switch
