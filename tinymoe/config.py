@@ -313,18 +313,11 @@ class ModelConfig:
                              "(use 0 or None for dropless)")
         if self.min_capacity < 0:
             raise ValueError(f"min_capacity={self.min_capacity} < 0")
-        if self.capacity_mode not in CAPACITY_MODES:
-            raise ValueError(f"capacity_mode={self.capacity_mode!r} is not one of "
-                             f"{', '.join(CAPACITY_MODES)}")
-        if self.slot_priority not in SLOT_PRIORITIES:
-            raise ValueError(f"slot_priority={self.slot_priority!r} is not one of "
-                             f"{', '.join(SLOT_PRIORITIES)}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
-        if self.ffn_kind not in FFN_KINDS:
-            raise ValueError(f"ffn_kind={self.ffn_kind!r} is not one of {', '.join(FFN_KINDS)}")
-        if self.init not in INITS:
-            raise ValueError(f"init={self.init!r} is not one of {', '.join(INITS)}")
+        self._check_choice("capacity_mode", CAPACITY_MODES)
+        self._check_choice("slot_priority", SLOT_PRIORITIES)
+        self._check_choice("dtype", DTYPES)
+        self._check_choice("ffn_kind", FFN_KINDS)
+        self._check_choice("init", INITS)
         for name in ("aux_loss_coef", "z_loss_coef", "init_std", "logit_z_loss_coef"):
             v = getattr(self, name)
             if v < 0:
@@ -335,21 +328,21 @@ class ModelConfig:
                 raise ValueError(f"{name}={v} must be positive")
         self._validate_variants()
 
+    def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
+        """One-line ValueError when the string field ``name`` is not one of ``choices``."""
+        value = getattr(self, name)
+        if value not in choices:
+            raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
+
     def _validate_variants(self) -> None:
         """The routing-variant fields: one line naming the bad setting."""
-        if self.router_type not in ROUTER_TYPES:
-            raise ValueError(f"router_type={self.router_type!r} is not one of "
-                             f"{', '.join(ROUTER_TYPES)}")
+        self._check_choice("router_type", ROUTER_TYPES)
         if self.router_bias_rate < 0:
             raise ValueError(f"router_bias_rate={self.router_bias_rate} < 0")
         if self.d_ff_shared is not None and self.d_ff_shared <= 0:
             raise ValueError(f"d_ff_shared={self.d_ff_shared} must be positive (or None)")
-        if self.router_score not in ROUTER_SCORES:
-            raise ValueError(f"router_score={self.router_score!r} is not one of "
-                             f"{', '.join(ROUTER_SCORES)}")
-        if self.aux_loss_kind not in AUX_LOSS_KINDS:
-            raise ValueError(f"aux_loss_kind={self.aux_loss_kind!r} is not one of "
-                             f"{', '.join(AUX_LOSS_KINDS)}")
+        self._check_choice("router_score", ROUTER_SCORES)
+        self._check_choice("aux_loss_kind", AUX_LOSS_KINDS)
         if self.aux_loss_kind == "shazeer":
             if not self.router_noise:
                 raise ValueError("aux_loss_kind='shazeer' needs router_noise=True (its Load is "
