@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from tinymoe.config import get_preset
+
 from tests.test_cli import InProcess, one_line_error
 
 ROUTERS = "openmoe,expert_choice,switch"
@@ -40,8 +42,21 @@ def test_compare_routers_fast(capsys, lab):
     assert ec["leak"]["changed"] > 0.05                              # routing sees later tokens
     assert sw["leak"]["changed"] == 0.0                              # top-1, position priority: causal
     figs = sorted(f.split("/")[-1] for f in report["figures"])
-    assert figs == ["drops_eval_cf.png", "drops_train_cf.png", "held_out_loss.png", "leak.png",
-                    "load_balance.png"]
+    assert figs == ["analysis.png", "drops_eval_cf.png", "drops_train_cf.png", "held_out_loss.png",
+                    "leak.png", "load_balance.png"]
+    # the routing study's analyses, on every variant: rows with baselines, intervals, verdicts
+    assert "the routing study's analyses on each variant" in md
+    for name in ROUTERS.split(","):
+        a = report["variants"][name]["analysis"]
+        n_moe = len(get_preset("toy").moe_layers)                        # toy: one MoE block
+        assert a["specialization"]["blocks"] == n_moe and a["early_routing"]["blocks"] == n_moe
+        assert 0 <= a["specialization"]["id_accuracy"] <= 1
+        assert a["early_routing"]["curve"]["fraction"][-1] == 1.0
+        assert a["early_routing"]["curve"]["tokens"][-1] == 1.0       # the final routing vs itself
+        for row in a["findings"]:
+            assert row["verdict"] in (True, False, None)
+            assert {"estimate", "low", "high"} <= set(row["effect"]) and row["baseline_name"]
+        assert a["drops"]["eval_all"]["baseline_name"].startswith("random routing")
     for f in report["figures"]:
         assert open(f, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 

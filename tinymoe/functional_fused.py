@@ -344,7 +344,9 @@ class QKVRoPE(Function):
     RoPE is a rotation, so its transpose is the rotation by -theta; backward:
         G = [RoPE^-1(dq) | RoPE^-1(dk) | dv]   gathered in [N, 3D] layout
         dx = G [Wq | Wk | Wv]^T,   [dWq | dWk | dWv] = x^T G
-    Saves x (a graph input, alive anyway), the concatenated weight [d, 3D] and the tables.
+    Saves only graph inputs (x, the three weights) and the tables: the concatenated weight
+    [d, 3D] is rebuilt in backward rather than kept (for openmoe-base that is 85 MB less at
+    the peak).
     """
 
     name = "qkv_rope"
@@ -373,18 +375,19 @@ class QKVRoPE(Function):
             else:
                 dst[...] = src                                        # v: the heads copy only
             outs.append(dst)
+        del y, w                                                      # the outputs hold copies
         if any(ctx.needs_input_grad):
-            ctx.save_for_backward(x, w, cos, sin)
+            ctx.save_for_backward(x, wq, wk, wv, cos, sin)            # graph inputs: no new memory
         ctx.n_heads = n_heads
         return tuple(outs)
 
     @staticmethod
     def backward(ctx: Context, gq: Any, gk: Any, gv: Any) -> tuple:
-        x, w, cos, sin = ctx.saved
+        x, wq, wk, wv, cos, sin = ctx.saved
         xp = B.array_module(x)
         batch, T, d = x.shape
         H = ctx.n_heads
-        D = w.shape[1] // 3
+        D = wq.shape[1]
         g = xp.empty((batch, T, 3, H, D // H), dtype=x.dtype)         # [B, T, 3, H, dh]
         for i, gi in enumerate((gq, gk, gv)):
             dst = g[:, :, i].transpose(0, 2, 1, 3)                    # [B, H, T, dh] view into g
@@ -394,7 +397,11 @@ class QKVRoPE(Function):
                 dst[...] = gi
         g2 = g.reshape(-1, 3 * D)                                     # [N, 3D]
         need_x = ctx.needs_input_grad[0]
-        gx = (g2 @ w.T).reshape(x.shape) if need_x else None          # [N, 3D] @ [3D, d] -> [B, T, d]
+        gx = None
+        if need_x:                                                    # the [d, 3D] concatenation again:
+            w = xp.concatenate([wq, wk, wv], axis=1)                  # a temporary, not kept from forward
+            gx = (g2 @ w.T).reshape(x.shape)                          # [N, 3D] @ [3D, d] -> [B, T, d]
+            del w
         gws: list[Any] = [None, None, None]
         if any(ctx.needs_input_grad[1:4]):
             gw = x.reshape(-1, d).T @ g2                              # [d, N] @ [N, 3D] -> [d, 3D]

@@ -61,7 +61,8 @@ from tinymoe.routing_variants import fine_grained, routing_changed
 
 np = B.np
 
-__all__ = ["VARIANTS", "variant_config", "compare_routers", "add_arguments", "run"]
+__all__ = ["VARIANTS", "variant_config", "compare_routers", "analysis_summary", "ANALYSIS_BUDGET",
+           "add_arguments", "run"]
 
 VARIANTS: dict[str, tuple[str, Callable[[ModelConfig], ModelConfig]]] = {
     "openmoe": ("OpenMoE: top-k token choice, aux loss", lambda c: c),
@@ -185,9 +186,59 @@ def _train_all(todo: dict[str, tuple[ModelConfig, Any]], jobs: int,
         return {name: f.result() for name, f in futures.items()}
 
 
+# budgets of the routing analysis run on every variant (those of the routing study)
+ANALYSIS_BUDGET = dict(max_tokens=16384, drop_tokens=8192, init_tokens=8192, batch_size=16,
+                       n_boot=1000, n_splits=50)
+FAST_ANALYSIS_BUDGET = dict(max_tokens=384, drop_tokens=192, init_tokens=192, batch_size=4,
+                            n_boot=50, n_splits=4)
+
+
+def _rows(rep: dict[str, Any], finding: str, baseline: str = "", *words: str) -> list[dict[str, Any]]:
+    """The findings rows of an analysis report for ``finding`` whose baseline name starts
+    with ``baseline`` and whose measure contains every one of ``words``."""
+    return [r for r in rep["findings"] if r["finding"] == finding
+            and r["baseline_name"].startswith(baseline) and all(w in r["measure"] for w in words)]
+
+
+def analysis_summary(rep: dict[str, Any]) -> dict[str, Any]:
+    """What the lab reports of :func:`tinymoe.analysis.analyze` on one variant: the
+    specialization, early-routing and drop-towards-the-end rows (each an effect against
+    its baseline with intervals and a verdict, as in the routing study) and their counts
+    over MoE blocks, plus the early-routing curve (per-token agreement with the final
+    routing, mean over blocks, against the fraction of training)."""
+    spec = _rows(rep, "context-independent specialization", "shuffled")
+    pos = _rows(rep, "context-independent specialization", "position")
+    adds = _rows(rep, "what training adds to specialization")
+    early = _rows(rep, "early routing learning", "ceiling")
+    drops = {f"{cf}_{which}": _rows(rep, "drop-towards-the-end", "random",
+                                    "in_distribution", f"({cf})", f"{which} choices")
+             for cf in ("train", "eval") for which in ("all", "first")}
+    er = rep.get("early_routing", {})
+    curve = None
+    if er.get("available") and er.get("layers"):
+        n = len(er["steps"])
+        curve = {"fraction": [s / max(er["final_step"], 1) for s in er["steps"]],
+                 "tokens": [float(np.mean([lay["tokens"][i] for lay in er["layers"]])) for i in range(n)]}
+    mean = lambda rows, key: float(np.mean([r[key]["estimate"] for r in rows])) if rows else None  # noqa: E731
+    return {
+        "specialization": {"id_accuracy": mean(spec, "effect"), "shuffled": mean(spec, "baseline"),
+                           "position": mean(pos, "baseline"), "blocks": len(spec),
+                           "blocks_pass": sum(a["verdict"] and b["verdict"] for a, b in zip(spec, pos)),
+                           "per_block": [r["effect"]["estimate"] for r in spec],
+                           "per_block_shuffled": [r["baseline"]["estimate"] for r in spec]},
+        "training_adds": {"blocks": len(adds), "blocks_pass": sum(bool(r["verdict"]) for r in adds)},
+        "early_routing": {"agreement": mean(early, "effect"), "blocks": len(early),
+                          "reproduced": sum(r["verdict"] is True for r in early),
+                          "not_reproduced": sum(r["verdict"] is False for r in early),
+                          "measure": early[0]["measure"] if early else None, "curve": curve},
+        "drops": {k: (v[0] if v else None) for k, v in drops.items()},
+        "findings": rep["findings"]}
+
+
 def compare_routers(routers: Sequence[str], *, base: ModelConfig, train_cfg: Any, out: str | Path,
                     n_windows: int = 16, n_bins: int = 8, progress: bool = True, split: int = 2,
-                    shared_experts: int | None = None, jobs: int = 1) -> dict[str, Any]:
+                    shared_experts: int | None = None, jobs: int = 1,
+                    analysis_budget: dict[str, int] | None = None) -> dict[str, Any]:
     """Train (or reuse) one run per variant and measure them; returns the report dict and
     writes ``report.json``, ``report.md`` and ``figures/*.png`` under ``out``.
 
@@ -196,8 +247,15 @@ def compare_routers(routers: Sequence[str], *, base: ModelConfig, train_cfg: Any
     ``shared_experts``: the fine-grained variant's m and s (:func:`variant_config`).
     ``jobs > 1``: the runs are trained that many at a time in worker processes, the
     threads of this process split between them (the same weights as one at a time); the
-    measures then run here.
+    measures then run here. Every variant also gets the routing study's analysis
+    (:func:`tinymoe.analysis.analyze` with its snapshots and an untrained control, budgets
+    ``analysis_budget``, default :data:`ANALYSIS_BUDGET`), summarised by
+    :func:`analysis_summary`.
     """
+    from tinymoe.analysis import analyze, load_snapshots  # noqa: PLC0415
+    from tinymoe.nn.model import OpenMoE  # noqa: PLC0415
+
+    budget = dict(ANALYSIS_BUDGET if analysis_budget is None else analysis_budget)
     from tinymoe.analysis import token_windows  # noqa: PLC0415
     from tinymoe.checkpoint import load_checkpoint, load_model  # noqa: PLC0415
     from tinymoe.data import encode_corpus  # noqa: PLC0415
@@ -243,6 +301,11 @@ def compare_routers(routers: Sequence[str], *, base: ModelConfig, train_cfg: Any
             "drops_train_cf": _drops(model, windows, domain, names, cfg.capacity_factor, n_bins),
             "drops_eval_cf": _drops(model, windows, domain, names, cfg.eval_capacity_factor, n_bins),
             "leak": leak}
+        if progress:
+            print(f"compare-routers: routing analysis of {name}", flush=True)
+        rep = analyze(model, tokenizer, corpus, snapshots=load_snapshots(folder / "snapshots"),
+                      init_model=OpenMoE(cfg.replace(), seed=1).eval(), seq_len=seq, **budget)
+        report["variants"][name]["analysis"] = analysis_summary(rep)
     _write(report, out)
     return report
 
@@ -280,6 +343,37 @@ def format_markdown(report: dict[str, Any]) -> str:
                      f"{_fmt(b['drop_rate'][-1])} | {_fmt(r['leak']['changed'])} |")
     lines += ["", "leak = share of (token, MoE layer) pairs in the first half of a window whose experts "
               "change when only the second half of the window is replaced.", ""]
+    if all("analysis" in r for r in rows.values()):
+        lines += ["## the routing study's analyses on each variant (`tinymoe.analysis.analyze`, one seed)", "",
+                  "| variant | token-id predictor, mean over blocks (shuffled labels) | blocks above "
+                  "both baselines | blocks where training adds id skill | early routing: per-token "
+                  "agreement with the final routing (mean over blocks) | blocks reproduced / not | "
+                  "drop gap last - first quarter, train cf [interval] (random) | same, eval cf |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, r in rows.items():
+            a = r["analysis"]
+            sp, er, dr = a["specialization"], a["early_routing"], a["drops"]
+
+            def gap(row: dict[str, Any] | None) -> str:
+                if row is None:
+                    return "n/a"
+                e = row["effect"]
+                return (f"{100 * e['estimate']:.1f}% [{100 * e['low']:.1f}, {100 * e['high']:.1f}] "
+                        f"({100 * row['baseline']['estimate']:.1f}%) {'PASS' if row['verdict'] else 'fail'}")
+
+            pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+            lines.append(f"| {name} | {pct(sp['id_accuracy'])} ({pct(sp['shuffled'])}) | "
+                         f"{sp['blocks_pass']} of {sp['blocks']} | {a['training_adds']['blocks_pass']} of "
+                         f"{a['training_adds']['blocks']} | {pct(er['agreement'])} | "
+                         f"{er['reproduced']} / {er['not_reproduced']} of {er['blocks']} | "
+                         f"{gap(dr['train_all'])} | {gap(dr['eval_all'])} |")
+        first = next(iter(rows.values()))["analysis"]["early_routing"]["measure"]
+        lines += ["", "Each cell is an effect against its baseline with a 95% bootstrap interval and the "
+                  "routing study's verdict rule (docs/findings.md); early routing is judged at the first "
+                  f"snapshot at or after 25% of training ({first}); drop gaps are in-distribution, all "
+                  "choices, against balanced random routing at the same shape and capacity. One seed per "
+                  "variant: differences between variants smaller than the spread over seeds of one "
+                  "variant are not differences.", ""]
     return "\n".join(lines)
 
 
@@ -340,6 +434,27 @@ def _plot(report: dict[str, Any], folder: Path) -> list[str]:
         ax.set_title(f"drops by position, {title}")
         ax.legend(fontsize=8)
         save(fig, f"{key}.png")
+
+    if all("analysis" in r for r in rows.values()):
+        fig = agg_figure(10, 3.5, dpi=110, layout="constrained")
+        ax1, ax2 = fig.subplots(1, 2)
+        for i, (name, r) in enumerate(rows.items()):
+            a = r["analysis"]
+            color = f"C{i % 10}"
+            sp = a["specialization"]
+            ax1.plot(range(len(sp["per_block"])), sp["per_block"], marker="o", color=color, label=name)
+            ax1.plot(range(len(sp["per_block"])), sp["per_block_shuffled"], ls=":", color=color)
+            curve = a["early_routing"]["curve"]
+            if curve:
+                ax2.plot(curve["fraction"], curve["tokens"], marker=".", color=color, label=name)
+        ax1.set_xlabel("MoE block (index among MoE blocks)")
+        ax1.set_ylabel("top-1 expert predicted from token id")
+        ax1.set_title("specialization (dotted: shuffled labels)")
+        ax2.set_xlabel("fraction of training")
+        ax2.set_ylabel("per-token agreement with final routing")
+        ax2.set_title("early routing (mean over MoE blocks)")
+        ax1.legend(fontsize=7)
+        save(fig, "analysis.png")
 
     fig = agg_figure(6, 3.0, dpi=110, layout="constrained")
     ax = fig.add_subplot()
@@ -411,7 +526,8 @@ def run(args: argparse.Namespace) -> int:
                          seed=args.seed, data=args.data, max_chars=args.max_chars, out_dir=str(args.out))
     report = compare_routers(args.routers, base=base, train_cfg=tc, out=args.out,
                              split=args.fine_grained_split, shared_experts=args.shared_experts,
-                             jobs=args.jobs)
+                             jobs=args.jobs,
+                             analysis_budget=FAST_ANALYSIS_BUDGET if args.fast else None)
     print(format_markdown(report))
     print(f"report: {Path(args.out) / 'report.md'} (+ report.json, figures/)")
     return 0
