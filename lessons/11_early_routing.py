@@ -199,13 +199,13 @@ from _lesson import ROOT
 
 study = json.loads((ROOT / "docs" / "study" / "lab.json").read_text())
 rows = [r for r in study["findings"] if r["finding"] == "early routing learning"]
-verdicts = []
+verdicts = [r["verdict"] for r in rows if r["baseline_name"].startswith("ceiling")]
 for r in rows:
     e, b = r["effect"], r["baseline"]
-    v = {True: "reproduced", False: "did not reproduce", None: "undecided"}[r["verdict"]] \
-        if r["baseline_name"].startswith("ceiling") else ("PASS" if r["verdict"] else "not above")
     if r["baseline_name"].startswith("ceiling"):
-        verdicts.append(r["verdict"])
+        v = {True: "reproduced", False: "did not reproduce", None: "undecided"}[r["verdict"]]
+    else:
+        v = "PASS" if r["verdict"] else "not above"
     print(f"  {r['measure']}: {100 * e['estimate']:.1f}% [{100 * e['low']:.1f}, {100 * e['high']:.1f}]"
           f" vs {r['baseline_name']} {100 * b['estimate']:.1f}% -> {v}")
 n_yes, n_no = verdicts.count(True), verdicts.count(False)

@@ -268,7 +268,8 @@ def train_in_parallel(runs: list[RunSpec], jobs: int, threads: int,
                       ) -> int | None:
     """Train ``runs`` in ``jobs`` worker processes of ``threads`` threads each (``spawn``:
     a fresh interpreter per worker, no state shared with this one). ``finished(i, spec,
-    outcome)`` is called as each run ends; its first non-None value (an exit status) is
+    outcome)`` is called as each run ends (runs finished before are left to the caller,
+    which skips them); its first non-None value (an exit status) is
     returned after the runs already started have ended: Ctrl-C reaches every worker, each
     saves its run at the end of the current update (resumable), and the runs not yet
     started are cancelled."""
@@ -276,10 +277,7 @@ def train_in_parallel(runs: list[RunSpec], jobs: int, threads: int,
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait  # noqa: PLC0415
 
     todo = [(i, r) for i, r in enumerate(runs, 1) if run_state(r)[0] != "done"]
-    for i, r in enumerate(runs, 1):
-        if run_state(r)[0] == "done":
-            finished(i, r, run_one(r, progress=False))          # skipped: reads the state only
-    if not todo:
+    if not todo:                                    # finished runs: skipped by the caller
         return None
     say(f"training {len(todo)} runs, {jobs} at a time, {threads} thread(s) each")
     status: int | None = None
