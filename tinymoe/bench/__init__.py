@@ -60,7 +60,13 @@ openmoe-base).
 forward + backward against the three bare NumPy/CuPy GEMMs of the same shapes.
 
 Timings of the two sides are interleaved repeat by repeat, so a change of machine load
-affects both; the load average is printed before and after.
+affects both; the load average is printed before and after. Each timed repeat follows
+``--settle`` (default 1) untimed runs of the same side: in one process the two sides share
+the cores, and torch's OpenMP workers keep spinning for milliseconds after its last op
+(libgomp's default wait policy), so a side timed right after the other one pays for that
+and for caches the other side filled. On ``toy`` with 2 threads, strict alternation
+(``--settle 0``) timed tinymoe's step at 28 ms and one untimed run before each repeat at
+19-23 ms, while torch's own time moved from 18-21 to 17-23 ms (docs/performance.md).
 """
 from __future__ import annotations
 

@@ -37,6 +37,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "512 for openmoe-*)")
     p.add_argument("--steps", type=int, default=5, help="timed repeats per phase (median reported; default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before each phase (default 1)")
+    p.add_argument("--settle", type=int, default=1,
+                   help="untimed runs of a side just before each of its timed repeats, so that it is "
+                        "not timed while the other side's thread pool winds down (torch's OpenMP "
+                        "workers spin for milliseconds after its last op) and its own threads and "
+                        "caches are warm; 0 = strict alternation, one timed run each (default 1)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     p.add_argument("--compare-torch", action="store_true",
                    help="also run the PyTorch side: the same model on the same weights, written for speed "
@@ -72,8 +77,9 @@ def run(args: argparse.Namespace) -> int:
     """Run the benchmark described by ``args`` (see :func:`add_arguments`); prints a table."""
     if args.device is not None:
         B.set_device(args.device)
-    if args.steps < 1 or args.warmup < 0:
-        raise ValueError(f"--steps={args.steps} must be >= 1 and --warmup={args.warmup} >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.settle < 0:
+        raise ValueError(f"--steps={args.steps} must be >= 1, --warmup={args.warmup} and "
+                         f"--settle={args.settle} >= 0")
     if args.parallel != "none":
         return _run_parallel(args)
     if args.phases is None:
@@ -191,7 +197,7 @@ def _bench_model(args: argparse.Namespace, report: dict[str, Any], roof: dict[st
     flops["train_per_token_kept"] = kept["train_per_token"]
     flops["forward_per_token_kept"] = kept["forward_per_token"]
     report.update(config=args.config, describe=cfg.describe(), batch=batch, seq=seq, optimizer=args.optimizer,
-                  steps=args.steps, warmup=args.warmup, flops=flops, side=args.side)
+                  steps=args.steps, warmup=args.warmup, settle=args.settle, flops=flops, side=args.side)
     th = None
     if torch_side is not None:
         th = torch_side.TorchSide(cfg, tm.model.state_dict(), tm.x, tm.y, train_cfg)
@@ -222,6 +228,8 @@ def _bench_model(args: argparse.Namespace, report: dict[str, Any], roof: dict[st
                 getattr(sides[name], phase)()
         for _ in range(args.steps):
             for name in times:
+                for _ in range(args.settle):                   # untimed: the other side winds down
+                    getattr(sides[name], phase)()
                 sides[name].sync()
                 t0 = time.perf_counter()
                 getattr(sides[name], phase)()
@@ -254,6 +262,8 @@ def _bench_model(args: argparse.Namespace, report: dict[str, Any], roof: dict[st
             results[name]["generate"] = {"memory": mem.as_dict()}
         for _ in range(args.steps):
             for name in gen:
+                for _ in range(args.settle):
+                    sides[name].generate(prompt, n_new)
                 gen[name].append(sides[name].generate(prompt, n_new)[:2])
         for name, runs in gen.items():
             pre = statistics.median(r[0] for r in runs)

@@ -41,7 +41,7 @@ def format_report(r: dict[str, Any]) -> str:
     f = r["flops"]
     lines += [f"config {r['config']}: {r['describe']}",
               f"batch [{r['batch']}, {r['seq']}], optimizer {r['optimizer']}, median of {r['steps']} "
-              f"(warm-up {r['warmup']})",
+              f"(warm-up {r['warmup']}, {r.get('settle', 0)} untimed before each repeat)",
               f"model FLOPs/token: forward {_h(f['forward_per_token'])}, train {_h(f['train_per_token'])} "
               f"(6 N + 12 L T d_attn, N = {_h(f['n_active_matmul_params'])} active matmul params, k experts per token)", ""]
     res = r["results"]
