@@ -572,3 +572,10 @@ def test_parameter_names_match_config(overrides):
     assert not cfg.is_moe_block(0)
     assert {n: tuple(p.shape) for n, p in block.named_parameters()} == expected
     assert [n for n, _ in block.named_parameters()] == list(expected)
+
+
+def test_qkv_rope_pair_order_puts_rotate_half_pairs_side_by_side():
+    """Within each head, column j of the reordered weight is followed by column j + dh/2,
+    so the GEMM writes (x1_j, x2_j) as one complex number (written out for 2 heads of 4)."""
+    from tinymoe.functional_fused import _pair_order
+    assert list(_pair_order(2, 4)) == [0, 2, 1, 3, 4, 6, 5, 7]
