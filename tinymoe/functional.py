@@ -19,7 +19,7 @@ from typing import Any, Sequence
 from tinymoe import backend as B
 from tinymoe.autograd import Context, Function, Tensor
 from tinymoe.functional_fused import (  # noqa: F401  (re-exported: tinymoe.functional keeps every name)
-    CausalAttention, QKVRoPE, RMSNorm, RoPE, SwiGLU, _block, _parallel, _rowdot, _rows, _sigmoid,
+    CausalAttention, QKVRoPE, RMSNorm, RoPE, SwiGLU, _block, _parallel, _rowdot, _rowmax, _rows, _rowsum, _sigmoid,
     causal_attention, causal_attention_reference, qkv_rope, qkv_rope_reference, rms_norm,
     rms_norm_reference, rope, rope_reference, rope_tables, swiglu, swiglu_reference)
 
@@ -763,10 +763,10 @@ class CrossEntropy(Function):
 
         def kernel(lo: int, hi: int) -> None:                   # a block of rows, cache-sized
             zb = z[lo:hi]
-            m = zb.max(axis=1, keepdims=True)                   # [n, 1]
+            m = _rowmax(xp, zb)                                 # [n, 1]
             pb = xp.subtract(zb, m, out=probs[lo:hi])           # [n, V]
             xp.exp(pb, out=pb)
-            sumexp = pb.sum(axis=1, keepdims=True)              # [n, 1]
+            sumexp = _rowsum(xp, pb)                            # [n, 1]
             lse[lo:hi] = (m + xp.log(sumexp))[:, 0]
             pb *= 1 / sumexp                                    # softmax, in place
 
