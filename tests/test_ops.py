@@ -227,6 +227,30 @@ def test_scatter_add_rows_matches_add_at():
     np.testing.assert_allclose(B.scatter_add_flat(9, idx, vals[:, 0]), ref[:, 0], rtol=1e-12)
 
 
+@pytest.mark.parametrize("repeats", [2, 3, 8, 9, 20])
+def test_scatter_add_rows_sums_each_row_left_to_right(repeats):
+    """Rows 0..5 get 0..5 summands (row 6 gets ``repeats``), interleaved out of order: every
+    output row equals the sum of its rows taken in their order in ``index``, accumulated one
+    by one in float32 (up to 8 repeats, the occurrence levels; beyond that the reduceat
+    fallback, checked against np.add.at)."""
+    rng = np.random.default_rng(1)
+    idx = np.concatenate([np.repeat(np.arange(6), np.arange(6)), np.full(repeats, 6)])
+    idx = idx[rng.permutation(idx.size)]
+    vals = rng.normal(size=(idx.size, 4)).astype(np.float32)
+    out = B.scatter_add_rows(8, idx, vals)
+    assert out.dtype == np.float32 and out.shape == (8, 4)
+    ref = np.zeros((8, 4), np.float32)
+    np.add.at(ref, idx, vals)
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
+    assert not out[0].any() and not out[7].any()             # rows with no summand stay 0
+    if repeats <= 8:
+        for r in range(7):
+            acc = np.zeros(4, np.float32)
+            for m in np.flatnonzero(idx == r):
+                acc = acc + vals[m]
+            np.testing.assert_array_equal(out[r], acc)
+
+
 # ---- softmax family and cross-entropy -----------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("axis", [-1, 0])

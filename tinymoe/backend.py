@@ -189,20 +189,41 @@ if _env:
 def scatter_add_rows(n_rows: int, index: Any, values: Any) -> Any:
     """``out[index[m]] += values[m]`` for rows: index [M] ints, values [M, ...] -> [n_rows, ...].
 
-    NumPy: sort the indices, sum each run of equal indices with ``add.reduceat``, write the
-    sums once per unique row. Device: :func:`_segment_sum_device` (deterministic).
+    NumPy: a stable sort of the indices numbers the occurrences of each index (0 for its
+    first row, 1 for its second, ...). Rows of one occurrence number have distinct
+    indices, so level j is one plain ``out[index] += rows`` (level 0 a write); each output
+    row is the left-to-right sum of its rows in their order in ``index``. A routing
+    scatter has at most k occurrences per token, so k levels. When an index repeats more
+    than ``_MAX_LEVELS`` times, each run of equal indices is summed with ``add.reduceat``
+    instead (which adds a run of three or more in an order of its own, so the last bit can
+    differ; it is 9x slower on the k = 2 scatter of ``mini``: 1.17 ms against 0.13 ms).
+    Device: :func:`_segment_sum_device` (deterministic).
     """
     mod = array_module(values)
     if mod is not np:
         return _segment_sum_device(mod, n_rows, index, values)
     out = mod.zeros((n_rows,) + tuple(values.shape[1:]), dtype=values.dtype)
-    if index.size == 0:
+    m = index.size
+    if m == 0:
         return out
     order = np.argsort(index, kind="stable")                    # [M]
     sorted_index = index[order]                                 # [M]
-    starts = np.flatnonzero(np.r_[True, sorted_index[1:] != sorted_index[:-1]])  # [U]
-    out[sorted_index[starts]] = np.add.reduceat(values[order], starts, axis=0)
+    starts = np.flatnonzero(np.r_[True, sorted_index[1:] != sorted_index[:-1]])  # [U] run starts
+    run_len = np.diff(np.r_[starts, m])                         # [U]
+    if run_len.max() > _MAX_LEVELS:
+        out[sorted_index[starts]] = np.add.reduceat(values[order], starts, axis=0)
+        return out
+    occurrence = np.arange(m) - np.repeat(starts, run_len)      # [M] (sorted order): 0, 1, .. per run
+    for j in range(int(run_len.max())):
+        rows = order[occurrence == j]                           # the j-th row of every index that has one
+        if j == 0:
+            out[index[rows]] = values[rows]                     # distinct indices: a plain write
+        else:
+            out[index[rows]] += values[rows]                    # distinct indices: a plain add
     return out
+
+
+_MAX_LEVELS = 8     # scatter_add_rows: occurrence levels before it falls back to add.reduceat
 
 
 def scatter_add_flat(size: int, flat_index: Any, values: Any) -> Any:
