@@ -577,5 +577,9 @@ def test_parameter_names_match_config(overrides):
 def test_qkv_rope_pair_order_puts_rotate_half_pairs_side_by_side():
     """Within each head, column j of the reordered weight is followed by column j + dh/2,
     so the GEMM writes (x1_j, x2_j) as one complex number (written out for 2 heads of 4)."""
-    from tinymoe.functional_fused import _pair_order
+    from tinymoe.functional_fused import QKVRoPE, _pair_order
     assert list(_pair_order(2, 4)) == [0, 2, 1, 3, 4, 6, 5, 7]
+    wq, wk, wv = rnd(3, 8, seed=1), rnd(3, 8, seed=2), rnd(3, 8, seed=3)
+    order = _pair_order(2, 4)
+    np.testing.assert_array_equal(QKVRoPE._weight(np, wq, wk, wv, 2),
+                                  np.concatenate([wq[:, order], wk[:, order], wv], axis=1))

@@ -31,6 +31,8 @@ from typing import Any, Iterator, Sequence
 
 from tinymoe import backend as B
 
+_ndarray = B.np.ndarray   # a host array: Function.apply's fast path for the device check
+
 __all__ = ["Tensor", "Function", "Context", "no_grad", "enable_grad", "is_grad_enabled", "tensor"]
 
 _grad_enabled = True
@@ -284,13 +286,13 @@ class Function:
         device = None
         for x in inputs:
             if isinstance(x, Tensor):
-                dev = x.device
+                dev = "cpu" if type(x.data) is _ndarray else x.device   # (the common case first)
                 if device is None:
                     device = dev
                 elif dev != device:
                     raise ValueError(f"{cls.op_name()}: tensors on different devices ({device} and {dev}); "
                                      "move them with tinymoe.backend.to_device")
-        if device is not None:
+        if device == "cuda" or (device == "cpu" and B.device_arrays_possible()):
             inputs = tuple(x if isinstance(x, Tensor) else _to_op_device(cls, x, device) for x in inputs)
         arrays = []
         needs = []

@@ -114,8 +114,16 @@ def get_device() -> str:
     return _device
 
 
+def device_arrays_possible() -> bool:
+    """Whether any device array can exist in this process: CuPy imported, or the test
+    suite's stand-in registered (Function.apply skips its device checks otherwise)."""
+    return _stand_in is not None or "cupy" in sys.modules
+
+
 def is_device_array(a: Any) -> bool:
     """True for an array of the device (CuPy, or the registered stand-in); never imports CuPy."""
+    if type(a) is np.ndarray:                                       # the common case, first
+        return False
     if _stand_in is not None and isinstance(a, _stand_in[1]):
         return True
     return type(a).__module__.startswith("cupy")
@@ -123,6 +131,8 @@ def is_device_array(a: Any) -> bool:
 
 def array_module(a: Any) -> ModuleType:
     """NumPy for host arrays, CuPy for device arrays (without importing CuPy on the CPU)."""
+    if type(a) is np.ndarray:                                       # the common case, first
+        return np
     if _stand_in is not None and isinstance(a, _stand_in[1]):
         return _stand_in[0]
     if type(a).__module__.startswith("cupy"):
