@@ -237,3 +237,24 @@ def test_bench_imports_torch_only_for_compare_torch(monkeypatch, capsys):
     monkeypatch.delattr(tinymoe.bench, "torch_side", raising=False)
     assert main(["bench", "--config", "toy", "--steps", "1", "--compare-torch"]) == 2
     assert "--compare-torch needs PyTorch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("settle,runs", [(0, 1 + 2), (2, 1 + 2 * 3)])
+def test_bench_settle_runs_untimed_steps_before_each_repeat(monkeypatch, capsys, settle, runs):
+    """--settle N: N untimed runs of a side before each of its --steps timed ones (after the
+    one untimed run that measures memory); the report says how many."""
+    from tinymoe.bench import tinymoe_side
+    calls = []
+    real = tinymoe_side.TinymoeSide.step
+    monkeypatch.setattr(tinymoe_side.TinymoeSide, "step", lambda self: calls.append(1) or real(self))
+    rc = main(["bench", "--config", "toy", "--batch", "2", "--seq", "16", "--steps", "2", "--warmup", "1",
+               "--roof-size", "256", "--phases", "step", "--settle", str(settle)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert len(calls) == runs
+    assert f"{settle} untimed before each repeat" in text
+
+
+def test_bench_settle_must_not_be_negative(capsys):
+    assert main(["bench", "--config", "toy", "--settle", "-1", "--roof-size", "256"]) == 2
+    assert "--settle=-1" in capsys.readouterr().err

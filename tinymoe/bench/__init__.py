@@ -66,7 +66,7 @@ the cores, and torch's OpenMP workers keep spinning for milliseconds after its l
 (libgomp's default wait policy), so a side timed right after the other one pays for that
 and for caches the other side filled. On ``toy`` with 2 threads, strict alternation
 (``--settle 0``) timed tinymoe's step at 28 ms and one untimed run before each repeat at
-19-23 ms, while torch's own time moved from 18-21 to 17-23 ms (docs/performance.md).
+19-23 ms, while torch's own time moved from 18-21 to 17-23 ms (README, "Benchmarks").
 """
 from __future__ import annotations
 
