@@ -320,3 +320,16 @@ def test_gpu_check_script_fails_cleanly_without_a_gpu(tmp_path):
                        env={"PATH": str(bin_dir), "HOME": str(tmp_path)})
     lines = (p.stdout + p.stderr).strip().splitlines()
     assert p.returncode != 0 and len(lines) == 1 and "nvidia-smi" in lines[0], p.stdout + p.stderr
+
+
+def test_gpu_check_script_time_limits_add_up_to_under_8_minutes():
+    """The issue asks for the whole check in under 8 minutes: the `timeout` limits of its
+    steps (install, tests, one bench per config in the loop) must add up to less."""
+    import re
+    text = (REPO / "scripts" / "gpu_check.sh").read_text()
+    limits = [int(n) for n in re.findall(r"\btimeout (\d+)", text)]
+    configs = re.search(r"for config in ([^;]+);", text).group(1).split()
+    bench = [int(n) for n in re.findall(r"\btimeout (\d+) \"\$py\" -m tinymoe bench", text)]
+    assert len(bench) == 1 and len(limits) == 3, limits
+    total = sum(limits) - bench[0] + bench[0] * len(configs)
+    assert total < 8 * 60, f"time limits add up to {total} s"

@@ -761,7 +761,7 @@ class CrossEntropy(Function):
         probs = xp.empty(z.shape, dtype=z.dtype)                # [N, V] (the one big buffer)
         lse = xp.empty(z.shape[0], dtype=z.dtype)               # [N] logsumexp per row
 
-        def kernel(lo: int, hi: int) -> None:                   # a block of rows, cache-sized
+        def kernel(lo: int, hi: int) -> None:                   # a range of rows
             zb = z[lo:hi]
             m = _rowmax(xp, zb)                                 # [n, 1]
             pb = xp.subtract(zb, m, out=probs[lo:hi])           # [n, V]

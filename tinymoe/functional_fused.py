@@ -4,9 +4,8 @@ beside it.
 
 A kernel here trades readability for speed: one graph node and a minimal set of saved
 arrays per call instead of a chain of small ops, in-place arithmetic on fresh buffers, and
-rows processed in cache-sized blocks spread over threads (``_parallel``, the thread-split
-helpers below). Every kernel works in the dtype of its inputs (float32 by default, float64
-for checks), with no upcasts.
+rows spread over threads (``_parallel``, the thread-split helpers below). Every kernel
+works in the dtype of its inputs (float32 by default, float64 for checks), with no upcasts.
 
 Beside each kernel sits its ``*_reference``: the same maths in three to five lines of plain
 NumPy (no blocks, no threads, no in-place tricks; any float dtype, float64 for checking),
@@ -81,8 +80,8 @@ def _rowsum(xp: Any, a: Any) -> Any:
     return _rowdot(xp, a, xp.ones(a.shape[-1], dtype=a.dtype))[..., None]   # [..., n] . [n] -> [..., 1]
 
 
-def _block(row_size: int, target: int = 1 << 16) -> int:
-    """Rows per cache block: about ``target`` elements (256 KB of float32) per array."""
+def _block(row_size: int, target: int) -> int:
+    """Rows in a block of about ``target`` elements (at least one row)."""
     return max(1, target // max(1, row_size))
 
 
@@ -90,17 +89,22 @@ _MIN_PER_THREAD = 1 << 17        # elements each thread must get before an eleme
 _MIN_PER_THREAD_BLAS = 1 << 16   # the same for a kernel whose blocks run matmuls (attention)
 
 
-def _parallel(kernel: Any, a: Any, row_size: int, uses_blas: bool = False, block: int = 1 << 16) -> None:
-    """``kernel(lo, hi)`` over the rows of ``a`` (``row_size`` elements each) in blocks of
-    about ``block`` elements (cache-sized), spread over threads when every thread gets at
-    least ``_MIN_PER_THREAD`` elements (below that, handing work to a thread costs more than
-    it saves), ``_MIN_PER_THREAD_BLAS`` for a kernel with matmuls (more work per element).
-    Measured on the 2-core machine, training step at 2 threads, interleaved in one process:
-    a 2^17 threshold for the elementwise kernels against 2^16 took ``toy`` from 24.3 to 23.0
-    ms and left ``mini`` as it was (150.4 / 149.8 ms); 2^18 gave 21.6 ms and 158.2 ms."""
+def _parallel(kernel: Any, a: Any, row_size: int, uses_blas: bool = False, block: int | None = None) -> None:
+    """``kernel(lo, hi)`` over the rows of ``a`` (``row_size`` elements each), spread over
+    threads when every thread gets at least ``_MIN_PER_THREAD`` elements (below that,
+    handing work to a thread costs more than it saves), ``_MIN_PER_THREAD_BLAS`` for a
+    kernel with matmuls (more work per element). Each thread takes its rows as one range,
+    or in blocks of about ``block`` elements when given (attention: its P buffer).
+
+    Measured on the 2-core machine, training step, interleaved in one process: a 2^17
+    threshold for the elementwise kernels against 2^16 took ``toy`` at 2 threads from 24.3
+    to 23.0 ms and left ``mini`` as it was; one range per thread instead of cache-sized
+    blocks of 2^16 elements (fewer NumPy calls, each longer) took ``mini`` from 158.9 to
+    150.0 ms at 2 threads (191.6 to 184.4 in a second run, 216.4 to 205.6 at 1 thread) and
+    ``small`` from 2,634 to 2,567 ms."""
     least = _MIN_PER_THREAD_BLAS if uses_blas else _MIN_PER_THREAD
-    B.parallel_rows(kernel, a, block_rows=_block(row_size, block), min_rows=_block(row_size, least),
-                    uses_blas=uses_blas)
+    B.parallel_rows(kernel, a, block_rows=None if block is None else _block(row_size, block),
+                    min_rows=_block(row_size, least), uses_blas=uses_blas)
 
 
 # --------------------------------------------------------------------------------------
@@ -191,7 +195,7 @@ class SwiGLU(Function):
         du = g * a * s
         da = g * u * s * (1 + a * (1 - s))        (d silu / da)
     Saves a and u only; the sigmoid is recomputed in backward (one exp) to save a buffer.
-    Rows are processed in cache-sized blocks spread over threads (``B.parallel_rows``).
+    Rows are spread over threads (``_parallel``).
     """
 
     @staticmethod
