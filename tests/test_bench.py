@@ -39,6 +39,7 @@ def test_bench_compare_torch_toy(capsys):
     assert rc == 0, text
     assert "torch tok/s" in text and "tinymoe/torch" in text
     assert "greedy tokens equal to torch's: 4/4" in text     # same weights, same greedy tokens
+    assert "per interleaved repeat pair, median [quartiles]: step" in text
 
 
 def test_bench_ops_mode(capsys):
@@ -258,3 +259,13 @@ def test_bench_settle_runs_untimed_steps_before_each_repeat(monkeypatch, capsys,
 def test_bench_settle_must_not_be_negative(capsys):
     assert main(["bench", "--config", "toy", "--settle", "-1", "--roof-size", "256"]) == 2
     assert "--settle=-1" in capsys.readouterr().err
+
+
+def test_paired_ratios_pair_each_repeat_with_its_neighbour():
+    """Throughput ratio per repeat pair = torch's time / tinymoe's (worked by hand)."""
+    from tinymoe.bench.cli import paired_ratios
+    r = paired_ratios([1.0, 2.0, 4.0, 1.0], [2.0, 2.0, 2.0, 3.0])   # ratios 2, 1, 0.5, 3
+    assert r["ratios"] == [0.5, 1.0, 2.0, 3.0]
+    assert r["median"] == 1.5 and r["q1"] == 0.875 and r["q3"] == 2.25
+    one = paired_ratios([2.0], [1.0])
+    assert one["median"] == one["q1"] == one["q3"] == 0.5

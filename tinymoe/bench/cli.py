@@ -172,6 +172,16 @@ def _import_torch_side(threads: dict[str, Any]) -> Any:
     return torch_side
 
 
+def paired_ratios(tinymoe_seconds: list[float], torch_seconds: list[float]) -> dict[str, Any]:
+    """tinymoe/torch throughput of each interleaved repeat pair (torch's time over
+    tinymoe's: the two ran seconds apart, under the same load) -> the ratios, their median
+    and quartiles. Less moved by a slow drift of the machine's speed than the ratio of the
+    two medians, and the spread says how much one run can be trusted."""
+    ratios = sorted(b / a for a, b in zip(tinymoe_seconds, torch_seconds))
+    q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [ratios[0]] * 3
+    return {"ratios": ratios, "median": statistics.median(ratios), "q1": q[0], "q3": q[2]}
+
+
 def _bench_model(args: argparse.Namespace, report: dict[str, Any], roof: dict[str, Any], torch_side: Any) -> bool:
     """Time every phase of ``args.phases`` on both sides (repeats interleaved), into ``report``;
     False when a float32 check failed."""
@@ -281,4 +291,8 @@ def _bench_model(args: argparse.Namespace, report: dict[str, Any], roof: dict[st
         report["ratio_tinymoe_over_torch"] = {
             ph: results["tinymoe"][ph]["tokens_per_s"] / results["torch"][ph]["tokens_per_s"]
             for ph in results["tinymoe"] if ph in results["torch"]}
+        report["paired_ratios"] = {ph: paired_ratios(results["tinymoe"][ph]["all_seconds"],
+                                                     results["torch"][ph]["all_seconds"])
+                                   for ph in report["ratio_tinymoe_over_torch"]
+                                   if "all_seconds" in results["tinymoe"][ph]}
     return ok

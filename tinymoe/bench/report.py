@@ -76,6 +76,10 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"generate: batch 1, {g['prompt']}-token prompt (prefill "
                      + ", ".join(f"{n} {1e3 * res[n]['generate']['prefill_seconds']:.1f} ms" for n in names)
                      + f"), then {g['new_tokens']} new tokens, decode tokens/s{extra}")
+    if r.get("paired_ratios"):
+        lines.append("tinymoe/torch per interleaved repeat pair, median [quartiles]: "
+                     + "; ".join(f"{ph} {x['median']:.2f}x [{x['q1']:.2f}, {x['q3']:.2f}]"
+                                 for ph, x in r["paired_ratios"].items()))
     timed = [ph for ph in ("forward", "fwd_bwd", "step") if ph in res[names[0]]]
     if timed and f.get("kept_fraction", 1.0) < 1.0:
         lines.append(f"MFU above counts k experts per token; capacity kept {100 * f['kept_fraction']:.0f}% of the "
