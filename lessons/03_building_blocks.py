@@ -51,7 +51,9 @@ assert abs(y.numpy().std() / (0.02 * np.sqrt(d_in)) - 1) < 0.1, "output scale sh
 # $\mathrm{onehot}(t)\,E$, so its backward is $\bar E = \mathrm{onehot}(t)^\top \bar Y$: each
 # row of the upstream gradient is **added** into the row of its id. Token ids that occur several
 # times in a batch (the letter `e`, a space) collect the sum. tinymoe does this scatter-add
-# without `np.add.at` (sorted `add.reduceat`).
+# without `np.add.at`: a stable sort groups the rows of each id, and each group is summed
+# (`backend.scatter_add_rows`: one plain indexed add per occurrence when no id repeats more
+# than 8 times, as in the MoE combine; `add.reduceat` over the sorted rows otherwise).
 
 # %%
 V, d = 10, 4

@@ -262,8 +262,8 @@ show(fig, "13_speed.png")
 # BLAS spreads each matmul over every core. NumPy's elementwise ufuncs (`exp`, `*`, `+` ...)
 # run on one core, though they release Python's GIL while they loop. So tinymoe's fused
 # kernels (SwiGLU, attention, RMSNorm, RoPE, cross-entropy, the AdamW update) cut their rows
-# into cache-sized blocks and hand the blocks to a small pool of Python threads
-# (`tinymoe.backend.parallel_rows`). `tinymoe.backend.set_num_threads(n)` sets both kinds,
+# into one range per thread (attention and AdamW into cache-sized blocks) and hand them to a
+# small pool of Python threads (`tinymoe.backend.parallel_rows`). `tinymoe.backend.set_num_threads(n)` sets both kinds,
 # like `torch.set_num_threads`. The cell times the SwiGLU gate, forward and backward, on
 # one thread and on two, and checks that the answer does not change.
 

@@ -649,8 +649,8 @@ def take_along_axis(a: Any, index: Any, axis: int) -> Tensor:
 class Embedding(Function):
     """Row lookup ``weight[ids]``: [V, d] and ids [...] -> [..., d].
 
-    Backward is a scatter-add of rows (sorted indices + ``add.reduceat``), so a token that
-    appears many times gets the sum of its gradients.
+    Backward is a scatter-add of rows (``backend.scatter_add_rows``: the rows sorted by id,
+    each id's rows summed), so a token that appears many times gets the sum of its gradients.
     """
 
     @staticmethod
