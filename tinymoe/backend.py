@@ -402,20 +402,21 @@ def parallel_rows(fn: Callable[[int, int], None], a: Any, *, block_rows: int | N
         fn(0, n)
         return
     workers = max(1, min(_num_threads, n // max(1, min_rows)))
-    if threading.current_thread().name.startswith(_POOL_PREFIX):
+    if workers > 1 and threading.current_thread().name.startswith(_POOL_PREFIX):
         workers = 1                                                 # nested call: never wait on the pool
     controller = _blas_controller() if uses_blas and workers > 1 else None
     if uses_blas and controller is None:
         workers = 1                                                 # cannot hold BLAS to 1 thread
     step = n if block_rows is None else max(1, int(block_rows))
+    if workers == 1:                                                # (most calls of a small model)
+        for s in range(0, n, step):
+            fn(s, min(s + step, n))
+        return
 
     def run(lo: int, hi: int) -> None:
         for s in range(lo, hi, step):
             fn(s, min(s + step, hi))
 
-    if workers == 1:
-        run(0, n)
-        return
     if _pool is None:
         _pool = ThreadPoolExecutor(max_workers=_num_threads - 1, thread_name_prefix=_POOL_PREFIX)
     bounds = [n * i // workers for i in range(workers + 1)]
