@@ -269,3 +269,24 @@ def test_paired_ratios_pair_each_repeat_with_its_neighbour():
     assert r["median"] == 1.5 and r["q1"] == 0.875 and r["q3"] == 2.25
     one = paired_ratios([2.0], [1.0])
     assert one["median"] == one["q1"] == one["q3"] == 0.5
+
+
+def test_bench_by_function_splits_the_step_and_restores_the_functions(tmp_path, capsys):
+    """--by-function: per Function calls and times, and the rest of the step; the times add up
+    to the step (each part >= 0), and the Functions' methods are the originals afterwards."""
+    from tinymoe import functional as F
+    before = (F.MatMul.__dict__["forward"], F.MatMul.__dict__["backward"])
+    out_json = tmp_path / "bench.json"
+    rc = main(["bench", "--config", "toy", "--batch", "2", "--seq", "16", "--steps", "2", "--warmup", "0",
+               "--roof-size", "256", "--phases", "step", "--by-function", "--json", str(out_json)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "by autograd Function" in text and "outside Functions" in text
+    bf = json.loads(out_json.read_text())["by_function"]
+    fns = bf["functions"]
+    assert {"MatMul", "QKVRoPE", "CausalAttention", "GroupedMatmul", "CrossEntropy"} <= set(fns)
+    assert fns["QKVRoPE"]["calls"] == 2                      # one per block of toy's 2 blocks
+    assert all(x["forward_ms"] > 0 and x["backward_ms"] >= 0 for x in fns.values())
+    inside = sum(x["forward_ms"] + x["backward_ms"] for x in fns.values())
+    assert bf["outside_ms"] > 0 and abs(inside + bf["outside_ms"] - bf["step_ms"]) < 1e-6
+    assert (F.MatMul.__dict__["forward"], F.MatMul.__dict__["backward"]) == before

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from tinymoe import backend as B
-from tinymoe.bench.measure import (PeakMemory, gemm_roof, load_average, machine_info, median_time, model_flops,
-                                   op_overhead, set_threads)
+from tinymoe.bench.measure import (PeakMemory, function_times, gemm_roof, load_average, machine_info, median_time,
+                                   model_flops, op_overhead, set_threads)
 from tinymoe.bench.report import format_report
 from tinymoe.jsonio import json_ready
 from tinymoe.bench.tinymoe_side import TinymoeSide, bench_train_config, check_dtype
@@ -62,6 +62,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--roof-size", type=int, default=None,
                    help="n of the n x n GEMMs that measure the roof (default 2048 CPU, 8192 GPU)")
     p.add_argument("--ops", action="store_true", help="op-level mode: per-op overhead and matmul vs bare GEMMs")
+    p.add_argument("--by-function", action="store_true",
+                   help="after the phases, time --steps more training steps of the tinymoe side with a "
+                        "timer on every autograd Function's forward and backward: where a step's time "
+                        "goes, per Function (the timers add a little to the step)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="PATH", help="write every number to this JSON file")
@@ -286,6 +290,8 @@ def _bench_model(args: argparse.Namespace, report: dict[str, Any], roof: dict[st
             same = sum(a == b for a, b in zip(ids_of["tinymoe"], ids_of["torch"]))
             results["tinymoe"]["generate"]["greedy_tokens_equal_to_torch"] = f"{same}/{n_new}"
 
+    if args.by_function and tm is not None:
+        report["by_function"] = function_times(tm.step, args.steps)
     report["results"] = {k: v for k, v in results.items() if v}
     if th is not None and tm is not None:
         report["ratio_tinymoe_over_torch"] = {

@@ -22,7 +22,7 @@ from tinymoe.autograd import tensor
 from tinymoe.config import ModelConfig
 
 __all__ = ["model_flops", "gemm_roof", "median_time", "PeakMemory", "load_average", "set_threads",
-           "machine_info", "op_overhead"]
+           "machine_info", "op_overhead", "FunctionTimes", "function_times"]
 
 
 def model_flops(cfg: ModelConfig, seq: int, kept_fraction: float = 1.0) -> dict[str, float]:
@@ -243,3 +243,69 @@ def op_overhead(repeats: int = 5, torch: Any = None, n_ops: int = 2000,
                         "us_per_op_fwd_bwd": 1e6 * median_time(tchain_bwd, repeats, 1)[0] / n_ops,
                         "matmul_seconds": median_time(tmm, repeats, 1)[0]}
     return out
+
+
+class FunctionTimes:
+    """While active, the wall time spent in each autograd Function's ``forward`` and
+    ``backward`` (``bench --by-function``). Entering wraps those two static methods of every
+    Function subclass with a timer; leaving puts the originals back. Forward methods work on
+    arrays and call no other Function, so no time is counted twice."""
+
+    def __enter__(self) -> "FunctionTimes":
+        from tinymoe.autograd import Function  # noqa: PLC0415
+
+        self.seconds: dict[tuple[str, str], float] = {}
+        self.calls: dict[tuple[str, str], int] = {}
+        self._saved: list[tuple[type, str, Any]] = []
+        todo, seen = list(Function.__subclasses__()), set()
+        while todo:
+            cls = todo.pop()
+            if cls in seen:
+                continue
+            seen.add(cls)
+            todo.extend(cls.__subclasses__())
+            for kind in ("forward", "backward"):
+                method = cls.__dict__.get(kind)
+                if isinstance(method, staticmethod):
+                    self._saved.append((cls, kind, method))
+                    setattr(cls, kind, staticmethod(self._timed((cls.__name__, kind), method.__func__)))
+        return self
+
+    def _timed(self, key: tuple[str, str], fn: Callable) -> Callable:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                B.synchronize()
+                self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - t0
+                self.calls[key] = self.calls.get(key, 0) + 1
+        return timed
+
+    def __exit__(self, *exc: Any) -> None:
+        for cls, kind, method in self._saved:
+            setattr(cls, kind, method)
+
+
+def function_times(run: Callable[[], Any], repeats: int) -> dict[str, Any]:
+    """``run()`` (one training step) ``repeats`` times under :class:`FunctionTimes`, after
+    one untimed run: per Function, calls and milliseconds per run in forward and backward,
+    the run's own time, and what is left outside the Functions (the autograd engine, the
+    optimizer, routing glue, Python)."""
+    run()
+    with FunctionTimes() as ft:
+        B.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            run()
+        B.synchronize()
+        total = (time.perf_counter() - t0) / repeats
+    rows: dict[str, dict[str, float]] = {}
+    for (name, kind), sec in ft.seconds.items():
+        row = rows.setdefault(name, {"calls": 0, "forward_ms": 0.0, "backward_ms": 0.0})
+        row[f"{kind}_ms"] = 1e3 * sec / repeats
+        if kind == "forward":
+            row["calls"] = ft.calls[(name, kind)] / repeats
+    inside = sum(r["forward_ms"] + r["backward_ms"] for r in rows.values())
+    return {"repeats": repeats, "step_ms": 1e3 * total, "outside_ms": 1e3 * total - inside,
+            "functions": dict(sorted(rows.items(), key=lambda kv: -(kv[1]["forward_ms"] + kv[1]["backward_ms"])))}

@@ -94,7 +94,24 @@ def format_report(r: dict[str, Any]) -> str:
     lines.append("peak = process peak RSS during the phase; +peak = peak minus RSS before it"
                  + ("" if res[names[0]][next(iter(res[names[0]]))]["memory"]["peak_is_per_phase"]
                     else " (peak not resettable here: process-wide)"))
+    if "by_function" in r:
+        lines += [""] + _by_function_lines(r["by_function"])
     return "\n".join(lines)
+
+
+def _by_function_lines(bf: dict[str, Any]) -> list[str]:
+    """The ``--by-function`` table: ms per training step in each Function."""
+    step = bf["step_ms"]
+    lines = [f"tinymoe training step by autograd Function (mean of {bf['repeats']} timed steps, "
+             f"{step:.2f} ms each with the timers on)",
+             f"{'Function':<18} {'calls':>6} {'forward ms':>11} {'backward ms':>12} {'share':>6}"]
+    for name, x in bf["functions"].items():
+        both = x["forward_ms"] + x["backward_ms"]
+        lines.append(f"{name:<18} {x['calls']:>6.1f} {x['forward_ms']:>11.3f} {x['backward_ms']:>12.3f} "
+                     f"{100 * both / step:>5.1f}%")
+    lines.append(f"{'outside Functions':<18} {'':>6} {bf['outside_ms']:>11.3f} {'':>12} "
+                 f"{100 * bf['outside_ms'] / step:>5.1f}%   (autograd engine, optimizer, routing glue, Python)")
+    return lines
 
 
 def format_parallel_report(r: dict[str, Any]) -> str:
