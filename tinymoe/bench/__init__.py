@@ -59,6 +59,11 @@ openmoe-base).
 ``--ops``: the autograd's Python overhead per op on tiny tensors, and a matmul's
 forward + backward against the three bare NumPy/CuPy GEMMs of the same shapes.
 
+``--by-function``: after the phases, ``--steps`` more training steps of the tinymoe side
+with a timer on every autograd Function's forward and backward (``measure.FunctionTimes``):
+calls and milliseconds per step for each, and the time outside them (engine, optimizer,
+routing glue).
+
 Timings of the two sides are interleaved repeat by repeat, so a change of machine load
 affects both; the load average is printed before and after. Each timed repeat follows
 ``--settle`` (default 1) untimed runs of the same side: in one process the two sides share
