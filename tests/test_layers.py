@@ -180,6 +180,56 @@ def test_causal_attention_op(backend, dtype, Bsz, H, T, S, dh):
                         name=f"attention T={T} S={S}", depth=3)   # scores, softmax, weighted sum
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size,max_pass", [(1.0, False), (8.0, True)])
+def test_causal_attention_subtracts_the_row_max_only_when_scores_can_be_large(monkeypatch, dtype, size, max_pass):
+    """Scores bounded by Cauchy-Schwarz under the exp limit skip the max pass (checked
+    against torch forward and backward); q, k 8x larger (a bound past float32's limit of
+    about 80 here; 24x in float64, whose limit is about 700) take it, and the output stays
+    finite and equal to torch's (the forward only: a saturated softmax's gradients are
+    differences of nearly equal dot products, beyond the oracle's relative tolerance on
+    both paths alike)."""
+    from tinymoe import functional_fused
+    calls = []
+    real = functional_fused._rowmax
+    monkeypatch.setattr(functional_fused, "_rowmax", lambda xp, a: calls.append(1) or real(xp, a))
+    q, k, v = rnd(2, 2, 6, 4, seed=20) * size, rnd(2, 2, 6, 4, seed=21) * size, rnd(2, 2, 6, 4, seed=22)
+    if dtype == np.float64 and max_pass:
+        q, k = q * 3, k * 3
+    if not max_pass:
+        check_against_torch(F.causal_attention, TL.causal_attention, [q, k, v], dtype=dtype,
+                            name="attention, no max pass", depth=3)
+    else:
+        ours = F.causal_attention(*[tinymoe.Tensor(a.astype(dtype)) for a in (q, k, v)]).numpy()
+        theirs = TL.causal_attention(*[torch.tensor(a.astype(dtype)) for a in (q, k, v)])
+        assert np.isfinite(ours).all()
+        assert_close("attention with the max pass", ours, theirs, default_tol(dtype, 6 * 4, 3))
+    assert bool(calls) == max_pass
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_causal_attention_without_the_max_pass_at_its_limit(monkeypatch, dtype):
+    """Every score just under the limit (q = k = one vector, so Cauchy-Schwarz is tight):
+    no max pass, and still a finite softmax equal to torch's (uniform over the keys each
+    query sees). The limit, worked out: float32 over 6 keys min(ln max, -ln tiny) - ln 6 - 2
+    = 87.34 - 1.79 - 2 = 83.55."""
+    from tinymoe import functional_fused
+    limit = functional_fused._exp_limit(np, dtype, 6)
+    if dtype == np.float32:
+        assert abs(limit - 83.55) < 0.01
+    calls = []
+    real = functional_fused._rowmax
+    monkeypatch.setattr(functional_fused, "_rowmax", lambda xp, a: calls.append(1) or real(xp, a))
+    dh = 4
+    c = np.sqrt((limit - 0.5) / (dh * 0.5))                   # scale 1/sqrt(4) = 0.5: score = c^2 dh / 2
+    q = np.full((1, 1, 6, dh), c)
+    v = rnd(1, 1, 6, dh, seed=23)
+    ours = F.causal_attention(*[tinymoe.Tensor(a.astype(dtype)) for a in (q, q, v)]).numpy()
+    assert not calls and np.isfinite(ours).all()
+    uniform = np.cumsum(v, axis=2) / np.arange(1, 7)[:, None]  # query i: the mean of v_0..v_i
+    np.testing.assert_allclose(ours, uniform, rtol=1e-5 if dtype == np.float32 else 1e-12)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_causal_attention_scale_and_mask_flag(causal):
     q, k, v = rnd(2, 2, 4, 6, seed=13), rnd(2, 2, 4, 6, seed=14), rnd(2, 2, 4, 6, seed=15)
