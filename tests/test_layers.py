@@ -127,6 +127,32 @@ def test_qkv_rope_op(backend, dtype, offset):
             np.testing.assert_allclose(a.numpy(), b, rtol=1e-13, atol=1e-13, err_msg=name)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_qkv_rope_few_rows_path_matches_the_main_path(monkeypatch, dtype):
+    """A decoding step (one row, no gradient) takes QKVRoPE._few_rows; it gives the values
+    of the main path (forced by _FEW_ROWS = 0) and of the reference."""
+    from tinymoe import functional_fused
+    H, dh, d = 3, 4, 7
+    cos, sin = F.rope_tables(16, dh, 10000.0, dtype)
+    x, wq, wk, wv = rnd(1, 1, d, seed=1), rnd(d, H * dh, seed=2), rnd(d, H * dh, seed=3), rnd(d, H * dh, seed=4)
+    args = [tinymoe.Tensor(B.to_device(a.astype(dtype))) for a in (x, wq, wk, wv)]
+    calls = []
+    real = functional_fused.QKVRoPE._few_rows
+    monkeypatch.setattr(functional_fused.QKVRoPE, "_few_rows",
+                        staticmethod(lambda *a: calls.append(1) or real(*a)))
+    with tinymoe.no_grad():
+        few = [t.numpy() for t in F.qkv_rope(*args, cos[5:6], sin[5:6], H)]
+        monkeypatch.setattr(functional_fused, "_FEW_ROWS", 0)
+        main = [t.numpy() for t in F.qkv_rope(*args, cos[5:6], sin[5:6], H)]
+    assert calls == [1]
+    ref = F.qkv_rope_reference(x, wq, wk, wv, B.to_numpy(cos[5:6]).astype(np.float64),
+                               B.to_numpy(sin[5:6]).astype(np.float64), H)
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    for name, a, b, r in zip("qkv", few, main, ref):
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol, err_msg=name)
+        np.testing.assert_allclose(a, r, rtol=tol, atol=tol, err_msg=name)
+
+
 def test_qkv_rope_unused_outputs_get_no_gradient():
     """Only v used: dWq = dWk = 0 and dx = dv Wv^T (the zeros the autograd passes for the
     unused outputs flow through the rotation as zeros)."""

@@ -379,6 +379,9 @@ def _rotations(xp: Any, cos: Any, sin: Any, n: int) -> Any:
     return xp.tile(e, (1, n))                                         # [T, n h]
 
 
+_FEW_ROWS = 8   # QKVRoPE: at most this many rows (batch x new tokens) without a gradient take _few_rows
+
+
 class QKVRoPE(Function):
     """The input side of attention in one node: projections, heads, RoPE.
 
@@ -423,6 +426,26 @@ class QKVRoPE(Function):
         return w
 
     @staticmethod
+    def _few_rows(xp: Any, x: Any, wq: Any, wk: Any, wv: Any, cos: Any, sin: Any, n_heads: int) -> tuple:
+        """The forward for a handful of rows and no gradient (a decoding step): reordering the
+        [d, 2D] weights would cost more than it saves on q and k of a few rows, so the GEMM
+        runs on the weights as they are and q, k are rotated in rotate-half form (:func:`_rotate`).
+        The same values (tested against the main path)."""
+        batch, T, d = x.shape
+        D = wq.shape[1]
+        y = (x.reshape(-1, d) @ xp.concatenate([wq, wk, wv], axis=1)).reshape(batch, T, 3, n_heads, D // n_heads)
+        outs = []
+        for i in range(3):
+            src = y[:, :, i].transpose(0, 2, 1, 3)                    # [B, H, T, dh] view
+            dst = xp.empty(src.shape, dtype=x.dtype)
+            if i < 2:
+                _rotate(xp, src, dst, cos, sin, sign=1.0)
+            else:
+                dst[...] = src
+            outs.append(dst)
+        return tuple(outs)
+
+    @staticmethod
     def forward(ctx: Context, x: Any, wq: Any, wk: Any, wv: Any, cos: Any, sin: Any,
                 n_heads: int = 1) -> Any:
         xp = B.array_module(x)
@@ -437,6 +460,8 @@ class QKVRoPE(Function):
         h = dh // 2
         if tuple(cos.shape) != (T, dh) or tuple(sin.shape) != (T, dh):
             raise ValueError(f"qkv_rope: tables {tuple(cos.shape)} do not match (T, head_dim) = ({T}, {dh})")
+        if batch * T <= _FEW_ROWS and not any(ctx.needs_input_grad):
+            return QKVRoPE._few_rows(xp, x, wq, wk, wv, cos, sin, H)  # decoding: one token at a time
         w = QKVRoPE._weight(xp, wq, wk, wv, H)                        # [d, 3D], q and k pairs adjacent
         y = (x.reshape(-1, d) @ w).reshape(batch, T, 3 * D)           # [N, 3D] -> [B, T, 3D]
         rot = _rotations(xp, cos, sin, 2 * H)                         # [T, 2 H h] complex: q's heads, k's
