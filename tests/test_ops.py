@@ -227,12 +227,13 @@ def test_scatter_add_rows_matches_add_at():
     np.testing.assert_allclose(B.scatter_add_flat(9, idx, vals[:, 0]), ref[:, 0], rtol=1e-12)
 
 
-@pytest.mark.parametrize("repeats", [2, 3, 8, 9, 20])
+@pytest.mark.parametrize("repeats", [0, 2, 3, 8, 9, 20])
 def test_scatter_add_rows_sums_each_row_left_to_right(repeats):
     """Rows 0..5 get 0..5 summands (row 6 gets ``repeats``), interleaved out of order: every
     output row equals the sum of its rows taken in their order in ``index``, accumulated one
-    by one in float32 (up to 8 repeats, the occurrence levels; beyond that the reduceat
-    fallback, checked against np.add.at)."""
+    by one in float32 (15 rows with no repeats: the row loop for small inputs; up to 8
+    repeats, the occurrence levels; beyond that the reduceat fallback, checked against
+    np.add.at)."""
     rng = np.random.default_rng(1)
     idx = np.concatenate([np.repeat(np.arange(6), np.arange(6)), np.full(repeats, 6)])
     idx = idx[rng.permutation(idx.size)]

@@ -216,6 +216,10 @@ def scatter_add_rows(n_rows: int, index: Any, values: Any) -> Any:
     m = index.size
     if m == 0:
         return out
+    if m <= 16:                                                 # a decoding step: k rows or so
+        for i in range(m):                                      # the same left-to-right sums
+            out[index[i]] += values[i]
+        return out
     order = np.argsort(index, kind="stable")                    # [M]
     sorted_index = index[order]                                 # [M]
     starts = np.flatnonzero(np.r_[True, sorted_index[1:] != sorted_index[:-1]])  # [U] run starts

@@ -556,6 +556,9 @@ def _causal_bias(xp: Any, T: int, S: int, dtype: Any) -> Any:
     return xp.where(j > i + (S - T), -xp.inf, 0.0).astype(dtype)      # [T, S]
 
 
+_BOUND_MIN_SCORES = 4096   # scores per (batch, head) below which the max pass is cheaper than the bound
+
+
 def _exp_limit(xp: Any, dtype: Any, n: int) -> float | None:
     """The largest |score| for which a softmax over ``n`` entries may skip subtracting the
     row max: exp(s) and the sum of n of them stay finite, and every exp(s) for s >= -limit
@@ -593,7 +596,8 @@ class CausalAttention(Function):
     float32 for S up to a few thousand) no exp(s) or row sum can overflow and no unmasked
     exp(s) can fall below the normal range, so the max pass (the slowest pass of the
     softmax: 206 us of a ``toy`` layer's [64, 64, 64] scores) is skipped. Larger scores take
-    the usual max-subtracted path.
+    the usual max-subtracted path, and so do small score matrices (under
+    ``_BOUND_MIN_SCORES`` per head, a decoding step: the bound costs more than the max).
     Batched matmuls over all leading axes (batch, heads), in cache-sized blocks of
     (batch, head) rows spread over threads (BLAS held to one thread inside). Saves q, k, v
     (alive anyway as graph inputs), P [..., T, S] and out.
@@ -618,9 +622,9 @@ class CausalAttention(Function):
         q3, k3, v3 = (a.reshape((-1,) + a.shape[-2:]) for a in (q, k, v))   # [..., T, dh] -> [BH, T, dh]
         p = xp.empty((q3.shape[0], T, S), dtype=q.dtype)              # P [BH, T, S]
         out = xp.empty((q3.shape[0], T, v.shape[-1]), dtype=q.dtype)  # [BH, T, dv]
-        bias = _causal_bias(xp, T, S, q.dtype) if causal else None    # [T, S]
+        bias = _causal_bias(xp, T, S, q.dtype) if causal and T > 1 else None  # [T, S] (one query sees all S)
 
-        limit = _exp_limit(xp, q.dtype, S)
+        limit = _exp_limit(xp, q.dtype, S) if T * S >= _BOUND_MIN_SCORES else None
 
         def kernel(lo: int, hi: int) -> None:                         # a block of (batch, head) rows
             qb, kb = q3[lo:hi], k3[lo:hi]
