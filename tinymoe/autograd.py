@@ -324,20 +324,23 @@ class Function:
         except (ValueError, IndexError) as e:
             shapes = ", ".join(str(tuple(a.shape)) for a in arrays if hasattr(a, "shape"))
             raise type(e)(f"{cls.op_name()}: inputs of shapes {shapes}: {e}") from None
-        multi = isinstance(out, tuple)
-        outs = out if multi else (out,)
-        if multi:                                # backward gets zeros for unused outputs
-            ctx.output_shapes = [o.shape for o in outs]
-            ctx.output_dtypes = [o.dtype for o in outs]
         requires = any(needs)
-        results = tuple(Tensor._wrap(o, requires and o.dtype.kind == "f") for o in outs)
+        if not isinstance(out, tuple):           # one output (most ops)
+            result = Tensor._wrap(out, requires and out.dtype.kind == "f")
+            if result.requires_grad:
+                result._node = Node(cls, ctx, tuple(x if isinstance(x, Tensor) and x.requires_grad else None
+                                                    for x in inputs), 1)
+            return result
+        ctx.output_shapes = [o.shape for o in out]     # backward gets zeros for unused outputs
+        ctx.output_dtypes = [o.dtype for o in out]
+        results = tuple(Tensor._wrap(o, requires and o.dtype.kind == "f") for o in out)
         if requires:
             node = Node(cls, ctx, tuple(x if isinstance(x, Tensor) and x.requires_grad else None for x in inputs),
-                        len(outs))
+                        len(out))
             for i, r in enumerate(results):
                 if r.requires_grad:
                     r._node, r._index = node, i
-        return results if multi else results[0]
+        return results
 
 
 def _to_op_device(fn: type, x: Any, device: str) -> Any:
