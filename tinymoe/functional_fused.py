@@ -396,7 +396,9 @@ class QKVRoPE(Function):
     by side and one complex multiply in place rotates all of q and k; the heads copy then
     puts the halves back in rotate-half order. (Rotating the halves in place instead is six
     or four strided passes of dh/2-element runs: 1.04 ms against 0.41 ms for q, k, v of
-    ``mini``, [16, 4, 128, 32] each, one thread.)
+    ``mini``, [16, 4, 128, 32] each, one thread.) A decoding step (at most ``_FEW_ROWS`` rows,
+    no gradient) skips the reorder, which costs more than it saves on so few rows
+    (:meth:`_few_rows`).
 
     RoPE is a rotation, so its transpose is the rotation by -theta (the conjugate); backward:
         G = [RoPE^-1(dq) | RoPE^-1(dk) | dv]   gathered in the GEMM's [N, 3D] layout
