@@ -252,6 +252,29 @@ def test_scatter_add_rows_sums_each_row_left_to_right(repeats):
             np.testing.assert_array_equal(out[r], acc)
 
 
+def test_cross_entropy_without_gradient_keeps_no_probability_buffer(monkeypatch):
+    """Under no_grad the loss is the same (here to the last bit: the same logsumexp per row)
+    and forward allocates nothing of the logits' [N, V] size (the blocks' temporaries are
+    2^16 elements)."""
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(600, 300)).astype(np.float32)
+    t = rng.integers(0, 300, size=600)
+    with_grad = F.cross_entropy(tinymoe.Tensor(z, requires_grad=True), t).numpy()
+    sizes = []
+    real_empty = np.empty
+
+    def spy(shape, *a, **k):
+        out = real_empty(shape, *a, **k)
+        sizes.append(out.size)
+        return out
+
+    monkeypatch.setattr(np, "empty", spy)
+    with tinymoe.no_grad():
+        without = F.cross_entropy(tinymoe.Tensor(z, requires_grad=True), t).numpy()
+    assert without == with_grad
+    assert max(sizes) < z.size, sizes
+
+
 # ---- softmax family and cross-entropy -----------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("axis", [-1, 0])

@@ -741,7 +741,8 @@ class CrossEntropy(Function):
     reduction "mean" divides by the number of counted tokens, "sum" does not, "none"
     returns the per-token losses (0 at ignored positions).
     Backward: dz_n = (softmax(z_n) - onehot(t_n)) * weight_n, computed in the single
-    probability buffer that forward kept (no [N, V] temporaries beyond it).
+    probability buffer that forward kept (no [N, V] temporaries beyond it). Without a
+    gradient (evaluation) forward keeps no [N, V] buffer at all: only logsumexp, in blocks.
     """
 
     @staticmethod
@@ -758,23 +759,27 @@ class CrossEntropy(Function):
         if xp is B.np and t.size and bool(((t < 0) | (t >= V))[valid].any()):
             raise IndexError(f"a target id is outside [0, {V}) (ignore_index={ignore_index})")
         t_safe = xp.where(valid, t, 0)                          # [N]
-        probs = xp.empty(z.shape, dtype=z.dtype)                # [N, V] (the one big buffer)
+        keep = ctx.needs_input_grad[0]                          # backward needs the softmax
+        probs = xp.empty(z.shape, dtype=z.dtype) if keep else None  # [N, V] (the one big buffer)
         lse = xp.empty(z.shape[0], dtype=z.dtype)               # [N] logsumexp per row
 
         def kernel(lo: int, hi: int) -> None:                   # a range of rows
             zb = z[lo:hi]
             m = _rowmax(xp, zb)                                 # [n, 1]
-            pb = xp.subtract(zb, m, out=probs[lo:hi])           # [n, V]
+            pb = xp.subtract(zb, m, out=probs[lo:hi] if keep else None)  # [n, V]
             xp.exp(pb, out=pb)
             sumexp = _rowsum(xp, pb)                            # [n, 1]
             lse[lo:hi] = (m + xp.log(sumexp))[:, 0]
-            pb *= 1 / sumexp                                    # softmax, in place
+            if keep:
+                pb *= 1 / sumexp                                # softmax, in place
 
-        _parallel(kernel, z, V)
+        # without a gradient only lse is kept: blocks of 2^16 elements, no [N, V] buffer
+        _parallel(kernel, z, V, block=None if keep else 1 << 16)
         picked = z[xp.arange(z.shape[0]), t_safe]               # [N]
         losses = xp.where(valid, lse - picked, 0).astype(logits.dtype, copy=False)  # [N]
         count = valid.sum()                                     # [] (stays on the device)
-        ctx.save_for_backward(probs, t_safe, valid)
+        if keep:
+            ctx.save_for_backward(probs, t_safe, valid)
         ctx.count, ctx.reduction, ctx.shape = count, reduction, logits.shape
         if reduction == "mean":
             return xp.asarray(losses.sum() / xp.maximum(count, 1), dtype=logits.dtype)
