@@ -1,7 +1,7 @@
 """Row-parallel kernels (backend.parallel_rows) and the fused ops that use them.
 
 The fused ops only split their rows across threads when every thread gets enough elements
-(functional_fused._MIN_PER_THREAD: 2^17 for an elementwise kernel, 2^16 for attention), so
+(functional_fused._MIN_PER_THREAD: 2^18 for an elementwise kernel, 2^16 for attention), so
 the oracle tests of test_layers.py (small shapes) run on one thread. Here the shapes are
 large enough to be split (each test checks that two threads did run the op): each op is
 compared with its torch twin with two threads,
@@ -119,9 +119,9 @@ def split_seen(monkeypatch):
 
 
 OPS = {
-    "swiglu": (F.swiglu, TL.swiglu, lambda: [rnd(2, 128, 1024, seed=1), rnd(2, 128, 1024, seed=2, mean=-0.2)]),
+    "swiglu": (F.swiglu, TL.swiglu, lambda: [rnd(4, 128, 1024, seed=1), rnd(4, 128, 1024, seed=2, mean=-0.2)]),
     "rms_norm": (lambda x, w: F.rms_norm(x, w, 1e-6), lambda x, w: TL.rms_norm(x, w, 1e-6),
-                 lambda: [rnd(8, 128, 256, seed=3), rnd(256, seed=4, mean=1.0, std=0.3)]),
+                 lambda: [rnd(16, 128, 256, seed=3), rnd(256, seed=4, mean=1.0, std=0.3)]),
     "causal_attention": (F.causal_attention, TL.causal_attention,
                          lambda: [rnd(2, 4, 128, 16, seed=s, std=0.5) for s in (5, 6, 7)]),
 }
@@ -130,7 +130,7 @@ OPS = {
 def _rope_case():
     cos, sin = F.rope_tables(128, 32, 10000.0, np.float64)
     tcos, tsin = TL.rope_tables(128, 32, 10000.0, torch.float64)
-    return (lambda x: F.rope(x, cos, sin), lambda x: TL.rope(x, tcos, tsin), [rnd(16, 4, 128, 32, seed=8)])
+    return (lambda x: F.rope(x, cos, sin), lambda x: TL.rope(x, tcos, tsin), [rnd(32, 4, 128, 32, seed=8)])
 
 
 @pytest.mark.parametrize("name", ["swiglu", "rms_norm", "causal_attention"])
@@ -151,10 +151,10 @@ def test_split_rope_matches_torch(threads, split_seen):
 
 def test_split_cross_entropy_matches_torch(threads, split_seen):
     threads(2)
-    targets = np.random.default_rng(9).integers(0, 1024, size=256)
+    targets = np.random.default_rng(9).integers(0, 1024, size=512)
     targets[::7] = -100
     check_against_torch(lambda z: F.cross_entropy(z, targets), lambda z: torch.nn.functional.cross_entropy(
-        z, torch.tensor(targets), ignore_index=-100), [rnd(256, 1024, seed=10, std=2.0)], name="cross_entropy on 2 threads")
+        z, torch.tensor(targets), ignore_index=-100), [rnd(512, 1024, seed=10, std=2.0)], name="cross_entropy on 2 threads")
     assert len(split_seen) == 2
 
 

@@ -85,7 +85,7 @@ def _block(row_size: int, target: int) -> int:
     return max(1, target // max(1, row_size))
 
 
-_MIN_PER_THREAD = 1 << 17        # elements each thread must get before an elementwise kernel splits
+_MIN_PER_THREAD = 1 << 18        # elements each thread must get before an elementwise kernel splits
 _MIN_PER_THREAD_BLAS = 1 << 16   # the same for a kernel whose blocks run matmuls (attention)
 
 
@@ -98,7 +98,9 @@ def _parallel(kernel: Any, a: Any, row_size: int, uses_blas: bool = False, block
 
     Measured on the 2-core machine, training step, interleaved in one process: a 2^17
     threshold for the elementwise kernels against 2^16 took ``toy`` at 2 threads from 24.3
-    to 23.0 ms and left ``mini`` as it was; one range per thread instead of cache-sized
+    to 23.0 ms and left ``mini`` as it was; with one range per thread, 2^18 against 2^17
+    took ``mini`` from 144.2 to 141.7 ms (135.7 to 132.6 in the other order: its RMSNorm on
+    [2048, 128] was slower split) and left ``toy`` as it was; one range per thread instead of cache-sized
     blocks of 2^16 elements (fewer NumPy calls, each longer) took ``mini`` from 158.9 to
     150.0 ms at 2 threads (191.6 to 184.4 in a second run, 216.4 to 205.6 at 1 thread) and
     ``small`` from 2,634 to 2,567 ms."""
