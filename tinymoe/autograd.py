@@ -328,19 +328,23 @@ class Function:
         if not isinstance(out, tuple):           # one output (most ops)
             result = Tensor._wrap(out, requires and out.dtype.kind == "f")
             if result.requires_grad:
-                result._node = Node(cls, ctx, tuple(x if isinstance(x, Tensor) and x.requires_grad else None
-                                                    for x in inputs), 1)
+                result._node = Node(cls, ctx, _parents(inputs), 1)
             return result
         ctx.output_shapes = [o.shape for o in out]     # backward gets zeros for unused outputs
         ctx.output_dtypes = [o.dtype for o in out]
         results = tuple(Tensor._wrap(o, requires and o.dtype.kind == "f") for o in out)
         if requires:
-            node = Node(cls, ctx, tuple(x if isinstance(x, Tensor) and x.requires_grad else None for x in inputs),
-                        len(out))
+            node = Node(cls, ctx, _parents(inputs), len(out))
             for i, r in enumerate(results):
                 if r.requires_grad:
                     r._node, r._index = node, i
         return results
+
+
+def _parents(inputs: tuple) -> tuple:
+    """A node's inputs as the graph sees them: the tensors that need a gradient, None for
+    every other argument (one entry per positional input)."""
+    return tuple(x if isinstance(x, Tensor) and x.requires_grad else None for x in inputs)
 
 
 def _to_op_device(fn: type, x: Any, device: str) -> Any:

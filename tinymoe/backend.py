@@ -413,13 +413,11 @@ def parallel_rows(fn: Callable[[int, int], None], a: Any, *, block_rows: int | N
         workers = 1                                                 # cannot hold BLAS to 1 thread
     step = n if block_rows is None else max(1, int(block_rows))
     if workers == 1:                                                # (most calls of a small model)
-        for s in range(0, n, step):
-            fn(s, min(s + step, n))
+        _in_blocks(fn, 0, n, step)
         return
 
     def run(lo: int, hi: int) -> None:
-        for s in range(lo, hi, step):
-            fn(s, min(s + step, hi))
+        _in_blocks(fn, lo, hi, step)
 
     if _pool is None:
         _pool = ThreadPoolExecutor(max_workers=_num_threads - 1, thread_name_prefix=_POOL_PREFIX)
@@ -429,6 +427,12 @@ def parallel_rows(fn: Callable[[int, int], None], a: Any, *, block_rows: int | N
             _run_ranges(run, bounds)
     else:
         _run_ranges(run, bounds)
+
+
+def _in_blocks(fn: Callable[[int, int], None], lo: int, hi: int, step: int) -> None:
+    """fn over [lo, hi) in blocks of ``step`` rows, on this thread."""
+    for s in range(lo, hi, step):
+        fn(s, min(s + step, hi))
 
 
 def _run_ranges(run: Callable[[int, int], None], bounds: list[int]) -> None:

@@ -602,6 +602,7 @@ class CausalAttention(Function):
     softmax: 206 us of a ``toy`` layer's [64, 64, 64] scores) is skipped. Larger scores take
     the usual max-subtracted path, and so do small score matrices (under
     ``_BOUND_MIN_SCORES`` per head, a decoding step: the bound costs more than the max).
+
     Batched matmuls over all leading axes (batch, heads), in cache-sized blocks of
     (batch, head) rows spread over threads (BLAS held to one thread inside). Saves q, k, v
     (alive anyway as graph inputs), P [..., T, S] and out.
